@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs everything moru needs on a Debian (bookworm or newer) host, as root:
+# system packages (QEMU, vhost-device-vsock, image build tools, nftables, ...)
+# and a Python virtualenv with moru installed in it.
+#
+# Mirrors come from the machine's own apt configuration; no registry host is
+# named here. vhost-device-vsock is only in Debian unstable for now: when the
+# distribution lacks it we add unstable as an extra source pinned at priority
+# 100, so only packages we name explicitly ever come from there.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${MORU_VENV:-/opt/moru/venv}
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "install.sh must run as root" >&2; exit 1; }
+
+apt_packages=(
+  qemu-system-x86 qemu-utils
+  mmdebstrap e2fsprogs busybox-static kmod cpio zstd
+  nftables iproute2 dnsmasq-base iptables
+  python3 python3-venv python3-dev gcc
+  systemd procps psmisc util-linux ca-certificates
+)
+
+stamp=/var/lib/moru/.apt-installed
+mkdir -p /var/lib/moru
+want="${apt_packages[*]} vhost-device-vsock"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && command -v vhost-device-vsock >/dev/null \
+   && command -v qemu-system-x86_64 >/dev/null; then
+  log "system packages already installed"
+else
+  log "apt-get update"
+  apt-get update -qq
+  if ! apt-cache policy vhost-device-vsock 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    uris=""
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+      uris=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [ -z "$uris" ] && [ -f /etc/apt/sources.list ]; then
+      uris=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+    fi
+    [ -n "$uris" ] || { echo "cannot find the Debian mirror in apt's configuration" >&2; exit 1; }
+    log "adding Debian unstable (pinned low) from $uris for vhost-device-vsock"
+    cat >/etc/apt/sources.list.d/moru-unstable.sources <<EOF
+Types: deb
+URIs: $uris
+Suites: unstable
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    cat >/etc/apt/preferences.d/moru-unstable <<EOF
+Package: *
+Pin: release a=unstable
+Pin-Priority: 100
+EOF
+    apt-get update -qq
+  fi
+  log "apt-get install ${apt_packages[*]} vhost-device-vsock"
+  apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+  # From unstable only this one package; it depends on nothing newer than bookworm has.
+  apt-get install -y -qq --no-install-recommends vhost-device-vsock >/dev/null \
+    || apt-get install -y -qq --no-install-recommends -t unstable vhost-device-vsock >/dev/null
+  echo "$want" >"$stamp"
+fi
+
+# Python: a virtualenv with moru and its dev tools. Uses the python3 on PATH
+# (3.11+); pip takes its index from the machine's pip configuration.
+py=${MORU_PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtualenv $venv"
+  mkdir -p "$(dirname "$venv")"
+  "$py" -m venv "$venv"
+fi
+log "pip install moru into $venv"
+"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
+log "done: $venv/bin/moru-hostd, $venv/bin/guestd, $venv/bin/moru"
