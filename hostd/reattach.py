@@ -1,0 +1,139 @@
+"""hostd start after a restart (kill -9 included): find every stored sandbox again.
+
+For each row: attach to its VM, open its cgroup, re-attach its network and
+start a new vsock relay. A row whose VMM died meanwhile, or that was still
+being created when hostd went away, is cleaned up and reported. Cgroups and
+run dirs that no row names (a crash between taking and recording them) are
+removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hostd.events import Event, EventType, Reason
+from hostd.resources import vm_spec
+from hostd.state import State
+from hostd.store import SandboxRecord
+from hostd.vmm.base import VmError
+
+if TYPE_CHECKING:
+    from hostd.sandboxes import Sandbox, SandboxManager
+
+log = logging.getLogger("hostd.reattach")
+
+
+class Reattacher:
+    def __init__(self, mgr: SandboxManager) -> None:
+        self.mgr = mgr
+
+    async def reattach_all(self) -> list[Sandbox]:
+        out = []
+        for rec in self.mgr.store.all():
+            sb = await self._reattach(rec)
+            if sb is not None:
+                out.append(sb)
+        return out
+
+    async def _reattach(self, rec: SandboxRecord) -> Sandbox | None:
+        from hostd.sandboxes import Sandbox
+
+        mgr = self.mgr
+        sb = Sandbox(rec=rec, metrics=deque(maxlen=mgr.config.metrics_history))
+        res = sb.res
+        if rec.state is State.CREATING:
+            await self._discard(
+                rec,
+                EventType.CREATE_FAILED,
+                Reason.HOST_RESTART,
+                "hostd restarted while the sandbox was being created",
+            )
+            return None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                res.cgroup = mgr.cgroups.open(rec.sandbox_id)
+                if mgr.network is not None and rec.network:
+                    await mgr.network.attach(rec.sandbox_id)
+                spec = vm_spec(rec, res.cgroup.procs_files)
+                vm = await mgr.vmm.attach(spec)
+                res.vm = vm
+                # The same release order Create registers: store row, cgroup,
+                # network, VM, relay, channel (closed in reverse).
+                stack.callback(mgr.store.delete, rec.sandbox_id)
+                stack.callback(res.cgroup.remove)
+                if mgr.network is not None and rec.network:
+                    stack.push_async_callback(mgr.network.teardown, rec.sandbox_id)
+                stack.push_async_callback(vm.destroy)
+                await res.connect(vm, rec, stack)
+                res.stack = stack.pop_all()
+        except (VmError, OSError, LookupError) as e:
+            log.warning("sandbox %s is gone after restart: %s", rec.sandbox_id, e)
+            await self._discard(
+                rec,
+                EventType.KILLED,
+                Reason.VMM_EXITED,
+                f"the VMM exited while hostd was down: {e}",
+            )
+            return None
+        log.info("re-attached %s (%s)", rec.sandbox_id, rec.state.value)
+        return sb
+
+    async def _discard(self, rec: SandboxRecord, typ: EventType, reason: Reason, msg: str) -> None:
+        """Best-effort removal of whatever a half-created sandbox left."""
+        mgr = self.mgr
+        with contextlib.suppress(Exception):
+            spec = vm_spec(rec, ())
+            try:
+                vm = await mgr.vmm.attach(spec)
+            except VmError:
+                vm = mgr.vmm.create(spec)
+            await vm.destroy()
+        if mgr.network is not None:
+            with contextlib.suppress(Exception):
+                await mgr.network.teardown(rec.sandbox_id)
+        self._remove_cgroup(rec.sandbox_id)
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        mgr.store.delete(rec.sandbox_id)
+        mgr.bus.publish(Event(rec.sandbox_id, typ, reason, rec.template_id, msg))
+
+    def _remove_cgroup(self, sandbox_id: str) -> None:
+        """Kills what is left in an orphan cgroup (by the PIDs it lists) and removes it."""
+        try:
+            cg = self.mgr.cgroups.open(sandbox_id)
+        except (LookupError, OSError):
+            return
+        for procs in cg.procs_files:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(procs).read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(line), signal.SIGKILL)
+        for _ in range(50):
+            try:
+                cg.remove()
+                return
+            except OSError:
+                import time
+
+                time.sleep(0.02)
+        log.warning("could not remove orphan cgroup of %s", sandbox_id)
+
+    async def remove_orphans(self, known: set[str]) -> None:
+        mgr = self.mgr
+        with contextlib.suppress(OSError):
+            for sid in mgr.cgroups.list_ids():
+                if sid not in known:
+                    log.warning("removing orphan cgroup %s", sid)
+                    self._remove_cgroup(sid)
+        base = mgr.config.sandboxes_dir
+        if base.is_dir():
+            for d in base.iterdir():
+                if d.name not in known:
+                    log.warning("removing orphan run dir %s", d)
+                    shutil.rmtree(d, ignore_errors=True)

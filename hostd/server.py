@@ -1,0 +1,151 @@
+"""Wires hostd together and serves it: manager, servicers, passthrough, health.
+
+`serve(config)` runs until cancelled (SIGTERM/SIGINT in the CLI). On the way
+out it stops listening and drops its handles; VMs keep running so the next
+hostd re-attaches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hostd.config import Config
+from hostd.events import EventBus
+from hostd.interceptors import EdgeInterceptor
+from hostd.passthrough import GuestPassthrough
+from hostd.sandboxes import SandboxManager
+from hostd.services.sandbox import SandboxService
+from hostd.services.template import TemplateService
+from hostd.store import Store
+from moru_proto.host.v1 import sandbox_pb2_grpc, template_pb2_grpc
+
+log = logging.getLogger("hostd")
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager:
+    """The real backends: QEMU, cgroups, networking (when enabled)."""
+    from hostd.cgroups import CgroupManager
+    from hostd.vmm.qemu import QemuVmm
+
+    network = None
+    if config.network.enabled:
+        from hostd.network import NetworkManager
+
+        network = NetworkManager(config.network.for_network_module())
+    return SandboxManager(
+        config,
+        Store(config.db_path),
+        QemuVmm(),
+        CgroupManager(config.cgroup_root),
+        network,
+        bus,
+    )
+
+
+async def serve(
+    config: Config,
+    ready: Callable[[], None] | None = None,
+    manager: SandboxManager | None = None,
+) -> None:
+    """Serves until cancelled; calls `ready` once every listener accepts calls."""
+    mgr = manager or build_manager(config)
+    state = config.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(mgr.store.close)
+        if mgr.network is not None:
+            await mgr.network.start()
+            stack.push_async_callback(mgr.network.stop)
+        await mgr.start()
+        stack.push_async_callback(mgr.close)
+
+        server = grpc.aio.server(
+            interceptors=[EdgeInterceptor(config.api_key)], options=SERVER_OPTIONS
+        )
+        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(SandboxService(mgr), server)
+        template_pb2_grpc.add_TemplateServiceServicer_to_server(
+            TemplateService(config.images_path), server
+        )
+        server.add_generic_rpc_handlers([GuestPassthrough(mgr.guest_channel)])
+        from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        _listen(server, config)
+        await server.start()
+        stack.push_async_callback(server.stop, 5.0)
+        _secure_socket(config)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await health.set("", serving)
+        for svc in ("moru.host.v1.SandboxService", "moru.host.v1.TemplateService"):
+            await health.set(svc, serving)
+        log.info(
+            "hostd serving on %s", ", ".join(a for a in (config.listen, config.tcp_listen) if a)
+        )
+        if ready is not None:
+            ready()
+        await mgr.run()
+
+
+def _listen(server: grpc.aio.Server, config: Config) -> None:
+    if config.listen:
+        path = Path(config.listen.removeprefix("unix:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        # Created with mode 0600 through the umask; chmod again after bind.
+        old = os.umask(0o177)
+        try:
+            server.add_insecure_port(config.listen)
+        finally:
+            os.umask(old)
+    if config.tcp_listen:
+        creds = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+        )
+        server.add_secure_port(config.tcp_listen, creds)
+
+
+def _secure_socket(config: Config) -> None:
+    if config.listen:
+        path = Path(config.listen.removeprefix("unix:"))
+        if path.exists():
+            os.chmod(path, 0o600)
+
+
+def run(config: Config, ready: Callable[[], None] | None = None) -> None:
+    """Blocking entry point: uvloop when available, clean exit on SIGTERM/SIGINT."""
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(config, ready)
+
+    runner: Any
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    runner(main())

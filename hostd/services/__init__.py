@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: convert messages, call the manager, convert back."""
