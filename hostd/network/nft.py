@@ -1,0 +1,180 @@
+"""nftables rules: the host's table (NAT, isolation) and one table per sandbox namespace.
+
+Rules are rendered as nft scripts and loaded with ``nft -f -`` (run inside a
+sandbox namespace through ``nsenter``). Every load replaces the whole table in
+one transaction, so a policy update never leaves a half-applied rule set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable
+
+from .policy import EgressPolicy
+
+NETNS_DIR = "/run/netns"
+NS_VETH = "veth0"
+TAP = "tap0"
+ALLOW_DNS_SET = "allow_dns"
+DENY_DNS_SET = "deny_dns"
+
+
+class NftError(RuntimeError):
+    """nft refused a rule set; the message carries nft's own error."""
+
+
+async def run_nft(script: str, netns: str | None = None) -> None:
+    """Loads an nft script in the root namespace or in netns."""
+    argv = ["nft", "-f", "-"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", *argv]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(script.encode())
+    if proc.returncode != 0:
+        where = f" in netns {netns}" if netns else ""
+        raise NftError(f"nft failed{where}: {(err or out).decode(errors='replace').strip()}")
+
+
+async def list_tables(netns: str | None = None) -> list[str]:
+    """``family name`` of every table (for leftover checks)."""
+    argv = ["nft", "list", "tables"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", *argv]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise NftError(f"nft list tables failed: {err.decode(errors='replace').strip()}")
+    return [line.removeprefix("table ").strip() for line in out.decode().splitlines() if line]
+
+
+def _replace(family: str, table: str, body: str) -> str:
+    # "add" makes "delete" safe when the table does not exist yet; all three
+    # lines are one transaction.
+    return f"add table {family} {table}\ndelete table {family} {table}\n{body}"
+
+
+def delete_table_script(family: str, table: str) -> str:
+    return f"add table {family} {table}\ndelete table {family} {table}\n"
+
+
+def host_rules(table: str, veth_prefix: str, pool: ipaddress.IPv4Network, uplink: str) -> str:
+    """The root namespace's rules.
+
+    Sandbox traffic may only be forwarded to the uplink (masqueraded there);
+    never to another sandbox, another host interface or the host itself.
+    Traffic towards a sandbox is forwarded only when it answers the sandbox.
+    The host's own processes (the port proxy) reach guests directly: that is
+    output, not forward, and the sandbox's own table admits it.
+    """
+    v = f'"{veth_prefix}*"'
+    nat = (
+        f'    ip saddr {pool} oifname "{uplink}" masquerade\n' if uplink else ""
+    )
+    to_uplink = f'iifname {v} oifname != "{uplink}" drop' if uplink else f"iifname {v} drop"
+    return _replace(
+        "inet",
+        table,
+        f"""table inet {table} {{
+  chain forward {{
+    type filter hook forward priority filter - 5; policy accept;
+    iifname {v} oifname {v} drop
+    {to_uplink}
+    oifname {v} ct state established,related accept
+    oifname {v} drop
+  }}
+  chain input {{
+    type filter hook input priority filter - 5; policy accept;
+    iifname {v} ct state established,related accept
+    iifname {v} drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+{nat}  }}
+}}
+""",
+    )
+
+
+def _elements(nets: Iterable[ipaddress.IPv4Network]) -> str:
+    items = [str(n) for n in nets]
+    return f"    elements = {{ {', '.join(items)} }}\n" if items else ""
+
+
+def sandbox_rules(
+    table: str,
+    policy: EgressPolicy,
+    guest_ip: ipaddress.IPv4Address,
+    gateway: ipaddress.IPv4Address,
+    host_veth_ip: ipaddress.IPv4Address,
+) -> str:
+    """The rules inside one sandbox's namespace (its egress policy).
+
+    Every packet the guest sends (not only new connections) is checked, so a
+    policy update also cuts connections opened before it. The guest's DNS,
+    whatever server it asks, is redirected to the resolver on its gateway,
+    which adds the addresses of allowed/denied domains to the dns sets.
+    """
+    dns_ok = not policy.blocks_everything
+    dns_rule = (
+        f'    iifname "{TAP}" ip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept\n'
+        if dns_ok
+        else ""
+    )
+    if policy.blocks_everything:
+        egress = "    drop\n"
+    else:
+        egress = (
+            f"    ip daddr @deny_net drop\n"
+            f"    ip daddr @{DENY_DNS_SET} drop\n"
+        )
+        if policy.allowlist_mode:
+            egress += (
+                "    ip daddr @allow_net accept\n"
+                f"    ip daddr @{ALLOW_DNS_SET} accept\n"
+                "    drop\n"
+            )
+        else:
+            egress += "    accept\n"
+    return _replace(
+        "inet",
+        table,
+        f"""table inet {table} {{
+  set allow_net {{
+    type ipv4_addr; flags interval; auto-merge;
+{_elements(policy.allow_nets)}  }}
+  set deny_net {{
+    type ipv4_addr; flags interval; auto-merge;
+{_elements(policy.deny_nets)}  }}
+  set {ALLOW_DNS_SET} {{ type ipv4_addr; }}
+  set {DENY_DNS_SET} {{ type ipv4_addr; }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{TAP}" ip daddr != {gateway} meta l4proto {{ tcp, udp }} th dport 53 \
+      dnat ip to {gateway}
+  }}
+  chain input {{
+    type filter hook input priority filter; policy drop;
+    iifname "lo" accept
+    ct state established,related accept
+{dns_rule}  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    iifname "{TAP}" ip saddr != {guest_ip} drop
+    iifname "{TAP}" ct direction reply ct state established accept
+    iifname "{TAP}" oifname "{NS_VETH}" jump egress
+    iifname "{NS_VETH}" oifname "{TAP}" ct state established,related accept
+    iifname "{NS_VETH}" oifname "{TAP}" ip saddr {host_veth_ip} ct state new accept
+  }}
+  chain egress {{
+{egress}  }}
+}}
+""",
+    )
