@@ -75,9 +75,7 @@ def host_rules(table: str, veth_prefix: str, pool: ipaddress.IPv4Network, uplink
     output, not forward, and the sandbox's own table admits it.
     """
     v = f'"{veth_prefix}*"'
-    nat = (
-        f'    ip saddr {pool} oifname "{uplink}" masquerade\n' if uplink else ""
-    )
+    nat = f'    ip saddr {pool} oifname "{uplink}" masquerade\n' if uplink else ""
     to_uplink = f'iifname {v} oifname != "{uplink}" drop' if uplink else f"iifname {v} drop"
     return _replace(
         "inet",
@@ -131,15 +129,10 @@ def sandbox_rules(
     if policy.blocks_everything:
         egress = "    drop\n"
     else:
-        egress = (
-            f"    ip daddr @deny_net drop\n"
-            f"    ip daddr @{DENY_DNS_SET} drop\n"
-        )
+        egress = f"    ip daddr @deny_net drop\n    ip daddr @{DENY_DNS_SET} drop\n"
         if policy.allowlist_mode:
             egress += (
-                "    ip daddr @allow_net accept\n"
-                f"    ip daddr @{ALLOW_DNS_SET} accept\n"
-                "    drop\n"
+                f"    ip daddr @allow_net accept\n    ip daddr @{ALLOW_DNS_SET} accept\n    drop\n"
             )
         else:
             egress += "    accept\n"

@@ -161,9 +161,7 @@ class PortProxy:
             await self._serve_tls(first, reader, writer)
             return
         try:
-            head = first + await asyncio.wait_for(
-                reader.readuntil(b"\r\n\r\n"), self._head_timeout
-            )
+            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._head_timeout)
         except asyncio.LimitOverrunError:
             await self._reply(writer, _Reject(431, "Request Header Fields Too Large", "too big\n"))
             return

@@ -51,11 +51,22 @@ def render_conf(
                 lines.append(f"server=/{d}/{upstream}")
     elif upstream:
         lines.append(f"server={upstream}")
-    for d in policy.allow_domains:
-        lines.append(f"nftset=/{d}/4#inet#{table}#{ALLOW_DNS_SET}")
-    for d in policy.deny_domains:
-        lines.append(f"nftset=/{d}/4#inet#{table}#{DENY_DNS_SET}")
+    # dnsmasq applies only the most specific nftset line to a name, so each
+    # line carries the sets of the domain and of every listed parent domain
+    # (a denied parent still denies an allowed subdomain).
+    allow, deny = policy.allow_domains, policy.deny_domains
+    for d in dict.fromkeys([*allow, *deny]):
+        targets = []
+        if any(_within(d, a) for a in allow):
+            targets.append(f"4#inet#{table}#{ALLOW_DNS_SET}")
+        if any(_within(d, x) for x in deny):
+            targets.append(f"4#inet#{table}#{DENY_DNS_SET}")
+        lines.append(f"nftset=/{d}/{','.join(targets)}")
     return "\n".join(lines) + "\n"
+
+
+def _within(name: str, domain: str) -> bool:
+    return name == domain or name.endswith("." + domain)
 
 
 def _pid_of(pid_file: Path, conf: Path) -> int | None:
