@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_IMAGES_DIR = Path("/var/lib/moru/images")
@@ -52,6 +52,9 @@ class TemplateManifest:
     env: dict[str, str] = field(default_factory=dict)
     built_at: float = 0.0  # unix seconds
     rootfs_bytes: int = 0
+    # The exact Debian kernel package, e.g. "linux-image-6.1.0-56-cloud-amd64=6.1.192-2".
+    kernel_package: str = ""
+    description: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -60,7 +63,9 @@ class TemplateManifest:
     def from_json(cls, text: str) -> TemplateManifest:
         data = json.loads(text)
         data["defaults"] = TemplateDefaults(**data.get("defaults", {}))
-        return cls(**data)
+        # Ignore fields a newer builder added, so an older hostd still reads the manifest.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def manifest_path(name: str, root: Path | None = None) -> Path:
