@@ -424,3 +424,13 @@ class CgroupManager:
         if not root.is_dir():
             return []
         return sorted(d.name for d in root.iterdir() if d.is_dir())
+
+    def remove_root(self) -> None:
+        """Removes the (empty) `root_name` groups, e.g. after tests; no-op when in use."""
+        if self.version == 1:
+            roots = {(self.fs_root / c / self.root_name).resolve() for c in V1_CONTROLLERS}
+        else:
+            roots = {self.base / self.root_name}
+        for r in roots:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rmdir(r)
