@@ -243,6 +243,12 @@ def probe(checks: list[list[object]]) -> list[object]:
             out.append(_udp(str(args[0]), int(args[1]), t))  # type: ignore[call-overload]
         elif kind == "icmp":
             out.append(_icmp(str(args[0]), t))
+        elif kind == "tcp":
+            try:
+                socket.create_connection((str(args[0]), int(args[1])), timeout=t).close()  # type: ignore[call-overload]
+                out.append("connected")
+            except OSError as e:
+                out.append(f"error:{type(e).__name__}")
         elif kind == "tcpsend":
             out.append(_tcp_send(str(args[0]), int(args[1]), int(args[2])))  # type: ignore[call-overload]
         else:
