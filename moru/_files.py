@@ -1,0 +1,289 @@
+"""`sandbox.files` for AsyncSandbox: streamed read/write, listing, watching.
+
+Reads and writes stream in CHUNK-sized messages, so a file of any size passes
+with bounded memory. Streams carry no gRPC deadline (a large upload must not
+be cut off by the client); unary calls use the connection's request_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from typing import IO, Any, Literal
+
+from moru._connection import EOF
+from moru._errors import NotFoundException, SandboxException
+from moru._guest import GuestTarget
+from moru._models import EntryInfo, FilesystemEvent
+from moru_proto.guest.v1 import filesystem_pb2 as pb
+
+CHUNK = 1024 * 1024
+ReadFormat = Literal["text", "bytes", "stream"]
+WriteData = str | bytes | bytearray | memoryview | IO[Any] | Iterable[Any] | AsyncIterable[Any]
+EventCallback = Callable[[FilesystemEvent], Any] | Callable[[FilesystemEvent], Awaitable[Any]]
+
+
+def _as_bytes(piece: Any) -> bytes:
+    if isinstance(piece, str):
+        return piece.encode()
+    if isinstance(piece, bytes | bytearray | memoryview):
+        return bytes(piece)
+    raise TypeError(f"files.write: chunks must be str or bytes, got {type(piece).__name__}")
+
+
+async def chunks_of(data: WriteData) -> AsyncIterator[bytes]:
+    """Any accepted `data` as bytes chunks of at most CHUNK, read lazily.
+
+    Blocking sources (file objects, plain iterators) are read in a worker
+    thread so the event loop never waits on them.
+    """
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        for i in range(0, len(view), CHUNK):
+            yield bytes(view[i : i + CHUNK])
+        return
+    if isinstance(data, AsyncIterable):
+        async for piece in data:
+            b = _as_bytes(piece)
+            for i in range(0, len(b), CHUNK):
+                yield b[i : i + CHUNK]
+        return
+    read = getattr(data, "read", None)
+    if callable(read):
+        while True:
+            piece = await asyncio.to_thread(read, CHUNK)
+            if not piece:
+                return
+            yield _as_bytes(piece)
+    if isinstance(data, Iterable):
+        it = iter(data)
+        sentinel = object()
+        while True:
+            piece = await asyncio.to_thread(next, it, sentinel)
+            if piece is sentinel:
+                return
+            b = _as_bytes(piece)
+            for i in range(0, len(b), CHUNK):
+                yield b[i : i + CHUNK]
+    raise TypeError(f"files.write: cannot write {type(data).__name__}")
+
+
+class AsyncWatchHandle:
+    """A directory watch: iterate events (`async for`), or get them by callback.
+
+    `stop()` ends the watch; iteration then finishes.
+    """
+
+    def __init__(self, target: GuestTarget, call: Any, on_event: EventCallback | None) -> None:
+        self._target = target
+        self._call = call
+        self._on_event = on_event
+        self._queue: asyncio.Queue[FilesystemEvent | None] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            with self._target.errors("watching directory"):
+                while True:
+                    ev = await self._call.read()
+                    if ev is EOF:
+                        return
+                    if ev.WhichOneof("event") != "filesystem":
+                        continue
+                    fe = FilesystemEvent.from_proto(ev.filesystem)
+                    if self._on_event is not None:
+                        r = self._on_event(fe)
+                        if inspect.isawaitable(r):
+                            await r
+                    self._queue.put_nowait(fe)
+        except asyncio.CancelledError:
+            raise
+        except SandboxException as e:
+            if e.code != "CANCELLED":
+                self._error = e
+        finally:
+            self._queue.put_nowait(None)
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        """The events received since the last call (without waiting)."""
+        out: list[FilesystemEvent] = []
+        while not self._queue.empty():
+            ev = self._queue.get_nowait()
+            if ev is None:
+                self._queue.put_nowait(None)
+                break
+            out.append(ev)
+        if self._error is not None and not out:
+            raise self._error
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[FilesystemEvent]:
+        while True:
+            ev = await self._queue.get()
+            if ev is None:
+                self._queue.put_nowait(None)
+                if self._error is not None:
+                    raise self._error
+                return
+            yield ev
+
+    async def stop(self) -> None:
+        """Ends the watch."""
+        self._call.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+class AsyncFiles:
+    """Files in one sandbox (`sandbox.files`). Paths are absolute."""
+
+    def __init__(self, target: GuestTarget) -> None:
+        self._target = target
+
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return self._target.metadata
+
+    async def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """The file's content in chunks, as they arrive."""
+        call = self._target.filesystem().Read(pb.ReadRequest(path=path), metadata=self._md())
+        try:
+            with self._target.errors(f"reading {path}"):
+                while True:
+                    msg = await call.read()
+                    if msg is EOF:
+                        return
+                    if msg.data:
+                        yield msg.data
+        finally:
+            call.cancel()
+
+    async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
+        """read_stream, but fails now (not at first iteration) for a missing file."""
+        gen = self.read_stream(path)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = b""
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    yield first
+                async for piece in gen:
+                    yield piece
+            finally:
+                await gen.aclose()
+
+        return rest()
+
+    async def read(self, path: str, format: ReadFormat = "text", user: str | None = None) -> Any:
+        """The file's content: str ("text"), bytes ("bytes") or an async
+        iterator of bytes chunks ("stream", for files too large for memory)."""
+        if format == "stream":
+            return await self._open_stream(path)
+        if format not in ("text", "bytes"):
+            raise ValueError(
+                f'files.read: format must be "text", "bytes" or "stream", not {format!r}'
+            )
+        buf = bytearray()
+        async for piece in self.read_stream(path):
+            buf += piece
+        return buf.decode() if format == "text" else bytes(buf)
+
+    async def write(
+        self, path: str, data: WriteData, user: str | None = None, mode: int | None = None
+    ) -> EntryInfo:
+        """Writes `data` (str, bytes, a file object, or an (async) iterator of
+        chunks) to `path`, streamed; parents are created; atomic replace."""
+
+        async def requests() -> AsyncIterator[pb.WriteRequest]:
+            yield pb.WriteRequest(header=pb.WriteHeader(path=path, user=user or "", mode=mode or 0))
+            async for piece in chunks_of(data):
+                yield pb.WriteRequest(data=piece)
+
+        with self._target.errors(f"writing {path}"):
+            resp = await self._target.filesystem().Write(requests(), metadata=self._md())
+        return EntryInfo.from_proto(resp.entry)
+
+    async def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
+        """Entries under a directory, `depth` levels deep."""
+        with self._target.errors(f"listing {path}"):
+            resp = await self._target.filesystem().ListDir(
+                pb.ListDirRequest(path=path, depth=depth),
+                metadata=self._md(),
+                timeout=self._target.timeout,
+            )
+        return [EntryInfo.from_proto(e) for e in resp.entries]
+
+    async def get_info(self, path: str) -> EntryInfo:
+        """Type, size, mode, owner and mtime of a path."""
+        with self._target.errors(f"stat {path}"):
+            resp = await self._target.filesystem().Stat(
+                pb.StatRequest(path=path), metadata=self._md(), timeout=self._target.timeout
+            )
+        return EntryInfo.from_proto(resp.entry)
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.get_info(path)
+        except NotFoundException:
+            return False
+        return True
+
+    async def remove(self, path: str) -> None:
+        """Removes a file, or a directory with its contents."""
+        with self._target.errors(f"removing {path}"):
+            await self._target.filesystem().Remove(
+                pb.RemoveRequest(path=path, recursive=True),
+                metadata=self._md(),
+                timeout=self._target.timeout,
+            )
+
+    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        with self._target.errors(f"renaming {old_path} to {new_path}"):
+            resp = await self._target.filesystem().Move(
+                pb.MoveRequest(source=old_path, destination=new_path),
+                metadata=self._md(),
+                timeout=self._target.timeout,
+            )
+        return EntryInfo.from_proto(resp.entry)
+
+    async def make_dir(self, path: str, user: str | None = None) -> bool:
+        """Creates a directory and its parents; False if it existed already."""
+        with self._target.errors(f"making directory {path}"):
+            resp = await self._target.filesystem().MakeDir(
+                pb.MakeDirRequest(path=path, user=user or ""),
+                metadata=self._md(),
+                timeout=self._target.timeout,
+            )
+        return bool(resp.created)
+
+    async def watch_dir(
+        self, path: str, on_event: EventCallback | None = None, recursive: bool = False
+    ) -> AsyncWatchHandle:
+        """Watches a directory; returns once the watch is in place, so every
+        change made after this call is reported."""
+        call = self._target.filesystem().Watch(
+            pb.WatchRequest(path=path, recursive=recursive), metadata=self._md()
+        )
+        with self._target.errors(f"watching {path}"):
+            while True:
+                ev = await call.read()
+                if ev is EOF:
+                    raise SandboxException(f"watch of {path} ended before it started")
+                if ev.WhichOneof("event") == "started":
+                    break
+        return AsyncWatchHandle(self._target, call, on_event)

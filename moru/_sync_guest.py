@@ -1,0 +1,329 @@
+"""Synchronous `sandbox.commands` and `sandbox.files`: thin facades over the async ones.
+
+Output callbacks of a foreground `run` are called in the caller's thread; those
+of a background handle in one helper thread per handle, in output order. So a
+callback may block, and never stalls the SDK's loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, overload
+
+from moru import _loop
+from moru._commands import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    _start_request,
+    connect_call,
+    start_call,
+)
+from moru._files import AsyncFiles, AsyncWatchHandle, ReadFormat, WriteData
+from moru._guest import GuestTarget
+from moru._models import CommandResult, EntryInfo, FilesystemEvent, ProcessInfo
+from moru._output import Chunk
+
+SyncCallback = Callable[[str], Any]
+
+
+async def _cancel(call: Any) -> None:
+    call.cancel()
+
+
+class CommandHandle:
+    """A background (or attached) process: `wait()`, `kill()`, `send_stdin()`,
+    iteration over (stdout, stderr, pty) chunks, `disconnect()`."""
+
+    def __init__(
+        self,
+        core: AsyncCommandHandle,
+        on_stdout: SyncCallback | None,
+        on_stderr: SyncCallback | None,
+        background: bool,
+    ) -> None:
+        self._core = core
+        self._on_stdout = on_stdout
+        self._on_stderr = on_stderr
+        self._error: BaseException | None = None
+        self._disconnected = False
+        self._queue: queue.Queue[Chunk | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(
+                target=self._pump, name=f"moru-cmd-{core.pid}", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self._core.pid
+
+    @property
+    def stdout(self) -> str:
+        return self._core.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._core.stderr
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._core.exit_code
+
+    def _step(self) -> tuple[bool, Chunk | None]:
+        more, chunk = _loop.run(self._core._step())
+        if chunk is not None:
+            if chunk[0] is not None and self._on_stdout is not None:
+                self._on_stdout(chunk[0])
+            if chunk[1] is not None and self._on_stderr is not None:
+                self._on_stderr(chunk[1])
+        return more, chunk
+
+    def _pump(self) -> None:
+        assert self._queue is not None
+        try:
+            more = True
+            while more:
+                more, chunk = self._step()
+                if chunk is not None:
+                    self._queue.put(chunk)
+        except BaseException as e:
+            if not self._disconnected:
+                self._error = e
+        finally:
+            self._queue.put(None)
+
+    def wait(self) -> CommandResult:
+        """Blocks until the process ends; raises CommandExitException on non-zero."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        else:
+            more = not self._core._collector.done
+            while more:
+                more, _ = self._step()
+        return self._core._collector.result(timeout=self._core._timeout)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._queue is None:
+            raise RuntimeError("only background handles can be iterated")
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def kill(self) -> bool:
+        """SIGKILLs the process group; False if it had already gone."""
+        return _loop.run(self._core.kill())
+
+    def send_stdin(self, data: str | bytes) -> None:
+        _loop.run(self._core.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        _loop.run(self._core.close_stdin())
+
+    def disconnect(self) -> None:
+        """Stops receiving output; the process keeps running."""
+        self._disconnected = True
+        _loop.run(_cancel(self._core._call))
+        if self._thread is not None:
+            self._thread.join()
+
+
+class Commands:
+    """Processes in the sandbox (`sandbox.commands`)."""
+
+    def __init__(self, target: GuestTarget) -> None:
+        self._target = target
+        self._core = AsyncCommands(target)
+
+    @overload
+    def run(
+        self,
+        cmd: str,
+        envs: dict[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        background: Literal[False] = ...,
+        timeout: float | None = ...,
+        on_stdout: SyncCallback | None = ...,
+        on_stderr: SyncCallback | None = ...,
+        stdin: bool = ...,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: str,
+        envs: dict[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        *,
+        background: Literal[True],
+        timeout: float | None = ...,
+        on_stdout: SyncCallback | None = ...,
+        on_stderr: SyncCallback | None = ...,
+        stdin: bool = ...,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        background: bool = False,
+        timeout: float | None = 60,
+        on_stdout: SyncCallback | None = None,
+        on_stderr: SyncCallback | None = None,
+        stdin: bool = False,
+    ) -> CommandResult | CommandHandle:
+        """Runs `cmd` in a shell (`bash -l -c`). Returns the CommandResult, or a
+        CommandHandle with background=True. Non-zero exit raises
+        CommandExitException; `timeout` (seconds, 0/None: none) is the
+        command's own limit, independent of the sandbox's timeout."""
+        req = _start_request(cmd, envs, cwd, user, timeout, stdin)
+
+        async def start() -> AsyncCommandHandle:
+            pid, call = await start_call(self._target, req)
+            return AsyncCommandHandle(self._target, pid, call, timeout=timeout, pump=False)
+
+        core = _loop.run(start())
+        handle = CommandHandle(core, on_stdout, on_stderr, background)
+        if background:
+            return handle
+        try:
+            return handle.wait()
+        finally:
+            _loop.run(_cancel(core._call))
+
+    def connect(
+        self,
+        pid: int,
+        timeout: float | None = None,
+        on_stdout: SyncCallback | None = None,
+        on_stderr: SyncCallback | None = None,
+    ) -> CommandHandle:
+        """A handle to a running process; its kept output is replayed first."""
+
+        async def attach() -> AsyncCommandHandle:
+            call, first = await connect_call(self._target, pid)
+            return AsyncCommandHandle(
+                self._target, pid, call, timeout=timeout, pump=False, first=first
+            )
+
+        return CommandHandle(_loop.run(attach()), on_stdout, on_stderr, background=True)
+
+    def list(self) -> list[ProcessInfo]:
+        return _loop.run(self._core.list())
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILLs a process group; False if no such process."""
+        return _loop.run(self._core.kill(pid))
+
+    def send_stdin(self, pid: int, data: str | bytes) -> None:
+        _loop.run(self._core.send_stdin(pid, data))
+
+    def close_stdin(self, pid: int) -> None:
+        _loop.run(self._core.close_stdin(pid))
+
+
+class WatchHandle:
+    """A directory watch: `for event in handle`, `get_new_events()`, `stop()`."""
+
+    def __init__(self, core: AsyncWatchHandle, on_event: Callable[[FilesystemEvent], Any] | None):
+        self._core = core
+        self._thread: threading.Thread | None = None
+        if on_event is not None:
+
+            def pump() -> None:
+                for ev in self:
+                    on_event(ev)
+
+            self._thread = threading.Thread(target=pump, name="moru-watch", daemon=True)
+            self._thread.start()
+
+    def __iter__(self) -> Iterator[FilesystemEvent]:
+        return _loop.iterate(self._core.__aiter__())
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        """Events received since the last call, without waiting."""
+
+        async def get() -> list[FilesystemEvent]:
+            return self._core.get_new_events()
+
+        return _loop.run(get())
+
+    def stop(self) -> None:
+        _loop.run(self._core.stop())
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+class Files:
+    """Files in the sandbox (`sandbox.files`); paths are absolute."""
+
+    def __init__(self, target: GuestTarget) -> None:
+        self._core = AsyncFiles(target)
+
+    @overload
+    def read(self, path: str, format: Literal["text"] = ..., user: str | None = ...) -> str: ...
+
+    @overload
+    def read(self, path: str, format: Literal["bytes"], user: str | None = ...) -> bytes: ...
+
+    @overload
+    def read(
+        self, path: str, format: Literal["stream"], user: str | None = ...
+    ) -> Iterator[bytes]: ...
+
+    def read(
+        self, path: str, format: ReadFormat = "text", user: str | None = None
+    ) -> str | bytes | Iterator[bytes]:
+        """Text, bytes, or (format="stream") an iterator of chunks for large files."""
+        if format == "stream":
+            return _loop.iterate(_loop.run(self._core._open_stream(path)))
+        out: str | bytes = _loop.run(self._core.read(path, format))
+        return out
+
+    def write(
+        self, path: str, data: WriteData, user: str | None = None, mode: int | None = None
+    ) -> EntryInfo:
+        """Writes str/bytes/a file object/an iterator of chunks, streamed in chunks."""
+        return _loop.run(self._core.write(path, data, user, mode))
+
+    def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
+        return _loop.run(self._core.list(path, depth))
+
+    def exists(self, path: str) -> bool:
+        return _loop.run(self._core.exists(path))
+
+    def get_info(self, path: str) -> EntryInfo:
+        return _loop.run(self._core.get_info(path))
+
+    def remove(self, path: str) -> None:
+        _loop.run(self._core.remove(path))
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        return _loop.run(self._core.rename(old_path, new_path))
+
+    def make_dir(self, path: str, user: str | None = None) -> bool:
+        return _loop.run(self._core.make_dir(path, user))
+
+    def watch_dir(
+        self,
+        path: str,
+        on_event: Callable[[FilesystemEvent], Any] | None = None,
+        recursive: bool = False,
+    ) -> WatchHandle:
+        """Watches a directory; every change after this returns is reported,
+        to `on_event` (in a helper thread) or by iterating the handle."""
+        return WatchHandle(_loop.run(self._core.watch_dir(path, None, recursive)), on_event)
