@@ -16,6 +16,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .nft import NETNS_DIR, NS_VETH, TAP
 from .slots import GUEST_PREFIX, SlotAddresses
 
+SYS_NET = "/sys/class/net"
 ENOENT = 2
 ENODEV = 19
 
@@ -33,15 +34,16 @@ def list_netns(prefix: str) -> list[str]:
 
 
 def list_links(prefix: str) -> list[str]:
-    """Root-namespace interfaces whose name starts with prefix."""
-    with IPRoute() as ip:
-        names = [link.get_attr("IFLA_IFNAME") for link in ip.get_links()]
-    return sorted(n for n in names if n and n.startswith(prefix))
+    """Root-namespace interfaces whose name starts with prefix.
+
+    Read from sysfs, not netlink: pyroute2's synchronous sockets cannot be
+    used from a thread running an event loop, and this is called from one.
+    """
+    return sorted(n for n in os.listdir(SYS_NET) if n.startswith(prefix))
 
 
 def link_exists(name: str) -> bool:
-    with IPRoute() as ip:
-        return bool(ip.link_lookup(ifname=name))
+    return os.path.exists(os.path.join(SYS_NET, name))
 
 
 def create(ns: str, host_veth: str, a: SlotAddresses, mac: str) -> None:
