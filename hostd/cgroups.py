@@ -72,6 +72,10 @@ def _keyed(text: str, key: str) -> int:
     return 0
 
 
+def _rmdir(path: Path) -> None:
+    os.rmdir(path)
+
+
 def _pids_of(procs_file: Path) -> set[int]:
     try:
         return {int(x) for x in procs_file.read_text().split()}
@@ -97,7 +101,7 @@ async def _rmdir_when_empty(dirs: list[Path], procs: list[Path], timeout: float)
     for d in dirs:
         while True:
             try:
-                os.rmdir(d)
+                _rmdir(d)
                 break
             except FileNotFoundError:
                 break
