@@ -1,0 +1,156 @@
+#!/opt/moru/venv/bin/python
+"""Benchmark: /metrics scrape time and size, and hostd CPU spent sampling, with N sandboxes.
+
+One run, one real hostd (observability wired in as in docs/observability.md):
+
+1. Idle node (no sandbox): hostd CPU over a window, /metrics scrape time and
+   size, and /healthz round trip (the HTTP floor: same server, no collect).
+2. N idle sandboxes created one by one (256 MB, 1 vCPU each; as many as fit
+   if the node refuses more), then the same measurements.
+
+Prints each figure next to its floor and the ratio. Usage:
+
+    benchmarks/bench_metrics.py [--sandboxes 20] [--window 30] [--scrapes 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from tests.observability.obs_hostd import ObsHostd  # noqa: E402
+from tests.observability.promtext import parse  # noqa: E402
+
+TICK = 100  # os.sysconf("SC_CLK_TCK") on Linux
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def cpu_share(pid: int, window: float) -> float:
+    """Share of one core hostd used over `window` seconds."""
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(window)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def timed_get(url: str, headers: dict[str, str] | None = None) -> tuple[float, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+    return time.perf_counter() - t0, body
+
+
+def scrape_stats(base: str, n: int) -> dict[str, float]:
+    times, gz_times = [], []
+    body = gz = b""
+    for _ in range(n):
+        dt, body = timed_get(f"{base}/metrics")
+        times.append(dt)
+        dt, gz = timed_get(f"{base}/metrics", {"Accept-Encoding": "gzip"})
+        gz_times.append(dt)
+    hz = [timed_get(f"{base}/healthz")[0] for _ in range(n)]
+    series = len(parse(body))
+    assert gzip.decompress(gz)
+    return {
+        "scrape_ms": statistics.median(times) * 1e3,
+        "scrape_gzip_ms": statistics.median(gz_times) * 1e3,
+        "healthz_ms": statistics.median(hz) * 1e3,
+        "bytes": float(len(body)),
+        "gzip_bytes": float(len(gz)),
+        "series": float(series),
+    }
+
+
+def row(name: str, value: float, floor: float, unit: str) -> None:
+    ratio = f"{value / floor:7.2f}x" if floor > 0 else "    n/a"
+    print(f"  {name:<42} {value:12.3f} {unit:<6} floor {floor:12.3f} {unit:<6} ratio {ratio}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sandboxes", type=int, default=20)
+    ap.add_argument("--memory-mb", type=int, default=256)
+    ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--scrapes", type=int, default=40)
+    ap.add_argument("--interval", type=float, default=5.0, help="metrics_interval_seconds")
+    a = ap.parse_args()
+
+    h = ObsHostd(
+        max_sandboxes=max(a.sandboxes, 1),
+        memory_budget_mb=a.sandboxes * a.memory_mb,
+        metrics_interval_seconds=a.interval,
+        log_level="warning",
+    )
+    made: list[str] = []
+    try:
+        h.start()
+        assert h.proc is not None
+        pid = h.proc.pid
+        base = h.metrics_url
+        print(f"hostd pid {pid}; sampling every {a.interval:g} s; console watch every 1 s")
+        print("idle node: measuring ...", flush=True)
+        idle_cpu = cpu_share(pid, a.window)
+        idle = scrape_stats(base, a.scrapes)
+
+        t_create = time.monotonic()
+        for i in range(a.sandboxes):
+            try:
+                sbx = h.create(template_id="base", memory_mb=a.memory_mb, vcpus=1)
+            except grpc.RpcError as e:
+                print(f"create {i + 1} failed ({e.code().name}: {e.details()}); going on with {i}")
+                break
+            made.append(sbx.sandbox_id)
+            print(f"  created {i + 1}/{a.sandboxes} ({time.monotonic() - t_create:.0f} s)",
+                  flush=True)  # fmt: skip
+        n = len(made)
+        if n == 0:
+            print("no sandbox could be created")
+            return 1
+        time.sleep(a.interval)  # let every sandbox be sampled at its steady pace
+        print(f"{n} idle sandboxes: measuring ...", flush=True)
+        busy_cpu = cpu_share(pid, a.window)
+        busy = scrape_stats(base, a.scrapes)
+
+        print(f"\n/metrics with {n} sandboxes (median of {a.scrapes}; floor = idle node)")
+        row("scrape time", busy["scrape_ms"], idle["scrape_ms"], "ms")
+        row("scrape time vs /healthz (HTTP floor)", busy["scrape_ms"], busy["healthz_ms"], "ms")
+        row("scrape time, gzip", busy["scrape_gzip_ms"], idle["scrape_gzip_ms"], "ms")
+        row("size", busy["bytes"] / 1024, idle["bytes"] / 1024, "KiB")
+        row("size, gzip", busy["gzip_bytes"] / 1024, idle["gzip_bytes"] / 1024, "KiB")
+        row("samples (series)", busy["series"], idle["series"], "")
+        per_sbx = (busy["bytes"] - idle["bytes"]) / n
+        per_us = (busy["scrape_ms"] - idle["scrape_ms"]) / n * 1e3
+        print(f"  per sandbox: {per_sbx:.0f} bytes, {per_us:.0f} us scrape time")
+        print(f"\nhostd CPU over {a.window:g} s (share of one core; floor = idle node, same run)")
+        row(f"with {n} idle sandboxes", busy_cpu * 100, idle_cpu * 100, "%")
+        print(f"  overhead per idle sandbox: {(busy_cpu - idle_cpu) * 100 / n:.3f} % of a core")
+        if n < a.sandboxes:
+            print(f"\nNOTE: only {n} of {a.sandboxes} sandboxes fit on this node")
+        return 0
+    finally:
+        for sid in made:
+            try:
+                h.kill(sid)
+            except grpc.RpcError:
+                pass
+        left = h.close()
+        if left:
+            print(f"left behind: {left}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
