@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hostd.events import Event, EventType, Reason
@@ -60,20 +57,20 @@ class Reattacher:
             async with contextlib.AsyncExitStack() as stack:
                 res.cgroup = mgr.cgroups.open(rec.sandbox_id)
                 if mgr.network is not None and rec.network:
-                    await mgr.network.attach(rec.sandbox_id)
+                    await mgr.network.attach(rec.sandbox_id, rec.network)
                 spec = vm_spec(rec, res.cgroup.procs_files)
                 vm = await mgr.vmm.attach(spec)
                 res.vm = vm
                 # The same release order Create registers: store row, cgroup,
                 # network, VM, relay, channel (closed in reverse).
                 stack.callback(mgr.store.delete, rec.sandbox_id)
-                stack.callback(res.cgroup.remove)
+                stack.push_async_callback(res.cgroup.remove)
                 if mgr.network is not None and rec.network:
                     stack.push_async_callback(mgr.network.teardown, rec.sandbox_id)
                 stack.push_async_callback(vm.destroy)
                 await res.connect(vm, rec, stack)
                 res.stack = stack.pop_all()
-        except (VmError, OSError, LookupError) as e:
+        except (RuntimeError, OSError, LookupError) as e:  # VmError, CgroupError, NetworkError
             log.warning("sandbox %s is gone after restart: %s", rec.sandbox_id, e)
             await self._discard(
                 rec,
@@ -92,45 +89,41 @@ class Reattacher:
             spec = vm_spec(rec, ())
             try:
                 vm = await mgr.vmm.attach(spec)
-            except VmError:
-                vm = mgr.vmm.create(spec)
+            except VmError as e:
+                # QemuVmm's AttachError keeps what still runs in `.vm`.
+                vm = getattr(e, "vm", None) or mgr.vmm.create(spec)
             await vm.destroy()
         if mgr.network is not None:
             with contextlib.suppress(Exception):
                 await mgr.network.teardown(rec.sandbox_id)
-        self._remove_cgroup(rec.sandbox_id)
+        await self._remove_cgroup(rec.sandbox_id)
         shutil.rmtree(rec.run_dir, ignore_errors=True)
         mgr.store.delete(rec.sandbox_id)
         mgr.bus.publish(Event(rec.sandbox_id, typ, reason, rec.template_id, msg))
 
-    def _remove_cgroup(self, sandbox_id: str) -> None:
-        """Kills what is left in an orphan cgroup (by the PIDs it lists) and removes it."""
+    async def _remove_cgroup(self, sandbox_id: str) -> None:
+        """Kills what is left in a sandbox's cgroup and removes it (CgroupManager does both)."""
         try:
             cg = self.mgr.cgroups.open(sandbox_id)
-        except (LookupError, OSError):
-            return
-        for procs in cg.procs_files:
-            with contextlib.suppress(OSError, ValueError):
-                for line in Path(procs).read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(line), signal.SIGKILL)
-        for _ in range(50):
-            try:
-                cg.remove()
-                return
-            except OSError:
-                import time
-
-                time.sleep(0.02)
-        log.warning("could not remove orphan cgroup of %s", sandbox_id)
+            await cg.remove()
+        except (RuntimeError, OSError) as e:
+            log.warning("could not remove the cgroup of %s: %s", sandbox_id, e)
 
     async def remove_orphans(self, known: set[str]) -> None:
         mgr = self.mgr
+        if mgr.network is not None:
+            try:
+                removed = await mgr.network.cleanup_orphans(known)
+            except Exception:
+                log.exception("cleaning up orphan sandbox networks failed")
+            else:
+                if removed:
+                    log.warning("removed orphan sandbox networks %s", removed)
         with contextlib.suppress(OSError):
             for sid in mgr.cgroups.list_ids():
                 if sid not in known:
                     log.warning("removing orphan cgroup %s", sid)
-                    self._remove_cgroup(sid)
+                    await self._remove_cgroup(sid)
         base = mgr.config.sandboxes_dir
         if base.is_dir():
             for d in base.iterdir():

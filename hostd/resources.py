@@ -19,14 +19,7 @@ from hostd.guest import open_channel
 from hostd.store import SandboxRecord
 from hostd.vmm.base import NetAttachment, Vm, VmSpec
 
-# Host memory a VMM and its vsock device need beyond guest RAM (QEMU's own
-# heap, TCG translation cache, vhost-device-vsock); part of the cgroup limit.
-VMM_OVERHEAD_MB = 256
 RELAY_SOCKET = "g.sock"
-
-
-def cgroup_memory_bytes(memory_mb: int) -> int:
-    return (memory_mb + VMM_OVERHEAD_MB) << 20
 
 
 def host_memory_mb() -> int:

@@ -38,7 +38,7 @@ from hostd.errors import (
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
 from hostd.reattach import Reattacher
-from hostd.resources import Capacity, Resources, cgroup_memory_bytes, vm_spec
+from hostd.resources import Capacity, Resources, vm_spec
 from hostd.state import Action, State, transition
 from hostd.store import SandboxRecord, Store
 from hostd.vmm.base import Vm, Vmm
@@ -248,6 +248,7 @@ class SandboxManager:
                     stack.callback(self._sandboxes.pop, sid, None)
                     self.store.put(rec)
                     stack.callback(self.store.delete, sid)
+                    # Errors get the console tail here, before the stack removes it.
                     try:
                         async with asyncio.timeout(cfg.create_deadline_seconds):
                             await self._boot(sb, stack, manifest.kernel_cmdline, env)
@@ -256,6 +257,13 @@ class SandboxManager:
                             f"sandbox {sid} was not ready within {cfg.create_deadline_seconds:g} s"
                             + self._console(sb)
                         ) from None
+                    except MoruError as e:
+                        e.message += self._console(sb)
+                        e.args = (e.message,)
+                        raise
+                    except Exception as e:
+                        log.exception("create %s failed", sid)
+                        raise Unavailable(f"create failed: {e}{self._console(sb)}") from e
                     rec.state = transition(sid, rec.state, Action.READY)
                     rec.started_at = time.time()
                     rec.end_at = rec.started_at + timeout
@@ -274,10 +282,7 @@ class SandboxManager:
                         time.monotonic() - t0,
                     )
                 )
-                if isinstance(e, MoruError | asyncio.CancelledError):
-                    raise
-                log.exception("create %s failed", sid)
-                raise Unavailable(f"create failed: {e}{self._console(sb)}") from e
+                raise
         await self._sample(sb)
         self.bus.publish(
             Event(sid, EventType.CREATED, Reason.USER, name, duration=time.monotonic() - t0)
@@ -290,10 +295,9 @@ class SandboxManager:
     ) -> None:
         """cgroup -> network -> VM -> relay -> guest ready -> Init, each pushed on `stack`."""
         rec, res = sb.rec, sb.res
-        res.cgroup = self.cgroups.create(
-            rec.sandbox_id, rec.vcpus, cgroup_memory_bytes(rec.memory_mb), PIDS_MAX
-        )
-        stack.callback(res.cgroup.remove)
+        # The cgroup manager adds the VMM's own overhead to guest memory.
+        res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
+        stack.push_async_callback(res.cgroup.remove)
         net = None
         if self.network is not None:
             net = await self.network.setup(rec.sandbox_id, self._policy(rec))
@@ -312,9 +316,12 @@ class SandboxManager:
         vm = self.vmm.create(vm_spec(rec, res.cgroup.procs_files))
         res.vm = vm
         stack.push_async_callback(vm.destroy)
+        t0 = time.monotonic()
         await vm.start()
+        t1 = time.monotonic()
         await res.connect(vm, rec, stack)
         await self._wait_guest(vm, rec)
+        t2 = time.monotonic()
         assert res.channel is not None
         await GuestClient(res.channel, rec.access_token).init(
             sandbox_id=rec.sandbox_id,
@@ -324,19 +331,25 @@ class SandboxManager:
             access_token=rec.access_token,
             rpc_timeout=30.0,
         )
+        log.info(
+            "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
+            rec.sandbox_id,
+            t1 - t0,
+            t2 - t1,
+            time.monotonic() - t2,
+        )
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
-        """Polls guestd's vsock port, failing early if the VMM died."""
+        """Polls guestd's vsock port; fails early if the VMM died."""
         from hostd.vsock import wait_ready
 
-        while True:
-            if not vm.is_alive():
-                raise Unavailable(f"the VMM of sandbox {rec.sandbox_id} exited during boot")
-            try:
-                await wait_ready(vm.vsock_uds, rec.guestd_port, time.monotonic() + 1.0)
-                return
-            except (TimeoutError, OSError):
-                continue
+        deadline = time.monotonic() + self.config.create_deadline_seconds
+        try:
+            await wait_ready(vm.vsock_uds, rec.guestd_port, deadline, alive=vm.is_alive)
+        except OSError as e:
+            raise Unavailable(
+                f"sandbox {rec.sandbox_id}: the VMM exited during boot ({e})"
+            ) from None
 
     def _console(self, sb: Sandbox) -> str:
         vm = sb.res.vm
@@ -403,7 +416,7 @@ class SandboxManager:
             nxt = transition(sb.id, sb.rec.state, Action.PAUSE)
             assert sb.res.vm is not None and sb.res.cgroup is not None
             await sb.res.vm.pause()
-            sb.res.cgroup.freeze()
+            await sb.res.cgroup.freeze()
             sb.rec.paused_remaining = max(0.0, sb.rec.end_at - time.time())
             sb.rec.state = nxt
             self.store.put(sb.rec)
@@ -427,7 +440,7 @@ class SandboxManager:
             self._check_alive(sb)
             nxt = transition(sb.id, sb.rec.state, Action.RESUME)
             assert sb.res.vm is not None and sb.res.cgroup is not None
-            sb.res.cgroup.thaw()
+            await sb.res.cgroup.thaw()
             await sb.res.vm.resume()
             left = (
                 float(timeout_seconds) if timeout_seconds is not None else sb.rec.paused_remaining
@@ -512,6 +525,18 @@ class SandboxManager:
             if (start is None or s.timestamp >= start) and (end is None or s.timestamp <= end)
         ]
 
+    def proxy_target(self, sandbox_id: str) -> Any:
+        """For the port proxy: where a sandbox's ports are, or None (unknown/paused)."""
+        from hostd.network import ProxyTarget
+
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.gone or sb.rec.state is not State.RUNNING:
+            return None
+        ip = sb.rec.network.get("guest_ip")
+        if not ip:
+            return None
+        return ProxyTarget(guest_ip=str(ip), traffic_token=sb.rec.traffic_token or None)
+
     def host(self, sandbox_id: str, port: int) -> tuple[str, str]:
         validation.port(port)
         sb = self._get(sandbox_id)
@@ -590,12 +615,9 @@ class SandboxManager:
 
 
 def _net_dict(net: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(net) and not isinstance(net, type):
-        return {
-            k: (str(v) if not isinstance(v, int | float | bool) else v)
-            for k, v in dataclasses.asdict(net).items()
-        }
-    return {}
+    """The network's own serialisation (what NetworkManager.attach takes back)."""
+    to_dict = getattr(net, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {}
 
 
 __all__ = ["CreateOptions", "Sandbox", "SandboxManager", "new_sandbox_id"]

@@ -73,6 +73,14 @@ async def serve(
             stack.push_async_callback(mgr.network.stop)
         await mgr.start()
         stack.push_async_callback(mgr.close)
+        if mgr.network is not None:
+            from hostd.network import PortProxy
+
+            net = config.network
+            host, _, port = net.proxy_listen.rpartition(":")
+            proxy = PortProxy(mgr.proxy_target, host.strip("[]"), int(port), net.proxy_domain)
+            await proxy.start()
+            stack.push_async_callback(proxy.stop)
 
         server = grpc.aio.server(
             interceptors=[EdgeInterceptor(config.api_key)], options=SERVER_OPTIONS
