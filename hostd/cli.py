@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -72,18 +72,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before grpc loads: its fork handlers crash children that run Python
+    # between fork and exec (the VMM driver's cgroup-joining pre-exec hook).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     args = _parser().parse_args(argv)
     try:
         config = load(args.config, _overrides(args))
     except ConfigError as e:
         print(f"moru-hostd: config: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if config.log_json
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from hostd.observability import install_logging
+
+    install_logging(config.log_level, config.log_json)
     if args.command == "serve":
         from hostd.sdnotify import notify
         from hostd.server import run

@@ -82,8 +82,13 @@ async def serve(
             await proxy.start()
             stack.push_async_callback(proxy.stop)
 
+        from hostd.observability import Observability
+
+        obs = Observability(mgr, images_dir=config.images_path)  # hooks mgr.bus
         server = grpc.aio.server(
-            interceptors=[EdgeInterceptor(config.api_key)], options=SERVER_OPTIONS
+            # Observability first, so it times and counts calls the edge refuses.
+            interceptors=[obs.interceptor, EdgeInterceptor(config.api_key)],
+            options=SERVER_OPTIONS,
         )
         sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(SandboxService(mgr), server)
         template_pb2_grpc.add_TemplateServiceServicer_to_server(
@@ -97,6 +102,8 @@ async def serve(
         _listen(server, config)
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
+        # Prometheus endpoint (when metrics_listen is set) and the console watch.
+        await stack.enter_async_context(obs.serve(config.metrics_listen))
         _secure_socket(config)
         serving = health_pb2.HealthCheckResponse.SERVING
         await health.set("", serving)

@@ -108,7 +108,6 @@ class Hostd:
         ns.settimeout(0.5)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MORU_")}
         env["NOTIFY_SOCKET"] = str(notify)
-        env["GRPC_ENABLE_FORK_SUPPORT"] = "0"
         t0 = time.monotonic()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
