@@ -109,7 +109,7 @@ def main() -> int:
         t_create = time.monotonic()
         for i in range(a.sandboxes):
             try:
-                sbx = h.create(template_id="base", memory_mb=a.memory_mb, vcpus=1)
+                sbx = h.create(template="base", memory_mb=a.memory_mb, vcpus=1)
             except grpc.RpcError as e:
                 print(f"create {i + 1} failed ({e.code().name}: {e.details()}); going on with {i}")
                 break
