@@ -24,7 +24,13 @@ from pathlib import Path
 from images import initramfs as initramfs_mod
 from images import rootfs
 from images.errors import BuildError
-from images.kernel import Kernel, KernelPackage, ensure_kernel, resolve_kernel_package
+from images.kernel import (
+    Kernel,
+    KernelPackage,
+    current_kernel_package,
+    ensure_kernel,
+    resolve_kernel_package,
+)
 from images.manifest import (
     GUESTD_VSOCK_PORT,
     TemplateManifest,
@@ -131,15 +137,25 @@ def _cached(root: Path, name: str, digest: str) -> TemplateManifest | None:
 class Builder:
     """Builds templates into one cache; resolves the kernel once per instance."""
 
-    def __init__(self, root: Path | None = None, extra_dirs: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        extra_dirs: tuple[Path, ...] = (),
+        update_kernel: bool = False,
+    ) -> None:
         self.root = (root or images_dir()).resolve()
         self.extra_dirs = extra_dirs
         self._kernel_pkg: KernelPackage | None = None
+        self.update_kernel = update_kernel
 
     def kernel_package(self) -> KernelPackage:
+        """The cache's current kernel; apt's candidate when there is none or when updating."""
         if self._kernel_pkg is None:
-            check_tools(("apt-cache",))
-            self._kernel_pkg = resolve_kernel_package()
+            if not self.update_kernel:
+                self._kernel_pkg = current_kernel_package(self.root)
+            if self._kernel_pkg is None:
+                check_tools(("apt-cache",))
+                self._kernel_pkg = resolve_kernel_package()
         return self._kernel_pkg
 
     def content_hash(self, recipe: Recipe) -> str:

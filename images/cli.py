@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("names", nargs="+", metavar="NAME", help="template name or recipe .toml path")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument(
+        "--update-kernel",
+        action="store_true",
+        help="ask apt for the newest linux-image-cloud-amd64 instead of the cached one",
+    )
+    b.add_argument(
         "--recipes-dir",
         type=Path,
         action="append",
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = (args.images_dir or images_dir()).resolve()
     try:
         if args.cmd == "build":
-            builder = Builder(root, tuple(d.resolve() for d in args.recipes_dir))
+            dirs = tuple(d.resolve() for d in args.recipes_dir)
+            builder = Builder(root, dirs, update_kernel=args.update_kernel)
             for name in args.names:
                 r = builder.build(name, force=args.force)
                 m = r.manifest

@@ -86,12 +86,27 @@ def resolve_kernel_package() -> KernelPackage:
     return KernelPackage(target, real["Version"], target.removeprefix("linux-image-"))
 
 
+def current_kernel_package(cache: Path) -> KernelPackage | None:
+    """The kernel the cache was last built with (asking apt costs seconds, too slow for hits)."""
+    try:
+        package, _, version = (cache / "kernels" / "current").read_text().strip().partition("=")
+    except FileNotFoundError:
+        return None
+    if not package.startswith("linux-image-") or not version:
+        return None
+    pkg = KernelPackage(package, version, package.removeprefix("linux-image-"))
+    stamp = cache / "kernels" / pkg.release / ".package"
+    return pkg if stamp.is_file() else None
+
+
 def ensure_kernel(cache: Path, pkg: KernelPackage) -> Kernel:
     """Download and unpack `pkg` into cache/kernels/<release> unless it is already there."""
     dest = cache / "kernels" / pkg.release
     kernel = Kernel(pkg, dest)
     stamp = dest / ".package"
+    current = cache / "kernels" / "current"
     if stamp.is_file() and stamp.read_text().strip() == f"{pkg.package}={pkg.version}":
+        current.write_text(f"{pkg.package}={pkg.version}\n")
         return kernel
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -123,6 +138,7 @@ def ensure_kernel(cache: Path, pkg: KernelPackage) -> Kernel:
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
+    current.write_text(f"{pkg.package}={pkg.version}\n")
     return kernel
 
 

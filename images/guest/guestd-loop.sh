@@ -12,6 +12,7 @@ delay=0.1
 n=0
 while :; do
     read -r start _ </proc/uptime
+    [ "$n" = 0 ] && echo "moru-init: starting guestd at uptime ${start}s" >/dev/console
     /opt/moru/bin/guestd --listen "vsock:$port" --guest
     rc=$?
     read -r end _ </proc/uptime
