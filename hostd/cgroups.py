@@ -136,6 +136,10 @@ class SandboxCgroup(abc.ABC):
     def exists(self) -> bool: ...
 
     @abc.abstractmethod
+    def limits(self) -> dict[str, int]:
+        """cfs_quota_us, cfs_period_us, memory_limit, pids_max as the kernel reports them."""
+
+    @abc.abstractmethod
     async def freeze(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Stops every process of the sandbox; returns once they are frozen."""
 

@@ -161,7 +161,7 @@ def boot_template(
 ) -> BootedVm:
     """Boots `template` until guestd answers Health; on any failure leaves nothing behind."""
     manifest = load_manifest(template)
-    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mv"))
+    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mvf"))
     sid = "sbx_t" + secrets.token_hex(5)
     cgroup = None
     if cgroups is not None:

@@ -113,6 +113,15 @@ class _Proc:
             return self.popen.poll() is None
         return _is_our_process(self.pid, self.marker)
 
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def stopped(self) -> bool:
+        """Whether it is stopped by a signal (paused)."""
+        return _proc_state(self.pid) in ("T", "t")
+
     def kill(self) -> None:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
@@ -128,15 +137,21 @@ class _Proc:
         return True
 
 
+def _proc_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("" when gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _is_our_process(pid: int, marker: str) -> bool:
     """Whether pid runs (not a zombie) with marker in its command line."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X") and marker.encode() in cmdline
+    return _proc_state(pid) not in ("", "Z", "X") and marker.encode() in cmdline
 
 
 def _read_tail(path: Path, nbytes: int = 2048) -> str:
@@ -295,10 +310,18 @@ class QemuVm(Vm):
         )
         self._vmm_proc = self._spawn("qemu", self.qemu_argv(), VMM_ERR, VMM_PID)
         await self._wait_for(self.qmp_sock.exists, self._vmm_proc, "the QMP socket")
-        try:
-            status = await self._qmp("query-status")
-        except QmpError as e:
-            raise self._failure(f"QEMU's monitor did not answer: {e}") from e
+        # The socket file appears at bind(), a moment before QEMU listens.
+        end = time.monotonic() + self._vmm.start_timeout
+        while True:
+            try:
+                status = await self._qmp("query-status")
+                break
+            except QmpError as e:
+                if not self._vmm_proc.alive():
+                    raise self._failure("qemu exited before its monitor answered") from e
+                if time.monotonic() > end:
+                    raise self._failure(f"QEMU's monitor did not answer: {e}") from e
+                await asyncio.sleep(_POLL)
         if not status.get("running"):
             raise self._failure(f"QEMU is not running after start: {status}")
 
@@ -326,21 +349,46 @@ class QemuVm(Vm):
         async with self._qmp_lock:
             return await qmp_command(self.qmp_sock, command, arguments)
 
+    async def wait_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Waits until the VMM exits by itself (guest powered off); False on timeout."""
+        if self._vmm_proc is None:
+            return True
+        return await self._vmm_proc.wait(timeout)
+
     # --- control ---------------------------------------------------------
     async def pause(self) -> None:
-        try:
-            await self._qmp("stop")
-        except QmpError as e:
-            raise VmError(f"pausing VM {self.spec.sandbox_id}: {e}") from e
+        """Stops the VM's processes (SIGSTOP): no CPU used, memory and sockets kept.
+
+        Not QMP `stop`: with vhost-device-vsock 0.3 a QMP stop/cont cycle with
+        traffic in flight leaves the vsock device dead (no connection works
+        after `cont`). A stopped process keeps the device's state intact, and
+        bytes sent meanwhile wait in the socket buffers.
+        """
+        if not self.is_alive():
+            raise VmError(f"VM {self.spec.sandbox_id} is not running")
+        for p in (self._vmm_proc, self._vsk_proc):
+            if p is not None:
+                p.signal(signal.SIGSTOP)
+        end = time.monotonic() + 5.0
+        while not all(p.stopped() for p in (self._vmm_proc, self._vsk_proc) if p is not None):
+            if time.monotonic() > end:
+                raise VmError(f"VM {self.spec.sandbox_id} did not stop")
+            await asyncio.sleep(0.002)
 
     async def resume(self) -> None:
-        try:
-            await self._qmp("cont")
-        except QmpError as e:
-            raise VmError(f"resuming VM {self.spec.sandbox_id}: {e}") from e
+        if not self.is_alive():
+            raise VmError(f"VM {self.spec.sandbox_id} is not running")
+        for p in (self._vsk_proc, self._vmm_proc):
+            if p is not None:
+                p.signal(signal.SIGCONT)
+
+    def is_paused(self) -> bool:
+        return self._vmm_proc is not None and self._vmm_proc.stopped()
 
     async def status(self) -> str:
         """QEMU's run state: "running", "paused", "shutdown", ..."""
+        if self.is_paused():
+            return "paused"
         try:
             return str((await self._qmp("query-status"))["status"])
         except QmpError as e:

@@ -41,6 +41,9 @@ class QmpClient:
             if "QMP" not in client.greeting:
                 raise QmpError(f"unexpected QMP greeting: {client.greeting}")
             await asyncio.wait_for(client.execute("qmp_capabilities"), timeout)
+        except (OSError, TimeoutError, ValueError) as e:
+            await client.close()
+            raise QmpError(f"QMP handshake on {path} failed: {e!r}") from e
         except BaseException:
             await client.close()
             raise
@@ -58,10 +61,16 @@ class QmpClient:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self._writer.write(json.dumps(msg).encode() + b"\n")
-        await self._writer.drain()
+        try:
+            self._writer.write(json.dumps(msg).encode() + b"\n")
+            await self._writer.drain()
+        except OSError as e:
+            raise QmpError(f"QMP {command}: {e!r}") from e
         while True:
-            reply = await self._read()
+            try:
+                reply = await self._read()
+            except (OSError, ValueError) as e:
+                raise QmpError(f"QMP {command}: {e!r}") from e
             if "event" in reply:
                 self.events.append(reply)
                 continue
