@@ -23,7 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 # The hostd test framework lives in tests/hostd (not a package), as its own tests import it.
 sys.path.insert(0, str(REPO / "tests" / "hostd"))
 
-from hostd_fixture import hostd, shared_sandbox  # noqa: E402, F401 - fixtures
+from hostd_fixture import (  # noqa: E402, F401 - fixtures
+    hostd,
+    net_hostd,
+    shared_sandbox,
+    use_net_hostd,
+)
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str, limit: float) -> None:

@@ -27,36 +27,75 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def hostd() -> Iterator[Hostd]:
+def _start(network: bool) -> Hostd:
     if not (IMAGES / "templates" / "base" / "manifest.json").is_file():
         pytest.fail(f"template 'base' is not built in {IMAGES}: run `moru-images build base`")
     h = Hostd(api_key=API_KEY, max_sandboxes=12, metrics_interval_seconds=1.0)
-    h.network = {
-        "enabled": True,
-        "pool_cidr": "10.231.0.0/16",
-        "proxy_listen": f"127.0.0.1:{_free_port()}",
-        "name_prefix": f"msdk{secrets.token_hex(1)[0]}",
-        "veth_prefix": "msk",
-        "run_dir": str(h.root / "net"),
-    }
+    if network:
+        h.network = {
+            "enabled": True,
+            "pool_cidr": "10.231.0.0/16",
+            "proxy_listen": f"127.0.0.1:{_free_port()}",
+            "name_prefix": f"msdk{secrets.token_hex(1)[0]}",
+            "veth_prefix": "msk",
+            "run_dir": str(h.root / "net"),
+        }
+    h.start(timeout=120)
+    return h
+
+
+def _close(h: Hostd, name: str) -> None:
+    # Keep the daemon's log for post-mortems (the run dir is removed).
+    with contextlib.suppress(OSError):
+        shutil.copy(h.log, f"/tmp/moru-sdk-tests-{name}.log")
+    left = h.close()
+    assert not left, f"{name} left behind: {left}"
+
+
+@contextlib.contextmanager
+def _as_moru_env(h: Hostd) -> Iterator[None]:
+    """Points MORU_HOSTD / MORU_API_KEY at `h`, as a user's environment would."""
     old = {k: os.environ.get(k) for k in ("MORU_HOSTD", "MORU_API_KEY")}
+    os.environ["MORU_HOSTD"] = f"unix:{h.sock}"
+    os.environ["MORU_API_KEY"] = API_KEY
     try:
-        h.start(timeout=120)
-        os.environ["MORU_HOSTD"] = f"unix:{h.sock}"
-        os.environ["MORU_API_KEY"] = API_KEY
-        yield h
+        yield
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        # Keep the daemon's log for post-mortems (the run dir is removed).
-        with contextlib.suppress(OSError):
-            shutil.copy(h.log, "/tmp/moru-sdk-tests-hostd.log")
-        left = h.close()
-        assert not left, f"hostd left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def hostd() -> Iterator[Hostd]:
+    """The session's hostd (networking off); MORU_HOSTD points at it."""
+    h = _start(network=False)
+    try:
+        with _as_moru_env(h):
+            yield h
+    finally:
+        _close(h, "hostd")
+
+
+@pytest.fixture(scope="module")
+def net_hostd(hostd: Hostd) -> Iterator[Hostd]:
+    """A hostd with networking (own netns names, pool, proxy port, run dir).
+
+    MORU_HOSTD points at it for the module's tests that use it.
+    """
+    h = _start(network=True)
+    try:
+        yield h
+    finally:
+        _close(h, "net-hostd")
+
+
+@pytest.fixture
+def use_net_hostd(net_hostd: Hostd) -> Iterator[Hostd]:
+    with _as_moru_env(net_hostd):
+        yield net_hostd
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def test_create_python_template(reap: None) -> None:
     assert env["sandbox"].commands.run("python3 -c 'print(6*7)'").stdout == "42\n"
 
 
-def test_create_with_all_options(reap: None) -> None:
+def test_create_with_all_options(use_net_hostd: Any, reap: None) -> None:
     env = run_example(
         """
         sandbox = Sandbox.create(
@@ -311,7 +311,9 @@ def test_list_and_kill_multiple(reap: None, capsys: pytest.CaptureFixture[str]) 
     assert not dev.is_running() and prod.is_running() and other.is_running()
 
 
-def test_network_examples(reap: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_network_examples(
+    use_net_hostd: Any, reap: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = run_example(
         """
         sandbox = Sandbox.create(allow_internet_access=False)
@@ -344,7 +346,7 @@ def test_network_examples(reap: None, capsys: pytest.CaptureFixture[str]) -> Non
     assert net is not None and net.deny_out == ["internal.company.com"]
 
 
-def test_expose_ports(reap: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_expose_ports(use_net_hostd: Any, reap: None, capsys: pytest.CaptureFixture[str]) -> None:
     env = run_example(
         """
         sandbox = Sandbox.create()
