@@ -27,21 +27,26 @@ TOOLS: dict[str, str] = {
 BUSYBOX_CANDIDATES = ("/usr/bin/busybox", "/bin/busybox")
 
 
-def which(tool: str) -> str:
+def search_path() -> str:
+    """$PATH plus the sbin directories (root's tools live there; sudo may drop them)."""
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def which(tool: str, path: str | None = None) -> str:
     """Absolute path of `tool`, or a BuildError naming the package to install."""
-    path = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if path is None:
+    found = shutil.which(tool, path=search_path() if path is None else path)
+    if found is None:
         pkg = TOOLS.get(tool, tool)
         raise BuildError(f"`{tool}` not found: install it with `apt-get install {pkg}`")
-    return path
+    return found
 
 
-def check_tools(tools: Sequence[str] = tuple(TOOLS)) -> None:
+def check_tools(tools: Sequence[str] = tuple(TOOLS), path: str | None = None) -> None:
     """Fail early, naming every missing tool and its package at once."""
     missing = []
     for tool in tools:
         try:
-            which(tool)
+            which(tool, path)
         except BuildError:
             missing.append(tool)
     if missing:
