@@ -190,6 +190,12 @@ class Commands:
         CommandHandle with background=True. Non-zero exit raises
         CommandExitException; `timeout` (seconds, 0/None: none) is the
         command's own limit, independent of the sandbox's timeout."""
+        if not background and on_stdout is None and on_stderr is None:
+            # Nothing to call back in this thread: one hop to the loop for the whole run.
+            result: CommandResult = _loop.run(
+                self._core.run(cmd, envs, cwd, user, False, timeout, None, None, stdin)
+            )
+            return result
         req = _start_request(cmd, envs, cwd, user, timeout, stdin)
 
         async def start() -> AsyncCommandHandle:
