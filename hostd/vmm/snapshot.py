@@ -1,0 +1,431 @@
+"""Pause to disk and restore for QEMU microvm VMs (QEMU 7.2, TCG or KVM).
+
+QEMU 7.2 refuses to migrate while a vhost-user vsock device is attached
+("vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD"), and a
+virtio-mmio device cannot be unplugged. So a VM that can be paused to disk
+runs microvm with a PCIe bus (`pcie=on`) and its vsock device as
+`vhost-user-vsock-pci` behind a `pcie-root-port`, which allows hot-unplug
+(`PciQemuVm`; the guest needs the virtio_pci modules and `pcie_ports=native`
+because microvm's ACPI tables have no _OSC granting native hotplug).
+
+save(vm, path):
+  1. unplug the vsock device: fastest when the guest powers its slot off
+     itself (`EJECT_SCRIPT`, run through guestd: QEMU then drops the device at
+     once); otherwise QMP device_del, which Linux' pciehp honours after its
+     5 s attention-button delay;
+  2. `stop`, `migrate` to `<path>.tmp` (RAM + device state; the disks are
+     flushed by QEMU when migration completes), fsync, rename, write
+     `<path>.json`;
+  3. kill QEMU and vhost-device-vsock: the guest's memory is freed. The
+     run_dir (overlay disk, console log) stays.
+restore(vmm, spec, path):
+  start a fresh vhost-device-vsock and QEMU with the same devices minus vsock
+  and `-incoming`, wait for the migration to load, `cont`, and plug a fresh
+  vsock device back in; the guest's pciehp probes it and guest listeners
+  (guestd) accept again. Connections open at save time are reset, as with
+  Firecracker snapshots. The guest clock is behind by the time spent paused:
+  the caller re-sends Guest.Init (wall_clock) after restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hostd.vmm.base import VmError, VmSpec
+from hostd.vmm.qemu import VHU_SOCK, VMM_ERR, QemuVm, QemuVmm, _read_tail
+from hostd.vmm.qmp import QmpClient, QmpError
+
+ROOT_PORT = "moru_rp0"
+VSOCK_DEV = "moru_vsock0"
+VSOCK_CHARDEV = "vs"
+PCI_SLOT = 1
+# Run in the guest (e.g. through guestd) just before save: powers the vsock
+# slot off after a short delay, so the command's own reply gets out first.
+EJECT_SCRIPT = f"(sleep 0.2; echo 0 > /sys/bus/pci/slots/{PCI_SLOT}/power) >/dev/null 2>&1 &"
+PCI_KERNEL_ARGS = ("pcie_ports=native",)
+QEMU_MAGIC = b"QEVM"
+# Disk beyond guest RAM that a snapshot may need (device state, headroom).
+DISK_MARGIN = 64 << 20
+FORMAT = 1
+
+
+class SnapshotError(VmError):
+    """A snapshot could not be taken or restored; the message says why."""
+
+
+class SnapshotNotFound(SnapshotError):
+    """No snapshot at the path (never taken, or deleted)."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The snapshot file is truncated, damaged or does not match the VM spec."""
+
+
+class NotEnoughDisk(SnapshotError):
+    """The disk holding the snapshot has less free space than the guest's memory."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    size_bytes: int
+    memory_mb: int
+    vcpus: int
+    created_at: float
+    unplug_seconds: float
+    save_seconds: float  # whole save, unplug and kill included
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["format"] = FORMAT
+        return json.dumps(d, sort_keys=True)
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def pci_argv(argv: list[str], *, incoming: Path | None = None) -> list[str]:
+    """QemuVm's command line turned into the PCIe-vsock one (or the restore one).
+
+    With `incoming`, the vsock chardev and device are left out (they are
+    added over QMP once the state is loaded) and QEMU waits for the stream.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        val = argv[i + 1] if i + 1 < len(argv) else ""
+        if a == "-machine" and val.startswith("microvm"):
+            out += [a, f"{val},pcie=on,acpi=on"]
+        elif a == "-append":
+            extra = [k for k in PCI_KERNEL_ARGS if k not in val.split()]
+            out += [a, " ".join([val, *extra])]
+        elif a == "-chardev" and val.startswith(f"socket,id={VSOCK_CHARDEV},"):
+            if incoming is None:
+                out += [a, val]
+        elif a == "-device" and val.startswith("vhost-user-vsock-device"):
+            out += [
+                "-device",
+                f"pcie-root-port,id={ROOT_PORT},bus=pcie.0,chassis=1,slot={PCI_SLOT}",
+            ]
+            if incoming is None:
+                dev = f"vhost-user-vsock-pci,chardev={VSOCK_CHARDEV},id={VSOCK_DEV},bus={ROOT_PORT}"
+                out += ["-device", dev]
+        else:
+            out.append(a)
+            i += 1
+            continue
+        i += 2
+    if incoming is not None:
+        out += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+    return out
+
+
+class PciQemuVm(QemuVm):
+    """A QemuVm whose vsock device sits on a hot-pluggable PCIe port, so it can be saved."""
+
+    def __init__(self, vmm: QemuVmm, spec: VmSpec, incoming: Path | None = None) -> None:
+        super().__init__(vmm, spec)
+        self.incoming = incoming
+
+    def qemu_argv(self) -> list[str]:
+        return pci_argv(super().qemu_argv(), incoming=self.incoming)
+
+
+class PciQemuVmm(QemuVmm):
+    """QemuVmm making PciQemuVm VMs (what spec.extra["vsock_transport"] == "pci" would select)."""
+
+    def create(self, spec: VmSpec) -> PciQemuVm:
+        return PciQemuVm(self, spec)
+
+    async def attach(self, spec: VmSpec) -> PciQemuVm:
+        vm = PciQemuVm(self, spec)
+        vm._adopt()
+        return vm
+
+
+# --- save --------------------------------------------------------------------
+async def _qmp(vm: QemuVm) -> QmpClient:
+    try:
+        return await QmpClient.connect(vm.qmp_sock)
+    except QmpError as e:
+        raise SnapshotError(f"VM {vm.spec.sandbox_id}: {e}") from e
+
+
+async def _has_device(c: QmpClient, dev: str) -> bool:
+    props = await c.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(p.get("name") == dev for p in props)
+
+
+async def _wait_gone(c: QmpClient, dev: str, timeout: float) -> bool:  # noqa: ASYNC109
+    end = time.monotonic() + timeout
+    while await _has_device(c, dev):
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def unplug_vsock(vm: QemuVm, *, guest_ejected: bool, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    """Removes the vsock device; quick if the guest ran EJECT_SCRIPT, else ~5 s (pciehp)."""
+    c = await _qmp(vm)
+    async with c:
+        if not await _has_device(c, VSOCK_DEV):
+            if guest_ejected:
+                return
+            raise SnapshotError(
+                f"VM {vm.spec.sandbox_id} has no PCI vsock device {VSOCK_DEV!r}: "
+                "it was not started for pause to disk (PciQemuVm)"
+            )
+        if guest_ejected and await _wait_gone(c, VSOCK_DEV, 3.0):
+            return
+        with contextlib.suppress(QmpError):  # already being removed
+            await c.execute("device_del", {"id": VSOCK_DEV})
+        if not await _wait_gone(c, VSOCK_DEV, timeout):
+            raise SnapshotError(
+                f"VM {vm.spec.sandbox_id}: the guest did not release its vsock device "
+                f"within {timeout:.0f}s (does the guest kernel have pciehp and virtio_pci?)"
+            )
+
+
+async def _replug_vsock(c: QmpClient, vm: QemuVm) -> None:
+    with contextlib.suppress(QmpError):  # the chardev survives a failed save
+        await c.execute(
+            "chardev-add",
+            {
+                "id": VSOCK_CHARDEV,
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(vm.spec.run_dir / VHU_SOCK)}},
+                        "server": False,
+                    },
+                },
+            },
+        )
+    await c.execute(
+        "device_add",
+        {
+            "driver": "vhost-user-vsock-pci",
+            "chardev": VSOCK_CHARDEV,
+            "id": VSOCK_DEV,
+            "bus": ROOT_PORT,
+        },
+    )
+
+
+async def _migrate(c: QmpClient, uri: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    # The default bandwidth cap (32 MiB/s) would make saving RAM slow for nothing.
+    await c.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    await c.execute("migrate", {"uri": uri})
+    end = time.monotonic() + timeout
+    while True:
+        st: dict[str, Any] = await c.execute("query-migrate")
+        if st.get("status") in ("completed", "failed", "cancelled"):
+            return st
+        if time.monotonic() > end:
+            with contextlib.suppress(QmpError):
+                await c.execute("migrate_cancel")
+            return {"status": "failed", "error-desc": f"timed out after {timeout:.0f}s"}
+        await asyncio.sleep(0.02)
+
+
+def _has_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == QEMU_MAGIC
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _kill(vm: QemuVm) -> None:
+    """Kills the VM's processes and waits for them, keeping run_dir (unlike destroy)."""
+    procs = [p for p in (vm._vmm_proc, vm._vsk_proc) if p is not None]
+    for p in procs:
+        p.kill()
+    for p in procs:
+        if not await p.wait(10.0):
+            raise SnapshotError(f"VM {vm.spec.sandbox_id}: {p.name} did not exit after SIGKILL")
+    vm._vmm_proc = vm._vsk_proc = None
+
+
+async def save(
+    vm: QemuVm,
+    path: Path,
+    *,
+    guest_ejected: bool = False,
+    timeout: float = 600.0,  # noqa: ASYNC109
+) -> SnapshotInfo:
+    """Saves the running VM's memory and devices to `path` and ends its processes.
+
+    `guest_ejected`: the caller ran EJECT_SCRIPT in the guest just before
+    (saves ~5 s). Raises NotEnoughDisk before touching the VM when the disk
+    is short, SnapshotError (VM left running as it was) when saving fails.
+    Nothing half-written is left at `path`.
+    """
+    t0 = time.monotonic()
+    s = vm.spec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = (s.memory_mb << 20) + DISK_MARGIN
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise NotEnoughDisk(
+            f"not enough disk for a snapshot of {s.sandbox_id}: {path.parent} has "
+            f"{free >> 20} MiB free, a {s.memory_mb} MiB guest needs up to {need >> 20} MiB"
+        )
+    tmp = path.with_name(path.name + ".tmp")
+    await unplug_vsock(vm, guest_ejected=guest_ejected)
+    t_unplug = time.monotonic() - t0
+    c = await _qmp(vm)
+    async with c:
+        try:
+            await c.execute("stop")
+            st = await _migrate(c, f"exec:cat > {shlex.quote(str(tmp))}", timeout)
+            if st.get("status") != "completed":
+                raise SnapshotError(
+                    f"saving {s.sandbox_id} failed: {st.get('error-desc') or st.get('status')}"
+                )
+            await asyncio.to_thread(_fsync, tmp)
+            if not await asyncio.to_thread(_has_magic, tmp):
+                raise SnapshotError(f"saving {s.sandbox_id}: QEMU wrote no valid stream to {tmp}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            # Give the VM back as it was: running, with its vsock device.
+            with contextlib.suppress(QmpError, OSError):
+                await c.execute("cont")
+                await _replug_vsock(c, vm)
+            raise
+    size = (await asyncio.to_thread(os.stat, tmp)).st_size
+    os.replace(tmp, path)
+    await _kill(vm)
+    info = SnapshotInfo(
+        path=path,
+        size_bytes=size,
+        memory_mb=s.memory_mb,
+        vcpus=s.vcpus,
+        created_at=time.time(),
+        unplug_seconds=t_unplug,
+        save_seconds=time.monotonic() - t0,
+    )
+    mtmp = meta_path(path).with_suffix(".tmp")
+    mtmp.write_text(info.to_json())
+    os.replace(mtmp, meta_path(path))
+    await asyncio.to_thread(_fsync, path.parent)
+    return info
+
+
+# --- restore -----------------------------------------------------------------
+def read_info(path: Path) -> SnapshotInfo:
+    """The snapshot's metadata after basic integrity checks (exists, size, magic)."""
+    if not path.is_file():
+        raise SnapshotNotFound(f"no snapshot at {path}")
+    try:
+        d = json.loads(meta_path(path).read_text())
+        if d.pop("format", None) != FORMAT:
+            raise ValueError("unknown format")
+        info = SnapshotInfo(**{**d, "path": Path(d["path"])})
+    except FileNotFoundError:
+        raise SnapshotCorrupt(f"snapshot {path} has no metadata ({meta_path(path).name})") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise SnapshotCorrupt(f"snapshot metadata {meta_path(path)} is unreadable: {e}") from e
+    size = path.stat().st_size
+    if size != info.size_bytes:
+        raise SnapshotCorrupt(f"snapshot {path} is {size} bytes, {info.size_bytes} were written")
+    if not _has_magic(path):
+        raise SnapshotCorrupt(f"snapshot {path} is not a QEMU state stream")
+    return info
+
+
+async def restore(
+    vmm: QemuVmm,
+    spec: VmSpec,
+    path: Path,
+    *,
+    timeout: float = 600.0,  # noqa: ASYNC109
+) -> PciQemuVm:
+    """Starts the VM saved at `path` (same spec) and returns it running with a fresh vsock.
+
+    The run_dir (overlay disk) must be the one the VM was saved with. Raises
+    SnapshotNotFound, SnapshotCorrupt (bad file or spec mismatch; the VM's
+    files are kept, its new processes killed) or SnapshotError.
+    """
+    info = read_info(path)
+    if (info.memory_mb, info.vcpus) != (spec.memory_mb, spec.vcpus):
+        raise SnapshotCorrupt(
+            f"snapshot {path} is of a {info.vcpus}-vCPU {info.memory_mb} MiB VM, "
+            f"the spec asks for {spec.vcpus} vCPUs and {spec.memory_mb} MiB"
+        )
+    vm = PciQemuVm(vmm, spec, incoming=path)
+    try:
+        await _start_incoming(vm, timeout)
+        c = await _qmp(vm)
+        async with c:
+            await c.execute("cont")
+            await _replug_vsock(c, vm)
+    except BaseException as e:
+        err = _read_tail(spec.run_dir / VMM_ERR)
+        with contextlib.suppress(SnapshotError):
+            await _kill(vm)
+        if isinstance(e, SnapshotError | asyncio.CancelledError):
+            raise
+        if isinstance(e, VmError | QmpError):
+            raise SnapshotCorrupt(
+                f"restoring {spec.sandbox_id} from {path} failed: {e}\n{err}"
+            ) from e
+        raise
+    vm.incoming = None  # a later re-exec (e.g. by an operator) would boot normally
+    return vm
+
+
+async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC109
+    s = vm.spec
+    if not (s.run_dir / "ovl.qcow2").is_file():
+        raise SnapshotCorrupt(f"the VM's disk overlay in {s.run_dir} is gone; cannot restore")
+    vm._check_spec()
+    for sock in (VHU_SOCK, vm.vsock_uds.name, vm.qmp_sock.name):
+        (s.run_dir / sock).unlink(missing_ok=True)
+    vm._vsk_proc = vm._spawn("vhost-device-vsock", vm.vsock_argv(), "vsk.err", "vsk.pid")
+    await vm._wait_for(
+        lambda: (s.run_dir / VHU_SOCK).exists() and vm.vsock_uds.exists(),
+        vm._vsk_proc,
+        "vhost-device-vsock sockets",
+    )
+    vm._vmm_proc = vm._spawn("qemu", vm.qemu_argv(), VMM_ERR, "vmm.pid")
+    await vm._wait_for(vm.qmp_sock.exists, vm._vmm_proc, "the QMP socket")
+    end = time.monotonic() + timeout
+    c = await _qmp(vm)
+    async with c:
+        while True:
+            if not vm.is_alive():
+                raise SnapshotCorrupt(
+                    f"QEMU exited while loading snapshot {vm.incoming}: "
+                    f"{_read_tail(s.run_dir / VMM_ERR).strip()}"
+                )
+            try:
+                mig = await c.execute("query-migrate")
+                status = await c.execute("query-status")
+            except QmpError as e:
+                raise SnapshotCorrupt(f"QEMU failed loading snapshot {vm.incoming}: {e}") from e
+            if mig.get("status") == "failed":
+                raise SnapshotCorrupt(f"loading snapshot {vm.incoming} failed: {mig}")
+            if status.get("status") == "paused" and mig.get("status") == "completed":
+                return
+            if time.monotonic() > end:
+                raise SnapshotError(f"loading snapshot {vm.incoming} took over {timeout:.0f}s")
+            await asyncio.sleep(0.02)
