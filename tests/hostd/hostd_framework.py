@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,7 @@ class Hostd:
             "images_dir": str(IMAGES),
             "cgroup_root": self.cgroup_root,
             "metrics_interval_seconds": 1.0,
-            "create_deadline_seconds": 180.0,
+            "create_deadline_seconds": 360.0,
             "log_level": "info",
             **config,
         }
@@ -177,8 +178,8 @@ class Hostd:
 
     def md(
         self, sbx: pb.SandboxInfo | None = None, token: str | None = None
-    ) -> list[tuple[str, str]]:
-        out = []
+    ) -> tuple[tuple[str, str], ...]:
+        out: list[tuple[str, str]] = []
         if self.api_key:
             out.append(("authorization", f"Bearer {self.api_key}"))
         if sbx is not None:
@@ -186,11 +187,11 @@ class Hostd:
             tok = sbx.access_token if token is None else token
             if tok:
                 out.append(("x-moru-access-token", tok))
-        return out
+        return tuple(out)
 
     def create(self, **kw: Any) -> pb.SandboxInfo:
         info: pb.SandboxInfo = self.sandboxes.Create(
-            pb.CreateRequest(**kw), metadata=self.md(), timeout=120
+            pb.CreateRequest(**kw), metadata=self.md(), timeout=420
         )
         return info
 
@@ -204,7 +205,9 @@ class Hostd:
         req = process_pb2.StartRequest(
             config=process_pb2.ProcessConfig(shell=shell), timeout_seconds=timeout
         )
-        out, err, code = [], [], None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        code: int | None = None
         for ev in self.process.Start(req, metadata=self.md(sbx, token), timeout=timeout + 10):
             kind = ev.WhichOneof("event")
             if kind == "data":
@@ -265,6 +268,41 @@ class Hostd:
         return left
 
 
+class EventWatcher:
+    """Collects WatchEvents in a thread while the `with` block runs."""
+
+    def __init__(self, h: Hostd, sandbox_id: str = "") -> None:
+        self.events: list[pb.SandboxEvent] = []
+        self._call = h.sandboxes.WatchEvents(
+            pb.WatchEventsRequest(sandbox_id=sandbox_id), metadata=h.md()
+        )
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def _pump(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for ev in self._call:
+                self.events.append(ev)
+
+    def __enter__(self) -> EventWatcher:
+        self._thread.start()
+        time.sleep(0.2)  # the stream is subscribed before anything happens
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call.cancel()  # type: ignore[no-untyped-call]
+        self._thread.join(5)
+
+    def wait(self, sandbox_id: str, type_: int, timeout: float) -> pb.SandboxEvent:
+        def find() -> pb.SandboxEvent | None:
+            for ev in self.events:
+                if ev.sandbox_id == sandbox_id and ev.type == type_:
+                    return ev
+            return None
+
+        ev: pb.SandboxEvent = wait_for(find, timeout, what=f"event {type_} of {sandbox_id}")
+        return ev
+
+
 @contextlib.contextmanager
 def running_hostd(**kw: Any) -> Iterator[Hostd]:
     h = Hostd(**kw)
@@ -287,4 +325,4 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
-__all__ = ["Hostd", "guest_pb2", "pb", "running_hostd", "wait_for"]
+__all__ = ["EventWatcher", "Hostd", "guest_pb2", "pb", "running_hostd", "wait_for"]

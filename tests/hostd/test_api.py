@@ -29,7 +29,7 @@ def code_of(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-
     with pytest.raises(grpc.RpcError) as ei:
         fn(*args, **kw)
     err = ei.value
-    return err.code(), err.details()  # type: ignore[attr-defined]
+    return err.code(), str(err.details())
 
 
 def test_socket_is_root_only(h: Hostd) -> None:
@@ -140,7 +140,7 @@ def test_unknown_sandbox_is_not_found_everywhere(h: Hostd) -> None:
         got, msg = code_of(call, req, metadata=md)
         assert got == grpc.StatusCode.NOT_FOUND and UNKNOWN in msg
     got, _ = code_of(
-        h.process.List, process_pb2.ListRequest(), metadata=[*md, ("sandbox-id", UNKNOWN)]
+        h.process.List, process_pb2.ListRequest(), metadata=(*md, ("sandbox-id", UNKNOWN))
     )
     assert got == grpc.StatusCode.NOT_FOUND
     got, msg = code_of(h.process.List, process_pb2.ListRequest(), metadata=md)
@@ -149,7 +149,7 @@ def test_unknown_sandbox_is_not_found_everywhere(h: Hostd) -> None:
 
 def test_guest_service_is_not_exposed(h: Hostd) -> None:
     got, _ = code_of(
-        h.guest.Init, guest_pb2.InitRequest(), metadata=[*h.md(), ("sandbox-id", UNKNOWN)]
+        h.guest.Init, guest_pb2.InitRequest(), metadata=(*h.md(), ("sandbox-id", UNKNOWN))
     )
     assert got == grpc.StatusCode.UNIMPLEMENTED
 

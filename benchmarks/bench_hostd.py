@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""hostd benchmark: every figure next to its floor measured in the same run.
+
+1. Create -> first command latency vs a bare boot of the same image to
+   guestd-ready (the VMM driver alone: no cgroup, relay, Init or API). Target <= 1.2x.
+2. Command round trip through hostd's pass-through vs straight to guestd
+   (a relay of our own on the same VM's vsock socket). Target <= 1.5x.
+3. Host memory overhead per idle sandbox: the VMM's and vsock device's memory
+   beyond guest RAM (PSS without the memfd-backed guest memory) plus hostd's
+   own growth per sandbox. Target <= 40 MB.
+
+Usage: bench_hostd.py [--boots N] [--calls N] [--idle N]   (root; images built)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "hostd"))
+
+from hostd_framework import Hostd, pb  # noqa: E402
+
+from hostd.guest import TOKEN_HEADER, open_channel  # noqa: E402
+from hostd.vmm.base import VmSpec  # noqa: E402
+from hostd.vmm.qemu import QemuVmm  # noqa: E402
+from hostd.vsock import VsockRelay, wait_ready  # noqa: E402
+from images.manifest import load_manifest  # noqa: E402
+from moru_proto.guest.v1 import process_pb2, process_pb2_grpc  # noqa: E402
+
+
+def line(name: str, value: float, floor: float, unit: str, target: str) -> None:
+    ratio = value / floor if floor else float("inf")
+    print(f"{name:<44} {value:9.3f} {unit}   floor {floor:9.3f} {unit}", end="")
+    print(f"   ratio {ratio:5.2f}x  ({target})")
+
+
+async def bare_boot(template: str) -> float:
+    """Seconds from VMM start to guestd answering on vsock, nothing else."""
+    m = load_manifest(template)
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="mb"))
+    spec = VmSpec(
+        sandbox_id="sbx_bench", kernel=Path(m.kernel), initramfs=Path(m.initramfs),
+        rootfs=Path(m.rootfs), run_dir=d / "r", vcpus=m.defaults.vcpus,
+        memory_mb=m.defaults.memory_mb, disk_mb=m.defaults.disk_mb,
+        kernel_cmdline=m.kernel_cmdline + " moru.hostname=bench",
+    )  # fmt: skip
+    vm = QemuVmm().create(spec)
+    t0 = time.monotonic()
+    try:
+        await vm.start()
+        await wait_ready(vm.vsock_uds, m.guestd_port, time.monotonic() + 600, alive=vm.is_alive)
+        return time.monotonic() - t0
+    finally:
+        await vm.destroy()
+        os.rmdir(d)
+
+
+def create_to_first_command(h: Hostd, template: str) -> tuple[float, pb.SandboxInfo]:
+    t0 = time.monotonic()
+    s = h.create(template=template)
+    code, _, _ = h.run(s, "true")
+    assert code == 0
+    return time.monotonic() - t0, s
+
+
+def round_trips_via_hostd(h: Hostd, s: pb.SandboxInfo, n: int) -> tuple[float, float]:
+    """Median seconds of Process.List (unary) and Start("true") (stream) through hostd."""
+    md = h.md(s)
+    unary, stream = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        h.process.List(process_pb2.ListRequest(), metadata=md)
+        unary.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        h.run(s, "true")
+        stream.append(time.perf_counter() - t)
+    return statistics.median(unary), statistics.median(stream)
+
+
+async def round_trips_direct(vsock_uds: Path, token: str, n: int) -> tuple[float, float]:
+    """The same calls straight to guestd through our own relay on the VM's vsock socket."""
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="mb"))
+    relay = VsockRelay(d / "r.sock", vsock_uds, 50051)
+    await relay.start()
+    ch = open_channel(relay.target)
+    stub = process_pb2_grpc.ProcessStub(ch)
+    md = ((TOKEN_HEADER, token),)
+    req = process_pb2.StartRequest(config=process_pb2.ProcessConfig(shell="true"))
+    unary, stream = [], []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            await stub.List(process_pb2.ListRequest(), metadata=md)
+            unary.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            async for _ev in stub.Start(req, metadata=md):
+                pass
+            stream.append(time.perf_counter() - t)
+    finally:
+        await ch.close(None)
+        await relay.close()
+        os.rmdir(d)
+    return statistics.median(unary), statistics.median(stream)
+
+
+def smaps(pid: int) -> dict[str, int]:
+    out = {}
+    for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, v, *_ = ln.split()
+        out[k.rstrip(":")] = int(v) * 1024
+    return out
+
+
+def vm_overhead_bytes(h: Hostd, sid: str) -> int:
+    """PSS of the sandbox's processes minus the memfd (shmem) that is guest RAM."""
+    total = 0
+    for cg in h.sandbox_cgroups():
+        if cg.name == sid and cg.parent.parent.name == "pids":
+            for p in (cg / "cgroup.procs").read_text().split():
+                m = smaps(int(p))
+                total += m.get("Pss_Anon", 0) + m.get("Pss_File", 0)
+    return total
+
+
+def rss(pid: int) -> int:
+    for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1]) * 1024
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--template", default="base")
+    ap.add_argument("--boots", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--idle", type=int, default=2)
+    args = ap.parse_args()
+
+    h = Hostd(max_sandboxes=16, memory_budget_mb=16384)
+    h.network = {"enabled": False}
+    h.config["create_deadline_seconds"] = 600.0
+    h.start()
+    sandboxes: list[pb.SandboxInfo] = []
+    try:
+        # 1. Create -> first command vs bare boot, interleaved so load hits both alike.
+        floors, creates = [], []
+        for _ in range(args.boots):
+            floors.append(asyncio.run(bare_boot(args.template)))
+            dt, s = create_to_first_command(h, args.template)
+            creates.append(dt)
+            sandboxes.append(s)
+        print(f"# {args.boots} boots each; medians")
+        line("create -> first command (s)", statistics.median(creates),
+             statistics.median(floors), "s ", "target <= 1.2x")  # fmt: skip
+
+        # 2. Round trips through hostd vs straight to guestd, same VM.
+        s = sandboxes[0]
+        uds = h.state / "sandboxes" / s.sandbox_id / "v.sock"
+        hu, hs = round_trips_via_hostd(h, s, args.calls)
+        du, ds = asyncio.run(round_trips_direct(uds, s.access_token, args.calls))
+        line("unary round trip Process.List (ms)", hu * 1e3, du * 1e3, "ms", "target <= 1.5x")
+        line('command round trip run("true") (ms)', hs * 1e3, ds * 1e3, "ms", "target <= 1.5x")
+
+        # 3. Memory per idle sandbox.
+        assert h.proc is not None
+        for sb in sandboxes:
+            h.kill(sb.sandbox_id)
+        sandboxes.clear()
+        time.sleep(2)
+        hostd_empty = rss(h.proc.pid)
+        for _ in range(args.idle):
+            sandboxes.append(h.create(template=args.template))
+        time.sleep(5)  # settle: first metrics samples, idle guests
+        hostd_share = max(0, rss(h.proc.pid) - hostd_empty) / args.idle
+        vm = statistics.mean(vm_overhead_bytes(h, sb.sandbox_id) for sb in sandboxes)
+        per = (vm + hostd_share) / 2**20
+        print(f"{'host memory overhead per idle sandbox (MB)':<44} {per:9.1f} MB"
+              f"   (VMM+vsock device {vm / 2**20:.1f} MB, hostd share {hostd_share / 2**20:.1f} MB;"
+              f" guest RAM {load_manifest(args.template).defaults.memory_mb} MB not counted;"
+              " target <= 40 MB)")  # fmt: skip
+    finally:
+        left = h.close()
+    if left:
+        print("left behind:", left, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
