@@ -198,9 +198,15 @@ def test_guest_oom_is_an_event_and_a_counter(clean: ObsHostd) -> None:
     w = EventWatcher(h, sbx.sandbox_id)
     try:
         before = value(h.metrics(), "moru_oom_kills_total", source="guest") or 0
-        hog = "python3 -c 'a=[]\nwhile True: a.append(bytearray(16 << 20))'"
-        code, _, _ = h.run(sbx, hog, timeout=60)
-        assert code != 0  # killed by the guest's OOM killer (SIGKILL)
+        # A 64 MB memory cgroup inside the guest: its OOM kill is quick and certain
+        # (a whole-guest OOM first thrashes page cache for minutes under TCG).
+        hog = (
+            "cd /sys/fs/cgroup && echo +memory > cgroup.subtree_control && mkdir -p hog"
+            " && echo 64M > hog/memory.max && echo $$ > hog/cgroup.procs"
+            " && exec python3 -c 'a=[]\nwhile True: a.append(bytearray(8 << 20))'"
+        )
+        code, _, err = h.run(sbx, hog, timeout=60)
+        assert code == 128 + 9, (code, err)  # SIGKILLed by the guest's OOM killer
         wait_for(
             lambda: ("EVENT_TYPE_GUEST_OOM", "EVENT_REASON_OOM") in w.of(sbx.sandbox_id),
             15, 0.2, "the guest OOM event",
