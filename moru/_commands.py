@@ -191,14 +191,14 @@ class AsyncCommandHandle:
 
 
 async def _kill(target: GuestTarget, pid: int) -> bool:
-    from moru._errors import NotFoundException
+    from moru._errors import FailedPreconditionException, NotFoundException
 
     req = pb.SendSignalRequest(process=_selector(pid), signal=int(_signal.SIGKILL))
     try:
         with target.errors(f"killing process {pid}"):
             await target.process().SendSignal(req, metadata=target.metadata, timeout=target.timeout)
-    except NotFoundException:
-        return False
+    except (NotFoundException, FailedPreconditionException):
+        return False  # unknown, or ended already (guestd keeps ended ones for Connect)
     return True
 
 

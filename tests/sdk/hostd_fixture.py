@@ -103,7 +103,7 @@ def shared_sandbox(hostd: Hostd) -> Iterator[object]:
     """One sandbox for the tests that only need *a* running sandbox."""
     from moru import Sandbox
 
-    sbx = Sandbox.create(metadata={"suite": "sdk-shared"})
+    sbx = Sandbox.create(timeout=3 * 3600, metadata={"suite": "sdk-shared"})
     try:
         yield sbx
     finally:

@@ -185,8 +185,8 @@ def small_hostd() -> Iterator[Hostd]:
 def test_each_exception_from_a_real_failure(
     hostd: Hostd, shared_sandbox: Sandbox, small_hostd: Hostd
 ) -> None:
-    with pytest.raises(NotFoundException, match="sbx_does_not_exist"):
-        Sandbox.connect("sbx_does_not_exist")
+    with pytest.raises(NotFoundException, match="sbx_doesnotexist00000000"):
+        Sandbox.connect("sbx_doesnotexist00000000")
     with pytest.raises(NotFoundException):
         Sandbox.create("no-such-template")
     with pytest.raises(NotFoundException, match="/no/such/file"):
