@@ -1,0 +1,1 @@
+"""Processes: the table (manager), their output (output), fork/exec (spawn), gRPC (service)."""

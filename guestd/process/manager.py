@@ -1,0 +1,386 @@
+"""The process table: children that outlive the streams that started them.
+
+Output policy (the part users hurt on elsewhere):
+
+* Every process's output is read into its `OutputLog`, which keeps the newest
+  `buffer_bytes` of each stream. Start and Connect streams are cursors into
+  it; Connect replays what is still held, then follows live.
+* Backpressure: before reading a stream, guestd looks at the cursors attached
+  to the process. If at least one is attached and *every* one is so far behind
+  that the next read would push unread bytes out of the buffer, guestd stops
+  reading that pipe; the child then blocks in write(), exactly as with a plain
+  pipe. A single fast reader of 1 GB thus gets it all at full speed with
+  constant memory, and a single slow reader slows the child down instead of
+  losing output. When a fast and a slow reader are attached, the fast one sets
+  the pace and the slow one is told how many bytes it missed (OutputDropped).
+  With nobody attached guestd keeps reading (a detached process never blocks)
+  and keeps only the newest bytes, reporting the rest as dropped on replay.
+* End: once the child is reaped, guestd drains what is left in its pipes and
+  then ends the streams. Output a surviving grandchild writes later is not
+  waited for, so a command that starts a daemon still ends.
+* Ended processes stay in the table for Connect (bounded count and bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal as signals
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from guestd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
+from guestd.process.output import Cursor, OutputLog
+from guestd.process.spawn import Child, Spec, set_winsize, spawn
+
+READ_MAX = 256 * 1024
+DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
+
+
+@dataclass(frozen=True)
+class End:
+    exit_code: int
+    signal: int
+    exited: bool
+    timed_out: bool
+    status: str
+
+
+@dataclass(frozen=True)
+class Data:
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Dropped:
+    bytes_by_kind: dict[str, int]
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    pass
+
+
+Event = Data | Dropped | End | KeepAlive
+
+
+def _end_of(status: int, timed_out: bool) -> End:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signals.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return End(-1, sig, False, timed_out, f"signal: {name}")
+    code = os.waitstatus_to_exitcode(status)
+    return End(code, 0, True, timed_out, f"exit status {code}")
+
+
+class ManagedProcess:
+    """One child: its output log, readers, stdin, timeout and end."""
+
+    def __init__(self, child: Child, spec: Spec, buffer_bytes: int,
+                 on_end: Callable[[ManagedProcess], None]) -> None:
+        self.popen = child.popen
+        self.pid = child.popen.pid
+        self.spec = spec
+        self.tag = spec.tag
+        self.pty = spec.pty is not None
+        self.started_at = time.time()
+        self.end: End | None = None
+        self.log = OutputLog(tuple(child.fds), buffer_bytes)
+        self._capacity = buffer_bytes
+        self._read_size = max(4096, min(READ_MAX, buffer_bytes // 4))
+        self._fds = dict(child.fds)
+        self._paused: set[str] = set()
+        self._stdin_fd = child.stdin_fd
+        self._stdin_lock = asyncio.Lock()
+        self._followers: set[int] = set()
+        self._cursors: dict[int, Cursor] = {}
+        self._changed = asyncio.Event()
+        self._status: int | None = None
+        self._timed_out = False
+        self._on_end = on_end
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._pidfd = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._pidfd, self._on_exit)
+        for kind, fd in self._fds.items():
+            self._loop.add_reader(fd, self._on_readable, kind)
+        if spec.timeout > 0:
+            self._timer = self._loop.call_later(spec.timeout, self._on_timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
+
+    # -- output ------------------------------------------------------------
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    def _must_wait(self, kind: str) -> bool:
+        """True when every attached reader would lose bytes if we read more."""
+        if not self._cursors:
+            return False
+        limit = self._capacity - self._read_size
+        return all(self.log.unread(c, kind) > limit for c in self._cursors.values())
+
+    def _read_once(self, kind: str) -> bool:
+        """One read from `kind`; False when the pipe is empty or closed."""
+        fd = self._fds[kind]
+        try:
+            data = os.read(fd, self._read_size)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # EIO: the pty's other side is gone
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            self._close(kind)
+            return False
+        self.log.append(kind, data)
+        self._notify()
+        return True
+
+    def _on_readable(self, kind: str) -> None:
+        if self._must_wait(kind):
+            self._pause(kind)
+            return
+        self._read_once(kind)
+
+    def _pause(self, kind: str) -> None:
+        self._loop.remove_reader(self._fds[kind])
+        self._paused.add(kind)
+
+    def _drain(self, kind: str) -> None:
+        """After exit: read what the pipe holds, then close it."""
+        budget = DRAIN_AFTER_EXIT
+        while kind in self._fds and budget > 0:
+            if self._must_wait(kind):
+                self._pause(kind)
+                return
+            before = self.log.streams[kind].end
+            if not self._read_once(kind):
+                break
+            budget -= self.log.streams[kind].end - before
+        if kind in self._fds:
+            self._close(kind)
+        self._maybe_finish()
+
+    def _resume(self) -> None:
+        for kind in list(self._paused):
+            if self._must_wait(kind):
+                continue
+            self._paused.discard(kind)
+            if self.running:
+                self._loop.add_reader(self._fds[kind], self._on_readable, kind)
+            else:
+                self._drain(kind)
+
+    def _close(self, kind: str) -> None:
+        fd = self._fds.pop(kind)
+        self._loop.remove_reader(fd)
+        self._paused.discard(kind)
+        if fd == self._stdin_fd:  # the pty master is both
+            self._stdin_fd = None
+        os.close(fd)
+        self._maybe_finish()
+
+    # -- lifetime ----------------------------------------------------------
+
+    def _on_exit(self) -> None:
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._status = status
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        if self._timer is not None:
+            self._timer.cancel()
+        for kind in list(self._fds):
+            if kind not in self._paused:
+                self._drain(kind)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._status is None or self._fds or self.end is not None:
+            return
+        self.end = _end_of(self._status, self._timed_out)
+        if self._stdin_fd is not None:
+            os.close(self._stdin_fd)
+            self._stdin_fd = None
+        self._notify()
+        self._on_end(self)
+
+    def _on_timeout(self) -> None:
+        self._timed_out = True
+        self._kill_group(signals.SIGKILL)
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    # -- client operations -------------------------------------------------
+
+    async def follow(self, cursor: Cursor, keepalive: float) -> AsyncIterator[Event]:
+        """Events for one reader until the process ends (replay, then live)."""
+        key = id(cursor)
+        self._cursors[key] = cursor
+        try:
+            while True:
+                changed = self._changed
+                dropped, item = self.log.take(cursor)
+                if dropped:
+                    yield Dropped(dropped)
+                if item is not None:
+                    if self._paused:
+                        self._resume()
+                    yield Data(*item)
+                    continue
+                if self.end is not None:
+                    yield self.end
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), keepalive)
+                except TimeoutError:
+                    yield KeepAlive()
+        finally:
+            del self._cursors[key]
+            if self._paused:
+                self._resume()
+
+    def signal(self, sig: int) -> None:
+        if not self.running:
+            raise FailedPrecondition(f"pid {self.pid}: process has ended")
+        self._kill_group(sig)
+
+    async def write_input(self, data: bytes) -> None:
+        async with self._stdin_lock:
+            if self.end is not None:
+                raise FailedPrecondition(f"pid {self.pid}: process has ended")
+            if self._stdin_fd is None:
+                if self.spec.stdin or self.pty:
+                    raise FailedPrecondition(f"pid {self.pid}: stdin is closed")
+                raise FailedPrecondition(
+                    f"pid {self.pid}: process was started without stdin (set stdin=true)")
+            view = memoryview(data)
+            while view:
+                fd = self._stdin_fd
+                if fd is None:
+                    raise FailedPrecondition(f"pid {self.pid}: stdin is closed")
+                try:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    await self._writable(fd)
+                except BrokenPipeError:
+                    raise FailedPrecondition(
+                        f"pid {self.pid}: stdin was closed by the process") from None
+
+    async def _writable(self, fd: int) -> None:
+        fut = self._loop.create_future()
+        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self._loop.remove_writer(fd)
+
+    async def close_stdin(self) -> None:
+        if self.pty:  # a terminal has no separate stdin: send its EOF character
+            await self.write_input(b"\x04")
+            return
+        async with self._stdin_lock:
+            if self.end is not None:
+                raise FailedPrecondition(f"pid {self.pid}: process has ended")
+            if self._stdin_fd is None:
+                if not self.spec.stdin:
+                    raise FailedPrecondition(
+                        f"pid {self.pid}: process was started without stdin (set stdin=true)")
+                raise FailedPrecondition(f"pid {self.pid}: stdin is already closed")
+            os.close(self._stdin_fd)
+            self._stdin_fd = None
+
+    def resize(self, cols: int, rows: int) -> None:
+        if not self.pty:
+            raise FailedPrecondition(f"pid {self.pid}: process has no pty")
+        fd = self._fds.get("pty")
+        if fd is None or self.end is not None:
+            raise FailedPrecondition(f"pid {self.pid}: process has ended")
+        set_winsize(fd, cols, rows)
+
+    def kill(self) -> None:
+        if self.running:
+            self._kill_group(signals.SIGKILL)
+
+
+class ProcessManager:
+    """The table of processes, by pid; tags are unique among running ones."""
+
+    def __init__(self, init_env: Callable[[], dict[str, str]], *, buffer_bytes: int,
+                 keepalive: float, keep_ended: int = 128, max_running: int = 4096) -> None:
+        self.buffer_bytes = buffer_bytes
+        self.keepalive = keepalive
+        self._init_env = init_env
+        self._keep_ended = keep_ended
+        self._max_running = max_running
+        self._procs: dict[int, ManagedProcess] = {}
+        self._ended: OrderedDict[int, None] = OrderedDict()
+
+    def start(self, spec: Spec) -> ManagedProcess:
+        if spec.tag and any(p.running and p.tag == spec.tag for p in self._procs.values()):
+            raise AlreadyExists(f"tag: a running process already has tag {spec.tag!r}")
+        if sum(p.running for p in self._procs.values()) >= self._max_running:
+            raise ResourceExhausted(f"too many processes (limit {self._max_running})")
+        child = spawn(spec, self._init_env())
+        old = self._procs.pop(child.popen.pid, None)  # a kept ended entry whose pid was reused
+        if old is not None:
+            self._ended.pop(old.pid, None)
+        proc = ManagedProcess(child, spec, self.buffer_bytes, self._ended_cb)
+        self._procs[proc.pid] = proc
+        return proc
+
+    def _ended_cb(self, proc: ManagedProcess) -> None:
+        self._ended[proc.pid] = None
+        budget = 64 * 1024 * 1024
+        while len(self._ended) > self._keep_ended or (
+            len(self._ended) > 1
+            and sum(self._procs[p].log.held_bytes() for p in self._ended) > budget
+        ):
+            pid, _ = self._ended.popitem(last=False)
+            self._procs.pop(pid, None)
+
+    def get(self, pid: int = 0, tag: str = "") -> ManagedProcess:
+        if tag:
+            found = [p for p in self._procs.values() if p.tag == tag]
+            if not found:
+                raise NotFound(f"tag: no process with tag {tag!r}")
+            running = [p for p in found if p.running]
+            return running[0] if running else max(found, key=lambda p: p.started_at)
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise NotFound(f"pid: no process {pid}")
+        return proc
+
+    def list(self, include_ended: bool) -> list[ManagedProcess]:
+        return [p for p in self._procs.values() if include_ended or p.end is None]
+
+    def kill_all(self) -> None:
+        for proc in self._procs.values():
+            proc.kill()

@@ -1,0 +1,135 @@
+"""A process's kept output: one bounded buffer per stream, read by cursors.
+
+Each stream (stdout, stderr or pty) keeps at most `capacity` bytes: the newest
+ones. Chunks carry a process-wide sequence number, so a reader that merges the
+streams by sequence sees stdout and stderr in the order guestd read them.
+Only the newest chunk of the whole process grows in place (small writes are
+coalesced up to CHUNK_MAX), which keeps the chunk count bounded without
+breaking that order.
+
+A `Cursor` is one reader's position (Start or Connect stream). When the
+buffer trimmed bytes a cursor had not read yet, the cursor reports them as
+dropped before the next data: output is never lost silently.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+STDOUT, STDERR, PTY = "stdout", "stderr", "pty"
+CHUNK_MAX = 256 * 1024
+
+
+@dataclass(eq=False)
+class _Chunk:
+    seq: int
+    start: int  # offset of data[0] within its stream
+    data: bytearray
+
+
+class StreamBuffer:
+    """The newest `capacity` bytes of one output stream."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.chunks: deque[_Chunk] = deque()
+        self.first = 0  # absolute index of chunks[0]
+        self.size = 0  # bytes held
+        self.end = 0  # bytes ever written
+        self.trimmed = 0  # bytes ever dropped (== offset of the first held byte)
+
+    def append(self, seq: int, data: bytes, grow_last: bool) -> None:
+        if grow_last and self.chunks and len(self.chunks[-1].data) + len(data) <= CHUNK_MAX:
+            self.chunks[-1].data += data
+        else:
+            self.chunks.append(_Chunk(seq, self.end, bytearray(data)))
+        self.size += len(data)
+        self.end += len(data)
+        while self.size > self.capacity and len(self.chunks) > 1:
+            old = self.chunks.popleft()
+            self.first += 1
+            self.size -= len(old.data)
+            self.trimmed += len(old.data)
+        if self.size > self.capacity:  # one chunk bigger than the whole buffer
+            only = self.chunks[0]
+            cut = self.size - self.capacity
+            del only.data[:cut]
+            only.start += cut
+            self.size -= cut
+            self.trimmed += cut
+
+
+@dataclass
+class Cursor:
+    """One reader's position in every stream: (chunk index, offset in chunk)."""
+
+    index: dict[str, int] = field(default_factory=dict)
+    offset: dict[str, int] = field(default_factory=dict)  # absolute stream offset
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class OutputLog:
+    """All streams of one process plus the sequence counter that orders them."""
+
+    def __init__(self, kinds: tuple[str, ...], capacity: int) -> None:
+        self.streams = {k: StreamBuffer(capacity) for k in kinds}
+        self._seq = 0
+        self._last_kind = ""
+
+    def append(self, kind: str, data: bytes) -> None:
+        grow = self._last_kind == kind
+        if not grow:
+            self._seq += 1
+            self._last_kind = kind
+        self.streams[kind].append(self._seq, data, grow)
+
+    def held_bytes(self) -> int:
+        return sum(s.size for s in self.streams.values())
+
+    def new_cursor(self, live_only: bool = False) -> Cursor:
+        cur = Cursor()
+        for kind, s in self.streams.items():
+            if live_only:
+                cur.index[kind], cur.offset[kind] = s.first + len(s.chunks), s.end
+                # A still-growing last chunk: start after what it holds now.
+                if s.chunks:
+                    cur.index[kind] -= 1
+            else:
+                cur.index[kind], cur.offset[kind] = 0, 0
+            cur.dropped[kind] = 0
+        return cur
+
+    def unread(self, cur: Cursor, kind: str) -> int:
+        return self.streams[kind].end - cur.offset[kind]
+
+    def take(self, cur: Cursor) -> tuple[dict[str, int], tuple[str, bytes] | None]:
+        """Next data for `cur`: (newly dropped bytes per stream, (kind, data) or None)."""
+        dropped: dict[str, int] = {}
+        best: tuple[int, str] | None = None
+        for kind, s in self.streams.items():
+            if cur.offset[kind] < s.trimmed:
+                dropped[kind] = s.trimmed - cur.offset[kind]
+                cur.offset[kind] = s.trimmed
+                cur.index[kind] = s.first
+            if cur.index[kind] < s.first:
+                cur.index[kind] = s.first
+            i = cur.index[kind] - s.first
+            while i < len(s.chunks):
+                ch = s.chunks[i]
+                if cur.offset[kind] < ch.start + len(ch.data):
+                    if best is None or ch.seq < best[0]:
+                        best = (ch.seq, kind)
+                    break
+                if i + 1 == len(s.chunks):
+                    break  # stay on the newest chunk: it may still grow
+                i += 1
+            cur.index[kind] = s.first + i
+        if best is None:
+            return dropped, None
+        kind = best[1]
+        s = self.streams[kind]
+        ch = s.chunks[cur.index[kind] - s.first]
+        data = bytes(ch.data[cur.offset[kind] - ch.start :])
+        cur.offset[kind] += len(data)
+        return dropped, (kind, data)

@@ -1,0 +1,159 @@
+"""The Process gRPC servicer: converts messages and calls the manager, nothing more."""
+
+from __future__ import annotations
+
+import math
+import signal as signals
+from collections.abc import AsyncIterator
+
+import grpc
+
+from guestd.errors import InvalidArgument
+from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
+from guestd.process.spawn import Spec
+from moru_proto.guest.v1 import process_pb2 as pb
+from moru_proto.guest.v1 import process_pb2_grpc
+
+MAX_PTY_SIDE = 10_000
+
+
+def _pty_size(size: pb.PtySize, field: str) -> tuple[int, int]:
+    if not 0 < size.cols <= MAX_PTY_SIDE or not 0 < size.rows <= MAX_PTY_SIDE:
+        raise InvalidArgument(
+            f"{field}: cols and rows must be 1..{MAX_PTY_SIDE}, got {size.cols}x{size.rows}")
+    return size.cols, size.rows
+
+
+def spec_of(req: pb.StartRequest) -> Spec:
+    cfg = req.config
+    if cfg.argv and cfg.shell:
+        raise InvalidArgument("config: set either argv or shell, not both")
+    if not cfg.shell and not (cfg.argv and cfg.argv[0]):
+        raise InvalidArgument("config: argv or shell is required (command is empty)")
+    if cfg.cwd and not cfg.cwd.startswith("/"):
+        raise InvalidArgument(f"config.cwd: must be an absolute path, got {cfg.cwd!r}")
+    if req.timeout_seconds < 0 or not math.isfinite(req.timeout_seconds):
+        raise InvalidArgument(f"timeout_seconds: must be >= 0, got {req.timeout_seconds}")
+    return Spec(
+        argv=list(cfg.argv), shell=cfg.shell, env=dict(cfg.env), cwd=cfg.cwd, user=cfg.user,
+        pty=_pty_size(req.pty, "pty") if req.HasField("pty") else None,
+        stdin=req.stdin, timeout=req.timeout_seconds, tag=req.tag,
+    )
+
+
+def parse_signal(number: int, name: str) -> int:
+    if name:
+        key = name.strip().upper()
+        if key.isdigit():
+            return parse_signal(int(key), "")
+        if not key.startswith("SIG"):
+            key = "SIG" + key
+        try:
+            return int(signals.Signals[key])
+        except KeyError:
+            raise InvalidArgument(f"signal_name: unknown signal {name!r}") from None
+    if number == 0:
+        raise InvalidArgument("signal: a signal number or signal_name is required")
+    if number not in {int(s) for s in signals.valid_signals()}:
+        raise InvalidArgument(f"signal: unknown signal number {number}")
+    return number
+
+
+def end_pb(end: End) -> pb.EndEvent:
+    return pb.EndEvent(exit_code=end.exit_code, signal=end.signal, exited=end.exited,
+                       timed_out=end.timed_out, status=end.status)
+
+
+def event_pb(ev: Event) -> pb.ProcessEvent:
+    if isinstance(ev, Data):
+        return pb.ProcessEvent(data=pb.DataEvent(**{ev.kind: ev.data}))
+    if isinstance(ev, Dropped):
+        b = ev.bytes_by_kind
+        return pb.ProcessEvent(dropped=pb.OutputDropped(
+            stdout_bytes=b.get("stdout", 0), stderr_bytes=b.get("stderr", 0),
+            pty_bytes=b.get("pty", 0)))
+    if isinstance(ev, End):
+        return pb.ProcessEvent(end=end_pb(ev))
+    return pb.ProcessEvent(keepalive=pb.KeepAlive())
+
+
+def info_pb(p: ManagedProcess) -> pb.ProcessInfo:
+    s = p.spec
+    cfg = pb.ProcessConfig(argv=s.argv, shell=s.shell, env=s.env, cwd=s.cwd, user=s.user)
+    info = pb.ProcessInfo(pid=p.pid, tag=p.tag, config=cfg, pty=p.pty, running=p.end is None,
+                          started_at_unix=p.started_at)
+    if p.end is not None:
+        info.end.CopyFrom(end_pb(p.end))
+    return info
+
+
+class ProcessService(process_pb2_grpc.ProcessServicer):
+    def __init__(self, manager: ProcessManager) -> None:
+        self.m = manager
+
+    def _get(self, sel: pb.ProcessSelector) -> ManagedProcess:
+        which = sel.WhichOneof("selector")
+        if which is None:
+            raise InvalidArgument("process: a pid or tag selector is required")
+        return self.m.get(pid=sel.pid, tag=sel.tag) if which == "pid" else self.m.get(tag=sel.tag)
+
+    async def _stream(self, proc: ManagedProcess, live_only: bool) -> AsyncIterator[pb.ProcessEvent]:
+        yield pb.ProcessEvent(start=pb.StartEvent(pid=proc.pid, tag=proc.tag))
+        cursor = proc.log.new_cursor(live_only)
+        async for ev in proc.follow(cursor, self.m.keepalive):
+            yield event_pb(ev)
+
+    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext,
+                    ) -> AsyncIterator[pb.ProcessEvent]:  # type: ignore[override]
+        proc = self.m.start(spec_of(request))
+        async for ev in self._stream(proc, False):
+            yield ev
+
+    async def Connect(self, request: pb.ConnectRequest, context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[pb.ProcessEvent]:  # type: ignore[override]
+        proc = self._get(request.process)
+        async for ev in self._stream(proc, request.live_only):
+            yield ev
+
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext,
+                   ) -> pb.ListResponse:
+        return pb.ListResponse(processes=[info_pb(p) for p in self.m.list(request.include_ended)])
+
+    async def SendInput(self, request: pb.SendInputRequest, context: grpc.aio.ServicerContext,
+                        ) -> pb.SendInputResponse:
+        await self._get(request.process).write_input(request.data)
+        return pb.SendInputResponse()
+
+    async def StreamInput(self, request_iterator: AsyncIterator[pb.StreamInputRequest],
+                          context: grpc.aio.ServicerContext) -> pb.StreamInputResponse:
+        proc: ManagedProcess | None = None
+        written = 0
+        async for req in request_iterator:
+            if proc is None:
+                proc = self._get(req.process)
+            if req.data:
+                await proc.write_input(req.data)
+                written += len(req.data)
+            if req.close:
+                await proc.close_stdin()
+                break
+        if proc is None:
+            raise InvalidArgument("process: the first message must carry a pid or tag")
+        return pb.StreamInputResponse(bytes_written=written)
+
+    async def CloseStdin(self, request: pb.CloseStdinRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.CloseStdinResponse:
+        await self._get(request.process).close_stdin()
+        return pb.CloseStdinResponse()
+
+    async def SendSignal(self, request: pb.SendSignalRequest, context: grpc.aio.ServicerContext,
+                         ) -> pb.SendSignalResponse:
+        proc = self._get(request.process)
+        proc.signal(parse_signal(request.signal, request.signal_name))
+        return pb.SendSignalResponse()
+
+    async def Resize(self, request: pb.ResizeRequest, context: grpc.aio.ServicerContext,
+                     ) -> pb.ResizeResponse:
+        proc = self._get(request.process)
+        proc.resize(*_pty_size(request.size, "size"))
+        return pb.ResizeResponse()

@@ -1,0 +1,174 @@
+"""Turns a validated process spec into a running child: user, env, cwd, pipes or pty.
+
+Kept apart from the manager so the fork/exec details (process group, user
+switch, controlling terminal) are in one small place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import shutil
+import struct
+import subprocess
+import termios
+from dataclasses import dataclass, field
+
+from guestd.errors import InvalidArgument, NotFound, path_error
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PIPE_SIZE = 1024 * 1024
+
+
+@dataclass
+class Spec:
+    """What to run; built from a StartRequest by the service."""
+
+    argv: list[str] = field(default_factory=list)
+    shell: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    user: str = ""
+    pty: tuple[int, int] | None = None  # (cols, rows)
+    stdin: bool = False
+    timeout: float = 0.0
+    tag: str = ""
+
+
+@dataclass
+class Child:
+    """A started child and guestd's ends of its stdio."""
+
+    popen: subprocess.Popen[bytes]
+    fds: dict[str, int]  # kind -> readable fd (non-blocking)
+    stdin_fd: int | None  # writable fd (the pty master for pty processes)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: list[int]
+
+
+def resolve_user(user: str) -> User:
+    """A user name or numeric uid -> its passwd entry (root when empty)."""
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user or "root")
+    except KeyError:
+        raise NotFound(f"user: no such user {user!r}") from None
+    try:
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except OSError:
+        groups = [pw.pw_gid]
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh", groups)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def build_env(user: User, init_env: dict[str, str], env: dict[str, str]) -> dict[str, str]:
+    """Image env (guestd's own) < the user's passwd defaults < Init env < process env."""
+    out = dict(os.environ)
+    out.setdefault("PATH", DEFAULT_PATH)
+    out.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
+    out.update(init_env)
+    out.update(env)
+    return out
+
+
+def command_line(spec: Spec) -> list[str]:
+    if spec.shell:
+        bash = "/bin/bash"
+        if os.access(bash, os.X_OK):
+            return [bash, "-l", "-c", spec.shell]
+        return ["/bin/sh", "-c", spec.shell]
+    return list(spec.argv)
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # bigger pipes: fewer wakeups per byte
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    os.set_blocking(r, False)
+    return r, w
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_ctty() -> None:  # runs in the child between fork and exec
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
+    """Starts the child in its own session (and so process group)."""
+    user = resolve_user(spec.user)
+    cwd = spec.cwd or (user.home if os.path.isdir(user.home) else "/")
+    if not os.path.isdir(cwd):
+        if os.path.exists(cwd):
+            raise InvalidArgument(f"cwd: {cwd} is not a directory")
+        raise NotFound(f"cwd: no such directory {cwd}")
+    env = build_env(user, init_env, spec.env)
+    argv = command_line(spec)
+    if not spec.shell and "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
+        raise NotFound(f"argv[0]: command not found: {argv[0]!r}")
+    as_other = user.uid != os.getuid()
+    creds: dict[str, object] = {}
+    if as_other:
+        creds = {"user": user.uid, "group": user.gid, "extra_groups": user.groups}
+    mine: list[int] = []  # guestd's ends, closed on failure
+    theirs: list[int] = []  # the child's ends, always closed in guestd after spawn
+    try:
+        if spec.pty is not None:
+            master, slave = os.openpty()
+            mine.append(master)
+            theirs.append(slave)
+            set_winsize(master, *spec.pty)
+            if as_other:
+                os.fchown(slave, user.uid, -1)
+            os.set_blocking(master, False)
+            popen = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                start_new_session=True, preexec_fn=_take_ctty, **creds,  # type: ignore[arg-type]
+            )
+            return Child(popen, {"pty": master}, master)
+        out_r, out_w = _pipe()
+        err_r, err_w = _pipe()
+        mine += [out_r, err_r]
+        theirs += [out_w, err_w]
+        stdin: int = subprocess.DEVNULL
+        in_w: int | None = None
+        if spec.stdin:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            mine.append(in_w)
+            theirs.append(in_r)
+            os.set_blocking(in_w, False)
+            stdin = in_r
+        popen = subprocess.Popen(
+            argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
+            start_new_session=True, **creds,  # type: ignore[arg-type]
+        )
+        return Child(popen, {"stdout": out_r, "stderr": err_r}, in_w)
+    except OSError as exc:
+        for fd in mine:
+            os.close(fd)
+        raise path_error(exc, f"argv[0] {argv[0]!r}") from None
+    except BaseException:
+        for fd in mine:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)

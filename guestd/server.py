@@ -1,0 +1,219 @@
+"""guestd's gRPC server: listen addresses, the edge interceptor, startup and stop.
+
+The edge interceptor is the one place where (a) the access token from
+Guest.Init is enforced and (b) guestd's errors (`guestd.errors`) become gRPC
+statuses; servicers just raise. Unexpected exceptions are logged with their
+traceback here and reach the client as INTERNAL with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from guestd.errors import status_of
+from guestd.files import FilesystemService
+from guestd.guest import GuestService
+from guestd.metrics import Metrics
+from guestd.process.manager import ProcessManager
+from guestd.process.service import ProcessService
+from guestd.state import GuestState
+from guestd.vsock import serve_relay, vsock_listener
+from moru_proto.guest.v1 import filesystem_pb2_grpc, guest_pb2_grpc, process_pb2_grpc
+
+log = logging.getLogger("guestd")
+TOKEN_HEADER = "x-moru-access-token"
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # hostd pings every 30 s on idle channels; allow it rather than GOAWAY.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: list[str]
+    guest_mode: bool = False
+    output_buffer_bytes: int = 1024 * 1024
+    keepalive_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # unix | tcp | vsock
+    grpc_target: str  # what grpc's add_insecure_port gets (unix/tcp)
+    port: int = 0
+    cid: int = socket.VMADDR_CID_ANY if hasattr(socket, "VMADDR_CID_ANY") else -1
+
+
+def parse_listen(addr: str) -> Address:
+    """`unix:PATH`, `tcp:HOST:PORT` or `vsock:PORT` (also `vsock:CID:PORT`)."""
+    scheme, _, rest = addr.partition(":")
+    if scheme == "unix" and rest.startswith("/"):
+        return Address("unix", f"unix:{rest}")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return Address("tcp", f"{host}:{port}", int(port))
+    if scheme == "vsock":
+        parts = rest.split(":")
+        if all(p.isdigit() for p in parts) and 1 <= len(parts) <= 2:
+            if len(parts) == 2:
+                return Address("vsock", "", int(parts[1]), int(parts[0]))
+            return Address("vsock", "", int(parts[0]))
+    raise ValueError(f"--listen: expected unix:/PATH, tcp:HOST:PORT or vsock:PORT, got {addr!r}")
+
+
+def _md_token(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
+        if key == TOKEN_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Token check and error mapping around every handler."""
+
+    def __init__(self, state: GuestState) -> None:
+        self.state = state
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        token = self.state.access_token
+        denied = bool(token) and not hmac.compare_digest(
+            _md_token(handler_call_details).encode(), token.encode())
+        return _wrap(handler, denied)
+
+
+async def _fail(ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, msg = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    await ctx.abort(code, msg)
+
+
+async def _deny(ctx: grpc.aio.ServicerContext) -> None:
+    await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
+                    f"{TOKEN_HEADER}: missing or wrong access token")
+
+
+def _wrap(h: grpc.RpcMethodHandler, denied: bool) -> grpc.RpcMethodHandler:
+    ser: dict[str, Any] = {"request_deserializer": h.request_deserializer,
+                           "response_serializer": h.response_serializer}
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+    if h.unary_unary or h.stream_unary:
+        fn = h.unary_unary or h.stream_unary
+
+        async def unary(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            if denied:
+                await _deny(ctx)
+            try:
+                return await fn(req, ctx)
+            except passthrough:
+                raise
+            except Exception as exc:
+                await _fail(ctx, exc)
+
+        make = (grpc.unary_unary_rpc_method_handler if h.unary_unary
+                else grpc.stream_unary_rpc_method_handler)
+        return make(unary, **ser)
+    sfn = h.unary_stream or h.stream_stream
+
+    async def stream(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if denied:
+            await _deny(ctx)
+        try:
+            async for item in sfn(req, ctx):
+                yield item
+        except passthrough:
+            raise
+        except Exception as exc:
+            await _fail(ctx, exc)
+
+    make_s = (grpc.unary_stream_rpc_method_handler if h.unary_stream
+              else grpc.stream_stream_rpc_method_handler)
+    return make_s(stream, **ser)
+
+
+class Guestd:
+    """The running daemon: state, services and server (one per process)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = GuestState(guest_mode=cfg.guest_mode)
+        self.manager = ProcessManager(lambda: self.state.env,
+                                      buffer_bytes=cfg.output_buffer_bytes,
+                                      keepalive=cfg.keepalive_seconds)
+        self.server = grpc.aio.server(interceptors=[EdgeInterceptor(self.state)],
+                                      options=SERVER_OPTIONS)
+        process_pb2_grpc.add_ProcessServicer_to_server(ProcessService(self.manager), self.server)
+        filesystem_pb2_grpc.add_FilesystemServicer_to_server(
+            FilesystemService(cfg.keepalive_seconds), self.server)
+        guest_pb2_grpc.add_GuestServicer_to_server(GuestService(self.state, Metrics()),
+                                                   self.server)
+        self._relays: list[asyncio.Task[None]] = []
+        self._tmpdir: str | None = None
+
+    def _bind(self, addr: Address) -> None:
+        if addr.kind == "vsock":
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="guestd-")
+            inner = os.path.join(self._tmpdir, f"vsock-{addr.port}.sock")
+            self.server.add_insecure_port(f"unix:{inner}")
+            listener = vsock_listener(addr.port, addr.cid)
+            self._relays.append(asyncio.create_task(serve_relay(listener, inner)))
+            return
+        if addr.kind == "unix":
+            path = addr.grpc_target[len("unix:"):]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        self.server.add_insecure_port(addr.grpc_target)
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for a in self.cfg.listen:
+            self._bind(parse_listen(a))
+        await self.server.start()
+        log.info("guestd listening on %s", ", ".join(self.cfg.listen))
+        try:
+            await stop.wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for t in self._relays:
+            t.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+        await self.server.stop(grace=1.0)
+        if not self.cfg.guest_mode:
+            self.manager.kill_all()  # on a dev host, leave no children behind
+        if self._tmpdir:
+            with contextlib.suppress(OSError):
+                for name in os.listdir(self._tmpdir):
+                    os.unlink(os.path.join(self._tmpdir, name))
+                os.rmdir(self._tmpdir)
