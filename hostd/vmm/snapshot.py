@@ -177,7 +177,13 @@ async def _wait_gone(c: QmpClient, dev: str, timeout: float) -> bool:  # noqa: A
     return True
 
 
-async def unplug_vsock(vm: QemuVm, *, guest_ejected: bool, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+async def unplug_vsock(
+    vm: QemuVm,
+    *,
+    guest_ejected: bool,
+    timeout: float = 20.0,  # noqa: ASYNC109
+    eject_wait: float = 15.0,
+) -> None:
     """Removes the vsock device; quick if the guest ran EJECT_SCRIPT, else ~5 s (pciehp)."""
     c = await _qmp(vm)
     async with c:
@@ -188,7 +194,10 @@ async def unplug_vsock(vm: QemuVm, *, guest_ejected: bool, timeout: float = 20.0
                 f"VM {vm.spec.sandbox_id} has no PCI vsock device {VSOCK_DEV!r}: "
                 "it was not started for pause to disk (PciQemuVm)"
             )
-        if guest_ejected and await _wait_gone(c, VSOCK_DEV, 3.0):
+        # A device_del while the guest is already powering the slot off would
+        # leave the guest's pciehp mid-way (and ignoring the re-plug after
+        # restore): give a loaded guest time before falling back to it.
+        if guest_ejected and await _wait_gone(c, VSOCK_DEV, eject_wait):
             return
         with contextlib.suppress(QmpError):  # already being removed
             await c.execute("device_del", {"id": VSOCK_DEV})
@@ -429,3 +438,46 @@ async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC
             if time.monotonic() > end:
                 raise SnapshotError(f"loading snapshot {vm.incoming} took over {timeout:.0f}s")
             await asyncio.sleep(0.02)
+
+
+# --- create from a ready snapshot ---------------------------------------------
+READY_SNAPSHOT = "mem.snap"
+READY_OVERLAY = "ovl.qcow2"
+
+
+async def save_ready(vm: QemuVm, dest: Path, *, guest_ejected: bool = False) -> SnapshotInfo:
+    """Saves a booted VM whose guestd waits for Init as a template's ready snapshot.
+
+    dest gets `mem.snap` (+ .json) and the VM's disk overlay; the VM is gone
+    afterwards and its run_dir is left to the caller to remove.
+    """
+    info = await save(vm, dest / READY_SNAPSHOT, guest_ejected=guest_ejected)
+    tmp = dest / (READY_OVERLAY + ".tmp")
+    await asyncio.to_thread(shutil.copyfile, vm.spec.run_dir / READY_OVERLAY, tmp)
+    os.replace(tmp, dest / READY_OVERLAY)
+    return info
+
+
+async def restore_ready(
+    vmm: QemuVmm,
+    spec: VmSpec,
+    ready: Path,
+    *,
+    timeout: float = 600.0,  # noqa: ASYNC109
+) -> PciQemuVm:
+    """A new VM (spec.run_dir is its own) started from the ready snapshot in `ready`.
+
+    The snapshot file is only read, so many sandboxes can start from it at
+    once; each gets a copy of the snapshot's overlay (small: the template's
+    rootfs stays the shared backing file). The caller then sends Guest.Init
+    with the sandbox's identity, env, fresh entropy and the wall clock.
+    spec.kernel_cmdline does not reach the guest (it booted long ago).
+    """
+    snap = ready / READY_SNAPSHOT
+    read_info(snap)
+    overlay = ready / READY_OVERLAY
+    if not overlay.is_file():
+        raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(shutil.copyfile, overlay, spec.run_dir / READY_OVERLAY)
+    return await restore(vmm, spec, snap, timeout=timeout)
