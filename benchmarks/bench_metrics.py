@@ -55,11 +55,13 @@ def timed_get(url: str, headers: dict[str, str] | None = None) -> tuple[float, b
 
 
 def scrape_stats(base: str, n: int) -> dict[str, float]:
-    times, gz_times = [], []
+    times, gz_times, render = [], [], []
     body = gz = b""
     for _ in range(n):
         dt, body = timed_get(f"{base}/metrics")
         times.append(dt)
+        # hostd's own render time of the previous scrape (event-loop time)
+        render.append(parse(body).get(("moru_metrics_render_seconds", ()), 0.0))
         dt, gz = timed_get(f"{base}/metrics", {"Accept-Encoding": "gzip"})
         gz_times.append(dt)
     hz = [timed_get(f"{base}/healthz")[0] for _ in range(n)]
@@ -67,6 +69,7 @@ def scrape_stats(base: str, n: int) -> dict[str, float]:
     assert gzip.decompress(gz)
     return {
         "scrape_ms": statistics.median(times) * 1e3,
+        "render_ms": statistics.median(render[1:] or render) * 1e3,
         "scrape_gzip_ms": statistics.median(gz_times) * 1e3,
         "healthz_ms": statistics.median(hz) * 1e3,
         "bytes": float(len(body)),
@@ -127,6 +130,7 @@ def main() -> int:
 
         print(f"\n/metrics with {n} sandboxes (median of {a.scrapes}; floor = idle node)")
         row("scrape time", busy["scrape_ms"], idle["scrape_ms"], "ms")
+        row("render time on hostd's loop", busy["render_ms"], idle["render_ms"], "ms")
         row("scrape time vs /healthz (HTTP floor)", busy["scrape_ms"], busy["healthz_ms"], "ms")
         row("scrape time, gzip", busy["scrape_gzip_ms"], idle["scrape_gzip_ms"], "ms")
         row("size", busy["bytes"] / 1024, idle["bytes"] / 1024, "KiB")

@@ -136,7 +136,7 @@ class Observability:
         self.console.prime()
         async with contextlib.AsyncExitStack() as stack:
             if listen:
-                self.http = MetricsServer(self.registry, self.readiness)
+                self.http = MetricsServer(self.registry, self.readiness, self.metrics.render.set)
                 await stack.enter_async_context(self.http.serving(listen))
             task = asyncio.create_task(self.console.run(self.console_interval))
             self._serving = True

@@ -20,6 +20,7 @@ import contextlib
 import gzip
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -54,9 +55,15 @@ def parse_listen(addr: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    def __init__(self, registry: CollectorRegistry, readiness: ReadinessProbe) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: ReadinessProbe,
+        on_render: Callable[[float], None] | None = None,
+    ) -> None:
         self._registry = registry
         self._readiness = readiness
+        self._on_render = on_render
         self._server: asyncio.Server | None = None
 
     @property
@@ -122,7 +129,10 @@ class MetricsServer:
         path = target.split("?", 1)[0]
         if path == "/metrics":
             encoder, ctype = choose_encoder(headers.get("accept", ""))
-            body = encoder(self._registry)
+            t0 = time.perf_counter()
+            body = encoder(self._registry)  # on the loop: this is how long it blocks
+            if self._on_render is not None:
+                self._on_render(time.perf_counter() - t0)
             extra = []
             if len(body) >= GZIP_MIN and "gzip" in headers.get("accept-encoding", ""):
                 body = gzip.compress(body, compresslevel=1)

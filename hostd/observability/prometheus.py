@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -213,6 +213,11 @@ class Metrics:
         self.guestd_restarts = Counter(
             f"{PREFIX}_guestd_restarts",
             "guestd restarts inside guests (the guest init's console line)",
+            registry=r,
+        )
+        self.render = Gauge(
+            f"{PREFIX}_metrics_render_seconds",
+            "Time hostd's event loop spent rendering the previous /metrics answer",
             registry=r,
         )
         for op in LIFECYCLE_OPS:

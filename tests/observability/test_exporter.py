@@ -77,6 +77,8 @@ def test_per_sandbox_series_and_they_vanish_on_kill(root: Path) -> None:
             assert any(dict(k)["sandbox_id"] == sid(2) for k in labels), name
         assert value(m, "moru_sandboxes", state="running") == 1
         assert value(m, "moru_capacity_sandboxes_left") == 7
+        # The previous scrape's render time on the loop is reported.
+        assert 0 < (value(m, "moru_metrics_render_seconds") or 0) < 1
 
     serve(mgr, body)
 
