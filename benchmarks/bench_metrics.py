@@ -110,13 +110,17 @@ def main() -> int:
         idle = scrape_stats(base, a.scrapes)
 
         t_create = time.monotonic()
-        for i in range(a.sandboxes):
+        failures = 0
+        while len(made) < a.sandboxes and failures < 3:
             try:
                 sbx = h.create(template="base", memory_mb=a.memory_mb, vcpus=1)
             except grpc.RpcError as e:
-                print(f"create {i + 1} failed ({e.code().name}: {e.details()}); going on with {i}")
-                break
+                failures += 1
+                why = (e.details() or "").splitlines()[0]
+                print(f"  create failed ({e.code().name}: {why}); {failures} of 3 failures")
+                continue
             made.append(sbx.sandbox_id)
+            i = len(made) - 1
             print(f"  created {i + 1}/{a.sandboxes} ({time.monotonic() - t_create:.0f} s)",
                   flush=True)  # fmt: skip
         n = len(made)

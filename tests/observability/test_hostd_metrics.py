@@ -103,6 +103,8 @@ def test_series_move_under_load_and_vanish_after_kill(clean: ObsHostd) -> None:
     def burn() -> None:
         try:
             h.run(sbx, "timeout 12 sh -c 'while :; do :; done'; true", timeout=40)
+        except grpc.RpcError:
+            pass  # the test failed and closed the channel; its assertion says why
         finally:
             done.set()
 
