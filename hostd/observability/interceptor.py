@@ -30,8 +30,8 @@ Observer = Callable[[str, str, float], None]
 
 def _code_of(context: Any, exc: BaseException | None) -> str:
     """The final status: what the servicer/abort set, else what the exception implies."""
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"  # the client went away (or the server is stopping)
     code = None
     try:
         code = context.code()

@@ -122,6 +122,16 @@ def test_rpcs_timed_by_method_and_errors_counted_by_code(tmp: Path, guestd: str)
                 await tpl.List(template_pb2.ListTemplatesRequest())
                 hc = health_pb2_grpc.HealthStub(ch)
                 await hc.Check(health_pb2.HealthCheckRequest())
+                # A client that gives up on a stream: counted as CANCELLED, not UNKNOWN.
+                long = process_pb2.StartRequest(config=process_pb2.ProcessConfig(shell="sleep 30"))
+                call = proc.Start(long, metadata=md)
+                await call.read()  # the start event: the process runs
+                call.cancel()
+                cancelled = {"method": "/moru.guest.v1.Process/Start", "code": "CANCELLED"}
+                deadline = time.monotonic() + 10
+                while obs.metrics.rpc_errors.labels(**cancelled)._value.get() < 1:
+                    assert time.monotonic() < deadline, "the cancelled stream was not counted"
+                    await asyncio.sleep(0.05)
         finally:
             await server.stop(None)
             await upstream.close(None)
@@ -141,7 +151,7 @@ def test_rpcs_timed_by_method_and_errors_counted_by_code(tmp: Path, guestd: str)
 
     g = "moru_guest_call_duration_seconds"
     assert value(m, f"{g}_count", method="Process/List") == 3
-    assert value(m, f"{g}_count", method="Process/Start") == 1
+    assert value(m, f"{g}_count", method="Process/Start") == 2
     assert (value(m, f"{g}_sum", method="Process/Start") or 0) >= 0.3  # the whole stream
     err = "moru_rpc_errors_total"
     assert value(m, err, method="/moru.guest.v1.Process/List", code="NOT_FOUND") == 1
@@ -153,4 +163,5 @@ def test_rpcs_timed_by_method_and_errors_counted_by_code(tmp: Path, guestd: str)
     assert value(m, f"{r}_count", method="/grpc.health.v1.Health/Check") == 1
     tagged = [json.loads(ln) for ln in buf.getvalue().splitlines()]
     # (the call without sandbox-id fails before resolving)
-    assert [o["sandbox_id"] for o in tagged if o["msg"] == "resolving"] == [known, known, sid(2)]
+    resolved = [o["sandbox_id"] for o in tagged if o["msg"] == "resolving"]
+    assert resolved == [known, known, sid(2), known]
