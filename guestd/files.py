@@ -179,6 +179,11 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
                     n = os.write(fd, view)
                     view = view[n:]
                 written += len(req.data)
+            if context.cancelled():
+                raise asyncio.CancelledError
+            if h.HasField("size") and written != h.size:
+                raise FailedPrecondition(
+                    f"size: header said {h.size} bytes, stream carried {written}; {path} unchanged")
             if not h.append or old is None:
                 os.fchmod(fd, mode)
                 os.fchown(fd, uid, gid)

@@ -173,13 +173,24 @@ class WriteHeader(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     APPEND_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     mode: _builtins.int
     """Permission bits for a new file; 0 means 0644 (or the old file's mode)."""
     user: _builtins.str
-    """Owner (name or uid) of the new file and of created parents; empty: root."""
+    """Owner (name or uid) of the new file and of created parents; empty: the
+    replaced file's owner, else root.
+    """
     append: _builtins.bool
     """Append to the file instead of replacing it (not atomic)."""
+    size: _builtins.int
+    """The upload's total size when the client knows it. Then the target is
+    replaced only when exactly this many bytes arrived; anything else is
+    FAILED_PRECONDITION and leaves the old file untouched. Set it: a server
+    cannot always tell a client that went away from one that finished (a
+    cancelled gRPC stream can look like a completed one), so without it an
+    interrupted upload may replace the file with its first part.
+    """
     def __init__(
         self,
         *,
@@ -187,12 +198,15 @@ class WriteHeader(_message.Message):
         mode: _builtins.int = ...,
         user: _builtins.str = ...,
         append: _builtins.bool = ...,
+        size: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "mode", b"mode", "path", b"path", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "append", b"append", "mode", b"mode", "path", b"path", "size", b"size", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
 
 Global___WriteHeader: _TypeAlias = WriteHeader  # noqa: Y015
 

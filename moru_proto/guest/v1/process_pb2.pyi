@@ -269,7 +269,10 @@ class EndEvent(_message.Message):
     status: _builtins.str
     """Human-readable status, e.g. "exit status 1" or "signal: killed"."""
     error: _builtins.str
-    """Set when the process could not be started at all (no such command...)."""
+    """Reserved for failures after the start event. A process that cannot be
+    started at all (no such command, bad cwd or user) fails the Start call
+    itself with a gRPC status instead (NOT_FOUND, PERMISSION_DENIED, ...).
+    """
     def __init__(
         self,
         *,
