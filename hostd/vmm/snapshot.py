@@ -98,8 +98,10 @@ def meta_path(path: Path) -> Path:
 def pci_argv(argv: list[str], *, incoming: Path | None = None) -> list[str]:
     """QemuVm's command line turned into the PCIe-vsock one (or the restore one).
 
-    With `incoming`, the vsock chardev and device are left out (they are
-    added over QMP once the state is loaded) and QEMU waits for the stream.
+    Idempotent, so qemu.py may apply it itself (spec.extra["vsock_transport"]).
+
+        With `incoming`, the vsock chardev and device are left out (they are
+        added over QMP once the state is loaded) and QEMU waits for the stream.
     """
     out: list[str] = []
     i = 0
@@ -107,11 +109,15 @@ def pci_argv(argv: list[str], *, incoming: Path | None = None) -> list[str]:
         a = argv[i]
         val = argv[i + 1] if i + 1 < len(argv) else ""
         if a == "-machine" and val.startswith("microvm"):
-            out += [a, f"{val},pcie=on,acpi=on"]
+            out += [a, val if "pcie=on" in val else f"{val},pcie=on,acpi=on"]
         elif a == "-append":
             extra = [k for k in PCI_KERNEL_ARGS if k not in val.split()]
             out += [a, " ".join([val, *extra])]
         elif a == "-chardev" and val.startswith(f"socket,id={VSOCK_CHARDEV},"):
+            if incoming is None:
+                out += [a, val]
+        elif a == "-device" and val.startswith("vhost-user-vsock-pci"):
+            # Already transformed (idempotent): keep unless restoring.
             if incoming is None:
                 out += [a, val]
         elif a == "-device" and val.startswith("vhost-user-vsock-device"):

@@ -1,7 +1,7 @@
 """Persistent volumes: disks that outlive sandboxes (see docs/persistence.md)."""
 
 from hostd.volumes.manager import VolumeManager, check_mount_path, check_volume_id
-from hostd.volumes.mount import VolumeMountError, mount_in_guest, mount_script
+from hostd.volumes.mount import VolumeMountError, mount_in_guest, mount_script, run_in_guest
 from hostd.volumes.service import VolumeServicer, add_to_server
 from hostd.volumes.store import VolumeRecord, VolumeStore
 
@@ -16,4 +16,5 @@ __all__ = [
     "check_volume_id",
     "mount_in_guest",
     "mount_script",
+    "run_in_guest",
 ]

@@ -33,6 +33,28 @@ def mount_script(mount_path: str, device: str = DEFAULT_DEVICE) -> str:
     )
 
 
+async def run_in_guest(
+    channel: grpc.aio.Channel,
+    script: str,
+    *,
+    access_token: str = "",
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> tuple[int, str]:
+    """Exit code (-1 when killed) and output of `/bin/sh -c script` run by guestd."""
+    stub = process_pb2_grpc.ProcessStub(channel)
+    md = ((TOKEN_HEADER, access_token),) if access_token else ()
+    req = process_pb2.StartRequest(config=process_pb2.ProcessConfig(argv=["/bin/sh", "-c", script]))
+    out = bytearray()
+    code = -1
+    async for ev in stub.Start(req, metadata=md, timeout=timeout):
+        kind = ev.WhichOneof("event")
+        if kind == "data":
+            out += ev.data.stdout or ev.data.stderr
+        elif kind == "end":
+            code = ev.end.exit_code if ev.end.exited else -1
+    return code, out.decode(errors="replace")
+
+
 async def mount_in_guest(
     channel: grpc.aio.Channel,
     mount_path: str,
@@ -41,22 +63,11 @@ async def mount_in_guest(
     device: str = DEFAULT_DEVICE,
     timeout: float = 30.0,  # noqa: ASYNC109
 ) -> None:
-    """Runs the mount through guestd's Process.Start; raises VolumeMountError on failure."""
-    stub = process_pb2_grpc.ProcessStub(channel)
-    md = ((TOKEN_HEADER, access_token),) if access_token else ()
-    req = process_pb2.StartRequest(
-        config=process_pb2.ProcessConfig(argv=["/bin/sh", "-c", mount_script(mount_path, device)])
+    """Mounts the volume through guestd; raises VolumeMountError on failure."""
+    code, out = await run_in_guest(
+        channel, mount_script(mount_path, device), access_token=access_token, timeout=timeout
     )
-    out = bytearray()
-    code: int | None = None
-    async for ev in stub.Start(req, metadata=md, timeout=timeout):
-        kind = ev.WhichOneof("event")
-        if kind == "data":
-            out += ev.data.stdout or ev.data.stderr
-        elif kind == "end":
-            code = ev.end.exit_code if ev.end.exited else -1
     if code != 0:
         raise VolumeMountError(
-            f"mounting the volume at {mount_path} failed (exit {code}):"
-            f" {out.decode(errors='replace').strip()[-500:]}"
+            f"mounting the volume at {mount_path} failed (exit {code}): {out.strip()[-500:]}"
         )

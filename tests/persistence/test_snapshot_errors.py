@@ -49,7 +49,9 @@ def test_pci_argv_moves_vsock_to_a_pcie_root_port() -> None:
     assert devs[0].startswith("pcie-root-port,id=moru_rp0,")
     assert devs[1] == "vhost-user-vsock-pci,chardev=vs,id=moru_vsock0,bus=moru_rp0"
     assert "vhost-user-vsock-device,chardev=vs" not in out and out[-1] == "-nodefaults"
+    assert pci_argv(out) == out
     inc = pci_argv(argv, incoming=Path("/s/mem snap"))
+    assert pci_argv(out, incoming=Path("/s/mem snap")) == inc
     assert "-chardev" not in inc and not any("vsock-pci" in a for a in inc)
     assert inc[-2:] == ["-incoming", "exec:cat '/s/mem snap'"]
 
