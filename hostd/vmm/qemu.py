@@ -286,6 +286,8 @@ class QemuVm(Vm):
                 raise VmError(f"cgroup file {p} does not exist")
 
     async def start(self) -> None:
+        if self._vmm_proc is not None or self._vsk_proc is not None:
+            raise VmError(f"VM {self.spec.sandbox_id} already started")
         try:
             await self._start()
         except BaseException as e:
@@ -296,11 +298,11 @@ class QemuVm(Vm):
 
     async def _start(self) -> None:
         s = self.spec
-        if self._vmm_proc is not None:
-            raise VmError(f"VM {s.sandbox_id} already started")
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / SPEC).write_text(spec_to_json(s))
         self._check_spec()
+        for stale in (VHU_SOCK, VSOCK_UDS, QMP_SOCK, VMM_PID, VSK_PID):
+            self._p(stale).unlink(missing_ok=True)  # left by an earlier run: we wait for these
         await self._create_overlay()
         self._vsk_proc = self._spawn("vhost-device-vsock", self.vsock_argv(), VSK_ERR, VSK_PID)
         await self._wait_for(
