@@ -199,7 +199,9 @@ class NetworkManager:
                 await self._destroy(net)
                 stack.push_async_callback(self._destroy, net)
                 self._dir(ns).mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(links.create, ns, net.host_veth, a, a.mac)
+                await asyncio.to_thread(
+                    links.in_own_thread, lambda: links.create(ns, net.host_veth, a, a.mac)
+                )
                 await self._ns_init(net)
                 await self._start_resolver(net)
                 self._write_record(net)
