@@ -1,7 +1,7 @@
 """A real hostd (tests/hostd/hostd_framework.Hostd) with /metrics on a loopback port and JSON logs.
 
-Started through hostd_obs.py, which wires hostd.observability in until
-hostd's server does it itself.
+hostd/server.py wires hostd.observability in (interceptor, obs.serve) and
+hostd/cli.py calls install_logging, so this is plain `moru-hostd serve`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hostd_framework as hf  # noqa: E402
 
 from .promtext import metrics, scrape  # noqa: E402
 
-LAUNCHER = Path(__file__).with_name("hostd_obs.py")
 pb = hf.pb
 wait_for = hf.wait_for
 our_pids = hf.our_pids
@@ -37,19 +36,9 @@ class ObsHostd(hf.Hostd):  # type: ignore[misc]
         port = free_port()
         super().__init__(metrics_listen=f"127.0.0.1:{port}", log_json=True, **config)
         self.metrics_url = f"http://127.0.0.1:{port}"
-        bindir = self.root / "bin"
-        bindir.mkdir()
-        exe = bindir / "moru-hostd"
-        exe.write_text(f'#!/bin/sh\nexec {hf.VENV_BIN}/python {LAUNCHER} "$@"\n')
-        exe.chmod(0o755)
 
     def start(self, timeout: float = 60.0) -> float:
-        saved = hf.VENV_BIN
-        hf.VENV_BIN = self.root / "bin"
-        try:
-            t = super().start(timeout)
-        finally:
-            hf.VENV_BIN = saved
+        t = super().start(timeout)
 
         def up() -> bool:
             try:
