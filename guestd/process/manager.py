@@ -43,7 +43,9 @@ from guestd.process.output import Cursor, OutputLog
 from guestd.process.spawn import Child, Spec, set_winsize, spawn
 
 READ_MAX = 256 * 1024
-DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
+DRAIN_AFTER_EXIT = 8 * 1024 * 1024
+BATCH_BYTES = 128 * 1024  # a follower sends at once when this much is waiting ...
+BATCH_WAIT = 0.002  # ... else after at most this long (interactive latency)  # stop draining a pipe a grandchild keeps filling
 
 
 @dataclass(frozen=True)
@@ -261,10 +263,28 @@ class ManagedProcess:
                     await asyncio.wait_for(changed.wait(), keepalive)
                 except TimeoutError:
                     yield KeepAlive()
+                    continue
+                await self._gather_more(cursor)
         finally:
             del self._cursors[key]
             if self._paused:
                 self._resume()
+
+    async def _gather_more(self, cursor: Cursor) -> None:
+        """Woken by a little output from a running process: wait up to
+        BATCH_WAIT for more, so a fast writer's output goes out in a few big
+        messages (per-message cost dominates) rather than many small ones."""
+        deadline = self._loop.time() + BATCH_WAIT
+        while (self.running and not self._paused
+               and sum(self.log.unread(cursor, k) for k in self._fds) < BATCH_BYTES):
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                return
 
     def signal(self, sig: int) -> None:
         if not self.running:

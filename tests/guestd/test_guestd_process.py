@@ -9,11 +9,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from guestd_harness import Guestd, argv, collect, quiet_home, shell
 
 from moru_proto.guest.v1 import process_pb2 as pb
-
-from .conftest import Guestd, quiet_home
-from .helpers import argv, collect, shell
 
 
 def sel(pid: int = 0, tag: str = "") -> pb.ProcessSelector:

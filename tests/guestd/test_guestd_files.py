@@ -12,10 +12,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from guestd_harness import Guestd
 
 from moru_proto.guest.v1 import filesystem_pb2 as pb
-
-from .conftest import Guestd
 
 MB = 1024 * 1024
 

@@ -1,0 +1,97 @@
+"""Guest service and the edge: Init, token enforcement, metrics that move, info, shutdown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from guestd_harness import Guestd, argv, collect
+
+from moru_proto.guest.v1 import guest_pb2 as pb
+from moru_proto.guest.v1 import process_pb2 as ppb
+
+
+def test_health_and_info_before_and_after_init(fresh_guestd: Guestd) -> None:
+    g = fresh_guestd
+    h = g.guest.Health(pb.HealthRequest())
+    assert h.ok and not h.initialized
+    g.guest.Init(pb.InitRequest(sandbox_id="sbx-1", template_id="base"))
+    assert g.guest.Health(pb.HealthRequest()).initialized
+    info = g.guest.GetInfo(pb.GetInfoRequest())
+    assert (info.sandbox_id, info.template_id, info.initialized) == ("sbx-1", "base", True)
+    assert info.guestd_version and info.kernel_release and info.python_version.startswith("3.")
+    assert info.uptime_seconds > 0
+
+
+def test_access_token_is_enforced_on_every_service(fresh_guestd: Guestd) -> None:
+    g = fresh_guestd
+    g.guest.Init(pb.InitRequest(access_token="s3cret"))
+    calls = [
+        lambda md: g.guest.Health(pb.HealthRequest(), metadata=md),
+        lambda md: g.guest.GetMetrics(pb.GetMetricsRequest(), metadata=md),
+        lambda md: g.process.List(ppb.ListRequest(), metadata=md),
+        lambda md: collect(g.process.Start(argv("true"), metadata=md)),
+        lambda md: list(g.fs.Read(__import__("moru_proto.guest.v1.filesystem_pb2",
+                                             fromlist=["x"]).ReadRequest(path="/etc/hostname"),
+                                  metadata=md)),
+        lambda md: g.guest.Init(pb.InitRequest(access_token="other"), metadata=md),
+    ]
+    for call in calls:
+        for md in [(), (("x-moru-access-token", "wrong"),)]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(md)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "x-moru-access-token" in (e.value.details() or "")
+    good = (("x-moru-access-token", "s3cret"),)
+    for call in calls[:-1]:
+        call(good)
+    # sandbox-id metadata (added by hostd's pass-through) is ignored.
+    g.process.List(ppb.ListRequest(), metadata=(*good, ("sandbox-id", "sbx-9")))
+
+
+def test_metrics_move_with_cpu_and_memory_use(guestd: Guestd) -> None:
+    m0 = guestd.guest.GetMetrics(pb.GetMetricsRequest())
+    assert m0.cpu_count >= 1 and m0.mem_total > m0.mem_used > 0
+    assert m0.disk_total > m0.disk_used > 0 and m0.timestamp.seconds > 0
+    burn = "import time\nt=time.time()\nwhile time.time()-t<1.5: pass\n"
+    hold = "b=bytearray(1536*1024*1024)\nb[::4096]=b'x'*len(b[::4096])\nimport time; time.sleep(3)"
+    procs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(m0.cpu_count)]
+    try:
+        time.sleep(0.2)
+        guestd.guest.GetMetrics(pb.GetMetricsRequest())  # start a window inside the burn
+        time.sleep(1.0)
+        busy = guestd.guest.GetMetrics(pb.GetMetricsRequest())
+    finally:
+        for p in procs:
+            p.wait(10)
+    assert busy.cpu_used_pct > 70, busy
+    before = guestd.guest.GetMetrics(pb.GetMetricsRequest()).mem_used
+    mem = subprocess.Popen([sys.executable, "-c", hold])
+    try:
+        deadline = time.monotonic() + 5
+        peak = before
+        while time.monotonic() < deadline and peak - before < 1024**3:
+            peak = max(peak, guestd.guest.GetMetrics(pb.GetMetricsRequest()).mem_used)
+            time.sleep(0.1)
+    finally:
+        mem.kill()
+        mem.wait()
+    # 1.5 GiB allocated; other work on the host may free some meanwhile.
+    assert peak - before > 1024**3, (before, peak)
+
+
+def test_shutdown_refused_outside_a_guest(guestd: Guestd) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        guestd.guest.Shutdown(pb.ShutdownRequest())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--guest" in (e.value.details() or "")
+
+
+def test_bad_hostname_is_invalid_argument(fresh_guestd: Guestd) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        fresh_guestd.guest.Init(pb.InitRequest(hostname="bad host/name"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hostname" in (
+        e.value.details() or "")
