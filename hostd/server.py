@@ -143,6 +143,20 @@ def _secure_socket(config: Config) -> None:
             os.chmod(path, 0o600)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: logs where every asyncio task of hostd is waiting (for stuck operations)."""
+    import traceback
+
+    for t in asyncio.all_tasks():
+        frames = t.get_stack(limit=20)
+        text = "".join(
+            traceback.format_list(
+                [(f.f_code.co_filename, f.f_lineno or 0, f.f_code.co_name, None) for f in frames]
+            )
+        )
+        log.warning("task %s:\n%s", t.get_name(), text)
+
+
 def run(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Blocking entry point: uvloop when available, clean exit on SIGTERM/SIGINT."""
     import signal
@@ -153,6 +167,7 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> None:
         assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         with contextlib.suppress(asyncio.CancelledError):
             await serve(config, ready)
 

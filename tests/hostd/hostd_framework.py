@@ -70,7 +70,7 @@ class Hostd:
             "images_dir": str(IMAGES),
             "cgroup_root": self.cgroup_root,
             "metrics_interval_seconds": 1.0,
-            "create_deadline_seconds": 360.0,
+            "create_deadline_seconds": 600.0,
             "log_level": "info",
             **config,
         }
@@ -191,7 +191,7 @@ class Hostd:
 
     def create(self, **kw: Any) -> pb.SandboxInfo:
         info: pb.SandboxInfo = self.sandboxes.Create(
-            pb.CreateRequest(**kw), metadata=self.md(), timeout=420
+            pb.CreateRequest(**kw), metadata=self.md(), timeout=660
         )
         return info
 
