@@ -2,7 +2,7 @@
 # moru guest init, guestd supervisor: busybox init respawns this script; it
 # runs guestd, and when guestd dies says so on the console and starts it
 # again (quickly after a long run, with a growing pause if it keeps failing).
-bb=/bin/busybox
+# Applets are called by name: this busybox runs them without a PATH lookup.
 export HOME=/root
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 [ -r /etc/moru/env ] && . /etc/moru/env
@@ -19,6 +19,6 @@ while :; do
     n=$((n + 1))
     if [ "$((${end%%.*} - ${start%%.*}))" -ge 30 ]; then delay=0.1; fi
     echo "moru-init: guestd exited with status $rc; restart $n in ${delay}s" >/dev/console
-    $bb sleep "$delay"
+    sleep "$delay"
     case "$delay" in 0.1) delay=0.5 ;; 0.5) delay=1 ;; 1) delay=2 ;; *) delay=5 ;; esac
 done

@@ -5,28 +5,27 @@
 # filesystem in the background when the disk is bigger than the image.
 # Kernel parameters read: moru.hostname=<name>,
 # moru.net=<ip>/<prefix>,<gateway>,<dns>, moru.time=<unix seconds>, root=.
-bb=/bin/busybox
+#
+# Every command here is a busybox applet called by name (this busybox runs
+# applets without a PATH lookup or exec): under TCG each exec of a binary
+# costs tens of milliseconds, so this script avoids them.
 say() { echo "moru-init: $*" >/dev/console; }
 
-mnt() { # mnt TYPE DIR OPTIONS: mount unless already mounted
-    $bb grep -q " $2 " /proc/mounts 2>/dev/null && return 0
-    $bb mkdir -p "$2"
-    $bb mount -t "$1" -o "$3" "$1" "$2" || say "cannot mount $1 on $2"
-}
-
-$bb mount -t proc -o nosuid,nodev,noexec proc /proc 2>/dev/null
-mnt sysfs /sys nosuid,nodev,noexec
-mnt devtmpfs /dev nosuid,mode=755
-mnt devpts /dev/pts nosuid,noexec,gid=5,mode=620,ptmxmode=666
-mnt tmpfs /dev/shm nosuid,nodev,mode=1777
-mnt tmpfs /run nosuid,nodev,mode=755
-mnt tmpfs /tmp nosuid,nodev,mode=1777
-mnt cgroup2 /sys/fs/cgroup nosuid,nodev,noexec
-[ -e /dev/fd ] || $bb ln -s /proc/self/fd /dev/fd
-[ -e /dev/stdin ] || $bb ln -s /proc/self/fd/0 /dev/stdin
-[ -e /dev/stdout ] || $bb ln -s /proc/self/fd/1 /dev/stdout
-[ -e /dev/stderr ] || $bb ln -s /proc/self/fd/2 /dev/stderr
-$bb mkdir -p /run/lock
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+# The initramfs moved its devtmpfs here; mount one if it could not.
+[ -c /dev/null ] || mount -t devtmpfs -o nosuid,mode=755 devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || say "cannot mount cgroup2"
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+mkdir /run/lock
 
 hostname=moru
 net=
@@ -42,18 +41,19 @@ for arg in $cmdline; do
     esac
 done
 
-# Clock: the RTC first, then the host's time when it is given and later.
-[ -e /dev/rtc0 ] && $bb hwclock -s -u 2>/dev/null
-if [ -n "$clock" ] && [ "$($bb date +%s)" -lt "${clock%%.*}" ]; then
-    $bb date -s "@${clock%%.*}" >/dev/null || say "cannot set the clock to $clock"
+# Clock: the host's time when it is given, else the RTC.
+if [ -n "$clock" ]; then
+    date -s "@${clock%%.*}" >/dev/null || say "cannot set the clock to $clock"
+elif [ -e /dev/rtc0 ]; then
+    hwclock -s -u 2>/dev/null
 fi
 
-$bb hostname "$hostname"
+hostname "$hostname"
 echo "$hostname" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
     "$hostname" >/etc/hosts
 
-$bb ip link set lo up
+ip link set lo up
 if [ -n "$net" ]; then
     old_ifs=$IFS
     IFS=,
@@ -61,10 +61,10 @@ if [ -n "$net" ]; then
     IFS=$old_ifs
     addr=$1 gw=$2 dns=$3
     i=0
-    while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 200 ]; do i=$((i + 1)); $bb sleep 0.005; done
-    if $bb ip link set eth0 up && $bb ip addr add "$addr" dev eth0; then
+    while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 200 ]; do i=$((i + 1)); sleep 0.005; done
+    if ip addr add "$addr" dev eth0 && ip link set eth0 up; then
         if [ -n "$gw" ]; then
-            $bb ip route add default via "$gw" dev eth0 || say "cannot add a route via $gw"
+            ip route add default via "$gw" dev eth0 || say "cannot add a route via $gw"
         fi
         [ -n "$dns" ] && echo "nameserver $dns" >/etc/resolv.conf
     else
@@ -75,10 +75,9 @@ fi
 # Online resize when the sandbox's disk is bigger than the filesystem built into the image.
 if [ -b "$root" ] && [ -r /etc/moru/image ]; then
     . /etc/moru/image
-    dev=${root#/dev/}
-    read -r sectors </sys/class/block/"$dev"/size
+    read -r sectors </sys/class/block/"${root#/dev/}"/size
     if [ -n "$MORU_ROOTFS_BYTES" ] && [ "$((sectors * 512))" -gt "$MORU_ROOTFS_BYTES" ]; then
-        (resize2fs "$root" >/dev/null 2>&1 && say "grew / to $((sectors / 2048)) MiB" \
+        (/usr/sbin/resize2fs "$root" >/dev/null 2>&1 && say "grew / to $((sectors / 2048)) MiB" \
             || say "resize2fs $root failed") &
     fi
 fi
