@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,16 +187,18 @@ async def vsock_bench(vm: QemuVm, tmp: Path, relay_g: VsockRelay, rounds: int, m
             await guest.Health(guest_pb2.HealthRequest(), timeout=30)
             g.append(time.perf_counter() - t)
     await wait_ready(vm.vsock_uds, ECHO_PORT, time.monotonic() + 60)
+    print("echo server up in the guest; measuring", flush=True)
 
-    r, w = await dial(vm.vsock_uds, ECHO_PORT, 10)
-    raw_rtt = await rtt_us(r, w, rounds)
-    raw_tp = await echo_mb_s(r, w, mb << 20)
-    w.close()
-    async with VsockRelay(tmp / "e.sock", vm.vsock_uds, ECHO_PORT) as relay:
-        r, w = await asyncio.open_unix_connection(str(relay.path))
-        rel_rtt = await rtt_us(r, w, rounds)
-        rel_tp = await echo_mb_s(r, w, mb << 20)
+    async with asyncio.timeout(600):
+        r, w = await dial(vm.vsock_uds, ECHO_PORT, 10)
+        raw_rtt = await rtt_us(r, w, rounds)
+        raw_tp = await echo_mb_s(r, w, mb << 20)
         w.close()
+        async with VsockRelay(tmp / "e.sock", vm.vsock_uds, ECHO_PORT) as relay:
+            r, w = await asyncio.open_unix_connection(str(relay.path))
+            rel_rtt = await rtt_us(r, w, rounds)
+            rel_tp = await echo_mb_s(r, w, mb << 20)
+            w.close()
     print(f"vsock round trip (1 byte, median of {rounds})")
     print(f"  raw hybrid vsock  {raw_rtt:9.0f} us   (floor)")
     print(f"  through relay     {rel_rtt:9.0f} us   ratio {rel_rtt / raw_rtt:.2f}x")
@@ -220,9 +223,14 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--mb", type=int, default=32)
     args = ap.parse_args()
+    task = asyncio.current_task()
+    assert task is not None
+    # A SIGTERM (e.g. from `timeout`) cancels, so every VM is still destroyed.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     m = load_manifest(args.template)
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mb"))
     try:
+        print(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         sizes(m)
         initrd = floor_initramfs(tmp)
         floors, readies = [], []
