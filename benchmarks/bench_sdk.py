@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -59,15 +60,18 @@ def _hostd() -> tuple[str, str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--mb", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3, help="file transfers per side")
     ap.add_argument("--template", default="base")
     args = ap.parse_args()
 
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C so the sandbox and hostd are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     address, key, handle = _hostd()
     ok = True
     try:
-        sbx = Sandbox.create(args.template, hostd=address, api_key=key)
+        sbx = Sandbox.create(args.template, timeout=3600, hostd=address, api_key=key)
         try:
             ok = _bench(sbx, address, key, args)
         finally:
@@ -160,9 +164,10 @@ def _bench(sbx: Sandbox, address: str, key: str, args: argparse.Namespace) -> bo
     ):
         raw_s: list[float] = []
         sdk_s: list[float] = []
-        for _ in range(3):
-            raw_s.append(_median_time(raw_fn, 1, warmup=0 if raw_s else 1))
+        for _ in range(args.rounds):
+            raw_s.append(_median_time(raw_fn, 1, warmup=0))
             sdk_s.append(_median_time(sdk_fn, 1, warmup=0))
+            print(f"  {name}: raw {raw_s[-1]:.2f} s, SDK {sdk_s[-1]:.2f} s", flush=True)
         raw_mbs = args.mb / statistics.median(raw_s)
         sdk_mbs = args.mb / statistics.median(sdk_s)
         r = sdk_mbs / raw_mbs
