@@ -408,6 +408,22 @@ async def restore(
     return vm
 
 
+async def _connect_retrying(vm: QemuVm, end: float) -> QmpClient:
+    """QMP of a QEMU just started: the socket file exists a moment before it listens."""
+    while True:
+        try:
+            return await QmpClient.connect(vm.qmp_sock)
+        except QmpError as e:
+            if not vm.is_alive():
+                raise SnapshotCorrupt(
+                    f"QEMU exited while loading snapshot: "
+                    f"{_read_tail(vm.spec.run_dir / VMM_ERR).strip()}"
+                ) from e
+            if time.monotonic() > end:
+                raise SnapshotError(f"VM {vm.spec.sandbox_id}: {e}") from e
+            await asyncio.sleep(0.02)
+
+
 async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC109
     s = vm.spec
     if not (s.run_dir / "ovl.qcow2").is_file():
@@ -424,7 +440,7 @@ async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC
     vm._vmm_proc = vm._spawn("qemu", vm.qemu_argv(), VMM_ERR, "vmm.pid")
     await vm._wait_for(vm.qmp_sock.exists, vm._vmm_proc, "the QMP socket")
     end = time.monotonic() + timeout
-    c = await _qmp(vm)
+    c = await _connect_retrying(vm, end)
     async with c:
         while True:
             if not vm.is_alive():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from vmfixtures import VmRunner
 
 from hostd.cgroups import CgroupManager
 from hostd.vmm import snapshot
+from hostd.vmm.qemu import load_spec
 from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm
 
 pytestmark = pytest.mark.vm
@@ -20,6 +23,16 @@ COUNTER = (
     "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done'"
     " >/dev/null 2>&1 &"
 )
+
+
+RESTORE_ELSEWHERE = """
+import asyncio, sys
+from pathlib import Path
+from hostd.vmm import snapshot
+from hostd.vmm.qemu import load_spec
+run_dir = Path(sys.argv[1])
+asyncio.run(snapshot.restore(snapshot.PciQemuVmm(), load_spec(run_dir), run_dir / "mem.snap"))
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -86,12 +99,17 @@ def test_pause_to_disk_keeps_a_counting_process_and_frees_memory(
         time.sleep(2)
         c3 = _count(vm)
         assert c3 > c2, "the counting process stopped after restore"
-        # The restored VM can be saved and restored again (through device_del this time).
+        # Again, through device_del this time, and restored by another process from
+        # the files alone (as a restarted hostd would), then adopted here by pid files.
         info2 = vm_runner.run(snapshot.save(vm.vm, snap))
         assert info2.unplug_seconds < 20
-        vm.vm = vm_runner.run(snapshot.restore(PciQemuVmm(), vm.vm.spec, snap))
+        run_dir = vm.vm.spec.run_dir
+        subprocess.run([sys.executable, "-c", RESTORE_ELSEWHERE, str(run_dir)], check=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        vm.vm = vm_runner.run(PciQemuVmm().attach(load_spec(run_dir)))
         wait_guestd(vm, 120)
         assert _count(vm) >= c3
+        assert check(vm.process, "cat /root/before") == "kept\n"
     finally:
         vm.destroy()
     assert not vm.tmp.exists()
