@@ -156,7 +156,7 @@ def boot_template(
     template: str,
     *,
     cgroups: CgroupManager | None = None,
-    ready_timeout: float = 180.0,
+    ready_timeout: float = 300.0,
     **spec_kw: Any,
 ) -> BootedVm:
     """Boots `template` until guestd answers Health; on any failure leaves nothing behind."""

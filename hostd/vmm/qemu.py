@@ -15,6 +15,11 @@ limited to 108 bytes):
 Both processes start in their own session, so a hostd crash leaves them
 running, and join the sandbox's cgroups in a pre-exec hook, so no instant of
 their life is outside the cgroup.
+
+Pause is SIGSTOP of both processes, not QMP `stop`: vhost-device-vsock 0.3
+does not survive QMP stop/cont with traffic in flight (see `QemuVm.pause`).
+QMP serves the start check and `status`; destroy is SIGKILL (the overlay
+is thrown away, so there is nothing to flush).
 """
 
 from __future__ import annotations
