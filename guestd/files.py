@@ -10,13 +10,12 @@ leaves nothing behind. No fsync: atomic for readers, not crash-durable.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import AsyncIterator
-
-import grpc
 
 from guestd.errors import (
     AlreadyExists,
@@ -27,6 +26,7 @@ from guestd.errors import (
     path_error,
 )
 from guestd.process.spawn import group_name, resolve_user
+from guestd.rpc_types import Ctx
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
@@ -75,6 +75,14 @@ def entry_of(path: str, st: os.stat_result | None = None) -> pb.EntryInfo:
     return info
 
 
+def require_dir(path: str) -> None:
+    """NOT_FOUND or FAILED_PRECONDITION unless `path` is a directory."""
+    if not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise FailedPrecondition(f"path: {path} is not a directory")
+        raise NotFound(f"path: no such directory {path}")
+
+
 def make_dirs(path: str, uid: int, gid: int, mode: int = 0o755) -> bool:
     """mkdir -p, chowning what it creates; False when `path` was a directory already."""
     if os.path.isdir(path):
@@ -94,12 +102,68 @@ def make_dirs(path: str, uid: int, gid: int, mode: int = 0o755) -> bool:
     return True
 
 
+def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, int, bool]:
+    """(file to open, open flags, mode, uid, gid, target existed) for a Write;
+    creates missing parents owned by the writer."""
+    if os.path.isdir(path):
+        raise FailedPrecondition(f"path: {path} is a directory")
+    user = resolve_user(h.user) if h.user else None
+    old = None
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise path_error(exc, path) from None
+    uid = user.uid if user else (old.st_uid if old else 0)
+    gid = user.gid if user else (old.st_gid if old else 0)
+    mode = h.mode or (stat.S_IMODE(old.st_mode) if old else 0o644)
+    parent = os.path.dirname(path)
+    make_dirs(parent, uid, gid)
+    if h.append:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        return path, flags, mode, uid, gid, bool(old)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}{TMP_MARK}{secrets.token_hex(4)}")
+    return tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, uid, gid, bool(old)
+
+
+def _move(src: str, dst: str) -> None:
+    if not os.path.lexists(src):
+        raise NotFound(f"source: no such file or directory {src}")
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        make_dirs(parent, 0, 0)
+    try:
+        shutil.move(src, dst)
+    except OSError as exc:
+        raise path_error(exc, dst) from None
+
+
+def _remove(path: str, recursive: bool) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            if recursive:
+                shutil.rmtree(path)
+                return
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    raise FailedPrecondition(
+                        f"path: directory {path} is not empty (set recursive)") from None
+                raise
+        else:
+            os.unlink(path)
+    except OSError as exc:
+        raise path_error(exc, path) from None
+
+
 class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
     def __init__(self, keepalive: float) -> None:
         self.keepalive = keepalive
 
-    async def Read(self, request: pb.ReadRequest, context: grpc.aio.ServicerContext,
-                   ) -> AsyncIterator[pb.ReadResponse]:  # type: ignore[override]
+    async def Read(self, request: pb.ReadRequest, context: Ctx,
+                   ) -> AsyncIterator[pb.ReadResponse]:
         path = abs_path(request.path)
         if request.offset < 0:
             raise InvalidArgument(f"offset: must be >= 0, got {request.offset}")
@@ -133,7 +197,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             os.close(fd)
 
     async def Write(self, request_iterator: AsyncIterator[pb.WriteRequest],
-                    context: grpc.aio.ServicerContext) -> pb.WriteResponse:
+                    context: Ctx) -> pb.WriteResponse:
         it = aiter(request_iterator)
         try:
             first = await anext(it)
@@ -143,27 +207,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             raise InvalidArgument("header: the first message must be a header")
         h = first.header
         path = abs_path(h.path)
-        if os.path.isdir(path):
-            raise FailedPrecondition(f"path: {path} is a directory")
-        user = resolve_user(h.user) if h.user else None
-        old = None
-        try:
-            old = os.stat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise path_error(exc, path) from None
-        uid = user.uid if user else (old.st_uid if old else 0)
-        gid = user.gid if user else (old.st_gid if old else 0)
-        mode = h.mode or (stat.S_IMODE(old.st_mode) if old else 0o644)
-        parent = os.path.dirname(path)
-        make_dirs(parent, uid, gid)
-        if h.append:
-            target = path
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        else:
-            target = os.path.join(parent, f".{os.path.basename(path)}{TMP_MARK}{secrets.token_hex(4)}")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        target, flags, mode, uid, gid, replaces = _prepare_write(h, path)
         try:
             fd = os.open(target, flags, mode)
         except OSError as exc:
@@ -184,7 +228,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             if h.HasField("size") and written != h.size:
                 raise FailedPrecondition(
                     f"size: header said {h.size} bytes, stream carried {written}; {path} unchanged")
-            if not h.append or old is None:
+            if not h.append or not replaces:
                 os.fchmod(fd, mode)
                 os.fchown(fd, uid, gid)
             os.close(fd)
@@ -207,17 +251,14 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
                     pass
         return pb.WriteResponse(entry=entry_of(path), bytes_written=written)
 
-    async def Stat(self, request: pb.StatRequest, context: grpc.aio.ServicerContext,
+    async def Stat(self, request: pb.StatRequest, context: Ctx,
                    ) -> pb.StatResponse:
         return pb.StatResponse(entry=entry_of(abs_path(request.path)))
 
-    async def ListDir(self, request: pb.ListDirRequest, context: grpc.aio.ServicerContext,
+    async def ListDir(self, request: pb.ListDirRequest, context: Ctx,
                       ) -> pb.ListDirResponse:
         root = abs_path(request.path)
-        if not os.path.isdir(root):
-            if os.path.lexists(root):
-                raise FailedPrecondition(f"path: {root} is not a directory")
-            raise NotFound(f"path: no such directory {root}")
+        require_dir(root)
         depth = max(1, request.depth)
         out: list[pb.EntryInfo] = []
 
@@ -240,53 +281,30 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
         await asyncio.to_thread(walk, root, 1)
         return pb.ListDirResponse(entries=out)
 
-    async def MakeDir(self, request: pb.MakeDirRequest, context: grpc.aio.ServicerContext,
+    async def MakeDir(self, request: pb.MakeDirRequest, context: Ctx,
                       ) -> pb.MakeDirResponse:
         path = abs_path(request.path)
         user = resolve_user(request.user)
         created = make_dirs(path, user.uid, user.gid, request.mode or 0o755)
         return pb.MakeDirResponse(entry=entry_of(path), created=created)
 
-    async def Move(self, request: pb.MoveRequest, context: grpc.aio.ServicerContext,
+    async def Move(self, request: pb.MoveRequest, context: Ctx,
                    ) -> pb.MoveResponse:
         src = abs_path(request.source, "source")
         dst = abs_path(request.destination, "destination")
-        if not os.path.lexists(src):
-            raise NotFound(f"source: no such file or directory {src}")
-        parent = os.path.dirname(dst)
-        if not os.path.isdir(parent):
-            make_dirs(parent, 0, 0)
-        try:
-            await asyncio.to_thread(shutil.move, src, dst)
-        except OSError as exc:
-            raise path_error(exc, dst) from None
+        await asyncio.to_thread(_move, src, dst)
         return pb.MoveResponse(entry=entry_of(dst))
 
-    async def Remove(self, request: pb.RemoveRequest, context: grpc.aio.ServicerContext,
+    async def Remove(self, request: pb.RemoveRequest, context: Ctx,
                      ) -> pb.RemoveResponse:
         path = abs_path(request.path)
         if path == "/":
             raise InvalidArgument("path: refusing to remove /")
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                if request.recursive:
-                    await asyncio.to_thread(shutil.rmtree, path)
-                else:
-                    try:
-                        os.rmdir(path)
-                    except OSError as exc:
-                        if exc.errno == 39:  # ENOTEMPTY
-                            raise FailedPrecondition(
-                                f"path: directory {path} is not empty (set recursive)") from None
-                        raise
-            else:
-                os.unlink(path)
-        except OSError as exc:
-            raise path_error(exc, path) from None
+        await asyncio.to_thread(_remove, path, request.recursive)
         return pb.RemoveResponse()
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext,
-                    ) -> AsyncIterator[pb.WatchEvent]:  # type: ignore[override]
+    async def Watch(self, request: pb.WatchRequest, context: Ctx,
+                    ) -> AsyncIterator[pb.WatchEvent]:
         from guestd.watch import watch
 
         path = abs_path(request.path)

@@ -10,12 +10,12 @@ import signal
 import socket
 import time
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from guestd import __version__
 from guestd.errors import FailedPrecondition, InvalidArgument
 from guestd.metrics import Metrics
+from guestd.rpc_types import Ctx
 from guestd.state import GuestState
 from moru_proto.guest.v1 import guest_pb2 as pb
 from moru_proto.guest.v1 import guest_pb2_grpc
@@ -30,6 +30,20 @@ def _os_release() -> str:
     except OSError:
         pass
     return ""
+
+
+def _mix_entropy(data: bytes) -> None:
+    """Writing to /dev/urandom mixes bytes into the pool (without crediting them)."""
+    with open("/dev/urandom", "wb") as f:
+        f.write(data)
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return 0.0
 
 
 def set_hostname(name: str) -> None:
@@ -52,7 +66,7 @@ class GuestService(guest_pb2_grpc.GuestServicer):
         self.state = state
         self.metrics = metrics
 
-    async def Init(self, request: pb.InitRequest, context: grpc.aio.ServicerContext,
+    async def Init(self, request: pb.InitRequest, context: Ctx,
                    ) -> pb.InitResponse:
         s = self.state
         if request.hostname and not all(c.isalnum() or c in "-." for c in request.hostname):
@@ -63,8 +77,7 @@ class GuestService(guest_pb2_grpc.GuestServicer):
             if request.HasField("wall_clock"):
                 time.clock_settime(time.CLOCK_REALTIME, request.wall_clock.ToNanoseconds() / 1e9)
             if request.entropy:
-                with open("/dev/urandom", "wb") as f:
-                    f.write(request.entropy)
+                _mix_entropy(request.entropy)
         s.env = dict(request.env)
         s.sandbox_id = request.sandbox_id
         s.template_id = request.template_id
@@ -73,11 +86,11 @@ class GuestService(guest_pb2_grpc.GuestServicer):
         s.initialized = True
         return pb.InitResponse()
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext,
+    async def Health(self, request: pb.HealthRequest, context: Ctx,
                      ) -> pb.HealthResponse:
         return pb.HealthResponse(ok=True, initialized=self.state.initialized)
 
-    async def GetMetrics(self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext,
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context: Ctx,
                          ) -> pb.Metrics:
         m = await self.metrics.sample()
         ts = Timestamp()
@@ -86,13 +99,9 @@ class GuestService(guest_pb2_grpc.GuestServicer):
                           mem_total=m.mem_total, mem_used=m.mem_used,
                           disk_total=m.disk_total, disk_used=m.disk_used)
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext,
+    async def GetInfo(self, request: pb.GetInfoRequest, context: Ctx,
                       ) -> pb.GetInfoResponse:
-        try:
-            with open("/proc/uptime") as f:
-                uptime = float(f.read().split()[0])
-        except OSError:
-            uptime = time.monotonic() - self.state.started_monotonic
+        uptime = _uptime() or time.monotonic() - self.state.started_monotonic
         s = self.state
         return pb.GetInfoResponse(
             guestd_version=__version__, kernel_release=platform.release(),
@@ -100,7 +109,7 @@ class GuestService(guest_pb2_grpc.GuestServicer):
             uptime_seconds=uptime, sandbox_id=s.sandbox_id, template_id=s.template_id,
             initialized=s.initialized, hostname=s.hostname or socket.gethostname())
 
-    async def Shutdown(self, request: pb.ShutdownRequest, context: grpc.aio.ServicerContext,
+    async def Shutdown(self, request: pb.ShutdownRequest, context: Ctx,
                        ) -> pb.ShutdownResponse:
         if not self.state.guest_mode:
             raise FailedPrecondition("guestd is not running as the guest's agent (--guest)")

@@ -28,11 +28,13 @@ from guestd.guest import GuestService
 from guestd.metrics import Metrics
 from guestd.process.manager import ProcessManager
 from guestd.process.service import ProcessService
+from guestd.rpc_types import Ctx
 from guestd.state import GuestState
 from guestd.vsock import serve_relay, vsock_listener
 from moru_proto.guest.v1 import filesystem_pb2_grpc, guest_pb2_grpc, process_pb2_grpc
 
 log = logging.getLogger("guestd")
+Handler = Any  # grpc.RpcMethodHandler; its stub types the behaviours as sync-only
 TOKEN_HEADER = "x-moru-access-token"
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -80,13 +82,13 @@ def parse_listen(addr: str) -> Address:
 
 
 def _md_token(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
+    for key, value in details.invocation_metadata or ():
         if key == TOKEN_HEADER:
             return value if isinstance(value, str) else value.decode()
     return ""
 
 
-class EdgeInterceptor(grpc.aio.ServerInterceptor):
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Token check and error mapping around every handler."""
 
     def __init__(self, state: GuestState) -> None:
@@ -94,38 +96,38 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Handler:
+        handler: Handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         token = self.state.access_token
         denied = bool(token) and not hmac.compare_digest(
             _md_token(handler_call_details).encode(), token.encode())
         return _wrap(handler, denied)
 
 
-async def _fail(ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def _fail(ctx: Ctx, exc: BaseException) -> None:
     code, msg = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
     await ctx.abort(code, msg)
 
 
-async def _deny(ctx: grpc.aio.ServicerContext) -> None:
+async def _deny(ctx: Ctx) -> None:
     await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
                     f"{TOKEN_HEADER}: missing or wrong access token")
 
 
-def _wrap(h: grpc.RpcMethodHandler, denied: bool) -> grpc.RpcMethodHandler:
+def _wrap(h: Handler, denied: bool) -> Handler:
     ser: dict[str, Any] = {"request_deserializer": h.request_deserializer,
                            "response_serializer": h.response_serializer}
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
     if h.unary_unary or h.stream_unary:
-        fn = h.unary_unary or h.stream_unary
+        fn: Any = h.unary_unary or h.stream_unary
 
-        async def unary(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        async def unary(req: Any, ctx: Ctx) -> Any:
             if denied:
                 await _deny(ctx)
             try:
@@ -138,9 +140,9 @@ def _wrap(h: grpc.RpcMethodHandler, denied: bool) -> grpc.RpcMethodHandler:
         make = (grpc.unary_unary_rpc_method_handler if h.unary_unary
                 else grpc.stream_unary_rpc_method_handler)
         return make(unary, **ser)
-    sfn = h.unary_stream or h.stream_stream
+    sfn: Any = h.unary_stream or h.stream_stream
 
-    async def stream(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(req: Any, ctx: Ctx) -> AsyncIterator[Any]:
         if denied:
             await _deny(ctx)
         try:

@@ -15,7 +15,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 
-from guestd.errors import FailedPrecondition, NotFound, path_error
+from guestd.errors import NotFound, path_error
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 IN_MODIFY = 0x002
@@ -46,7 +46,7 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
-def _kind(mask: int) -> int:
+def _kind(mask: int) -> pb.EventType.ValueType:
     if mask & (IN_CREATE | IN_MOVED_TO):
         return pb.EVENT_TYPE_CREATE
     if mask & IN_MODIFY:
@@ -62,6 +62,9 @@ def _kind(mask: int) -> int:
 
 class _Inotify:
     def __init__(self, root: str, recursive: bool) -> None:
+        from guestd.files import require_dir
+
+        require_dir(root)
         self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify")
         self.root = root
         self.recursive = recursive
@@ -114,10 +117,6 @@ class _Inotify:
 
 async def watch(path: str, recursive: bool, keepalive: float) -> AsyncIterator[pb.WatchEvent]:
     """Started, then filesystem events (and keepalives) until the client goes away."""
-    if not os.path.isdir(path):
-        if os.path.lexists(path):
-            raise FailedPrecondition(f"path: {path} is not a directory")
-        raise NotFound(f"path: no such directory {path}")
     ino = _Inotify(path, recursive)
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()

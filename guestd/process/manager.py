@@ -42,10 +42,10 @@ from guestd.errors import (
 from guestd.process.output import Cursor, OutputLog
 from guestd.process.spawn import Child, Spec, set_winsize, spawn
 
-READ_MAX = 256 * 1024
-DRAIN_AFTER_EXIT = 8 * 1024 * 1024
+READ_MAX = 1024 * 1024
+DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
 BATCH_BYTES = 128 * 1024  # a follower sends at once when this much is waiting ...
-BATCH_WAIT = 0.002  # ... else after at most this long (interactive latency)  # stop draining a pipe a grandchild keeps filling
+BATCH_WAIT = 0.002  # ... else after at most this long (interactive latency)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ class ManagedProcess:
         self.end: End | None = None
         self.log = OutputLog(tuple(child.fds), buffer_bytes)
         self._capacity = buffer_bytes
-        self._read_size = max(4096, min(READ_MAX, buffer_bytes // 4))
+        # At most a chunk per read, so one read never overshoots the buffer.
+        self._read_size = max(1024, min(READ_MAX, buffer_bytes // 4))
         self._fds = dict(child.fds)
         self._paused: set[str] = set()
         self._stdin_fd = child.stdin_fd
@@ -315,8 +316,13 @@ class ManagedProcess:
                         f"pid {self.pid}: stdin was closed by the process") from None
 
     async def _writable(self, fd: int) -> None:
-        fut = self._loop.create_future()
-        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(fd, ready)
         try:
             await fut
         finally:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 STDOUT, STDERR, PTY = "stdout", "stderr", "pty"
-CHUNK_MAX = 256 * 1024
+CHUNK_MAX = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -29,10 +29,17 @@ class _Chunk:
 
 
 class StreamBuffer:
-    """The newest `capacity` bytes of one output stream."""
+    """The newest `capacity` bytes of one output stream (plus at most one chunk).
+
+    Only whole chunks are dropped, and only while the rest still holds at
+    least `capacity` bytes, so a reader that is at most `capacity` bytes behind
+    never loses anything. Chunks are at most capacity/4, which bounds the
+    overshoot to a quarter of the capacity.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        self.chunk_max = max(1, min(CHUNK_MAX, capacity // 4))
         self.chunks: deque[_Chunk] = deque()
         self.first = 0  # absolute index of chunks[0]
         self.size = 0  # bytes held
@@ -40,24 +47,17 @@ class StreamBuffer:
         self.trimmed = 0  # bytes ever dropped (== offset of the first held byte)
 
     def append(self, seq: int, data: bytes, grow_last: bool) -> None:
-        if grow_last and self.chunks and len(self.chunks[-1].data) + len(data) <= CHUNK_MAX:
+        if grow_last and self.chunks and len(self.chunks[-1].data) + len(data) <= self.chunk_max:
             self.chunks[-1].data += data
         else:
             self.chunks.append(_Chunk(seq, self.end, bytearray(data)))
         self.size += len(data)
         self.end += len(data)
-        while self.size > self.capacity and len(self.chunks) > 1:
+        while len(self.chunks) > 1 and self.size - len(self.chunks[0].data) >= self.capacity:
             old = self.chunks.popleft()
             self.first += 1
             self.size -= len(old.data)
             self.trimmed += len(old.data)
-        if self.size > self.capacity:  # one chunk bigger than the whole buffer
-            only = self.chunks[0]
-            cut = self.size - self.capacity
-            del only.data[:cut]
-            only.start += cut
-            self.size -= cut
-            self.trimmed += cut
 
 
 @dataclass

@@ -6,11 +6,10 @@ import math
 import signal as signals
 from collections.abc import AsyncIterator
 
-import grpc
-
 from guestd.errors import InvalidArgument
 from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
 from guestd.process.spawn import Spec
+from guestd.rpc_types import Ctx
 from moru_proto.guest.v1 import process_pb2 as pb
 from moru_proto.guest.v1 import process_pb2_grpc
 
@@ -97,35 +96,36 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
             raise InvalidArgument("process: a pid or tag selector is required")
         return self.m.get(pid=sel.pid, tag=sel.tag) if which == "pid" else self.m.get(tag=sel.tag)
 
-    async def _stream(self, proc: ManagedProcess, live_only: bool) -> AsyncIterator[pb.ProcessEvent]:
+    async def _stream(self, proc: ManagedProcess, live_only: bool,
+                      ) -> AsyncIterator[pb.ProcessEvent]:
         yield pb.ProcessEvent(start=pb.StartEvent(pid=proc.pid, tag=proc.tag))
         cursor = proc.log.new_cursor(live_only)
         async for ev in proc.follow(cursor, self.m.keepalive):
             yield event_pb(ev)
 
-    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext,
-                    ) -> AsyncIterator[pb.ProcessEvent]:  # type: ignore[override]
+    async def Start(self, request: pb.StartRequest, context: Ctx,
+                    ) -> AsyncIterator[pb.ProcessEvent]:
         proc = self.m.start(spec_of(request))
         async for ev in self._stream(proc, False):
             yield ev
 
-    async def Connect(self, request: pb.ConnectRequest, context: grpc.aio.ServicerContext,
-                      ) -> AsyncIterator[pb.ProcessEvent]:  # type: ignore[override]
+    async def Connect(self, request: pb.ConnectRequest, context: Ctx,
+                      ) -> AsyncIterator[pb.ProcessEvent]:
         proc = self._get(request.process)
         async for ev in self._stream(proc, request.live_only):
             yield ev
 
-    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext,
+    async def List(self, request: pb.ListRequest, context: Ctx,
                    ) -> pb.ListResponse:
         return pb.ListResponse(processes=[info_pb(p) for p in self.m.list(request.include_ended)])
 
-    async def SendInput(self, request: pb.SendInputRequest, context: grpc.aio.ServicerContext,
+    async def SendInput(self, request: pb.SendInputRequest, context: Ctx,
                         ) -> pb.SendInputResponse:
         await self._get(request.process).write_input(request.data)
         return pb.SendInputResponse()
 
     async def StreamInput(self, request_iterator: AsyncIterator[pb.StreamInputRequest],
-                          context: grpc.aio.ServicerContext) -> pb.StreamInputResponse:
+                          context: Ctx) -> pb.StreamInputResponse:
         proc: ManagedProcess | None = None
         written = 0
         async for req in request_iterator:
@@ -141,18 +141,18 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
             raise InvalidArgument("process: the first message must carry a pid or tag")
         return pb.StreamInputResponse(bytes_written=written)
 
-    async def CloseStdin(self, request: pb.CloseStdinRequest, context: grpc.aio.ServicerContext,
+    async def CloseStdin(self, request: pb.CloseStdinRequest, context: Ctx,
                          ) -> pb.CloseStdinResponse:
         await self._get(request.process).close_stdin()
         return pb.CloseStdinResponse()
 
-    async def SendSignal(self, request: pb.SendSignalRequest, context: grpc.aio.ServicerContext,
+    async def SendSignal(self, request: pb.SendSignalRequest, context: Ctx,
                          ) -> pb.SendSignalResponse:
         proc = self._get(request.process)
         proc.signal(parse_signal(request.signal, request.signal_name))
         return pb.SendSignalResponse()
 
-    async def Resize(self, request: pb.ResizeRequest, context: grpc.aio.ServicerContext,
+    async def Resize(self, request: pb.ResizeRequest, context: Ctx,
                      ) -> pb.ResizeResponse:
         proc = self._get(request.process)
         proc.resize(*_pty_size(request.size, "size"))

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import struct
 import subprocess
+import sys
 import termios
 from dataclasses import dataclass, field
 
@@ -108,8 +109,43 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _take_ctty() -> None:  # runs in the child between fork and exec
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+_USER_TRAMPOLINE = (
+    "import os,sys\n"
+    "os.setgroups([int(g) for g in sys.argv[3].split(',') if g]); os.setgid(int(sys.argv[2]));"
+    " os.setuid(int(sys.argv[1])); os.execvp(sys.argv[4], sys.argv[4:])\n"
+)
+_CTTY_TRAMPOLINE = (
+    "import fcntl,os,sys,termios\n"
+    "os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def _as_user(user: User, argv: list[str]) -> list[str]:
+    """Runs argv as `user` (gid, supplementary groups, uid) via util-linux setpriv.
+
+    Not with Popen(user=..., group=...): that makes CPython fork() instead of
+    vfork(), and gRPC's fork handlers then crash the child (seen: SIGSEGV)."""
+    groups = ",".join(str(g) for g in user.groups)
+    setpriv = shutil.which("setpriv", path=DEFAULT_PATH)
+    if setpriv:
+        ids = [f"--reuid={user.uid}", f"--regid={user.gid}"]
+        grp_args = [f"--groups={groups}"] if groups else ["--clear-groups"]
+        return [setpriv, *ids, *grp_args, "--", *argv]
+    return [sys.executable, "-c", _USER_TRAMPOLINE, str(user.uid), str(user.gid), groups, *argv]
+
+
+def _with_ctty(argv: list[str]) -> list[str]:
+    """Makes the pty the child's controlling terminal (job control, ^C, SIGWINCH).
+
+    Not with Popen(preexec_fn=...): Python code between fork and exec in a
+    process with gRPC's threads crashes the child (seen: SIGSEGV). util-linux
+    `setsid --ctty` (Essential in Debian) does setsid + TIOCSCTTY and execs
+    without forking, since the child is not a process group leader; a tiny
+    Python trampoline does the same where it is missing."""
+    setsid = shutil.which("setsid", path=DEFAULT_PATH)
+    if setsid:
+        return [setsid, "--ctty", "--", *argv]
+    return [sys.executable, "-c", _CTTY_TRAMPOLINE, *argv]
 
 
 def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
@@ -124,10 +160,8 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
     argv = command_line(spec)
     if not spec.shell and "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
         raise NotFound(f"argv[0]: command not found: {argv[0]!r}")
-    as_other = user.uid != os.getuid()
-    creds: dict[str, object] = {}
-    if as_other:
-        creds = {"user": user.uid, "group": user.gid, "extra_groups": user.groups}
+    if user.uid != os.getuid():
+        argv = _as_user(user, argv)
     mine: list[int] = []  # guestd's ends, closed on failure
     theirs: list[int] = []  # the child's ends, always closed in guestd after spawn
     try:
@@ -136,12 +170,11 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             mine.append(master)
             theirs.append(slave)
             set_winsize(master, *spec.pty)
-            if as_other:
+            if user.uid != os.getuid():
                 os.fchown(slave, user.uid, -1)
             os.set_blocking(master, False)
             popen = subprocess.Popen(
-                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=_take_ctty, **creds,  # type: ignore[arg-type]
+                _with_ctty(argv), stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
             )
             return Child(popen, {"pty": master}, master)
         out_r, out_w = _pipe()
@@ -158,7 +191,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             stdin = in_r
         popen = subprocess.Popen(
             argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
-            start_new_session=True, **creds,  # type: ignore[arg-type]
+            start_new_session=True,
         )
         return Child(popen, {"stdout": out_r, "stderr": err_r}, in_w)
     except OSError as exc:

@@ -104,7 +104,7 @@ def collect(events: Iterable[pb.ProcessEvent]) -> Result:
         if kind == "start":
             r.pid = ev.start.pid
         elif kind == "data":
-            which = ev.data.WhichOneof("output")
+            which = str(ev.data.WhichOneof("output"))
             data = getattr(ev.data, which)
             setattr(r, which, getattr(r, which) + data)
             r.order.append((which, data))

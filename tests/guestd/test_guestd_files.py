@@ -109,7 +109,7 @@ def test_aborted_upload_leaves_target_untouched_and_no_temp(guestd: Guestd,
         threading.Event().wait(0.05)
         deadline -= 1
     assert deadline, "guestd never created its temp file"
-    fut.cancel()
+    fut.cancel()  # type: ignore[no-untyped-call]
     gate.put(None)
     for _ in range(100):
         if os.listdir(tmpdir_short) == ["keep.txt"]:
@@ -246,7 +246,7 @@ def test_watch_sees_create_write_rename_remove(guestd: Guestd, tmpdir_short: str
         assert got == want
         assert "moru-tmp" not in str(got)
     finally:
-        stream.cancel()
+        stream.cancel()  # type: ignore[no-untyped-call]
         t.join(10)
 
 

@@ -79,7 +79,8 @@ def test_sigusr1_reaches_the_whole_process_group(guestd: Guestd) -> None:
     assert _pids_alive(children) == []
 
 
-@pytest.mark.parametrize("how", [{"signal": 15}, {"signal_name": "SIGTERM"}, {"signal_name": "term"}])
+@pytest.mark.parametrize(
+    "how", [{"signal": 15}, {"signal_name": "SIGTERM"}, {"signal_name": "term"}])
 def test_signal_by_number_or_name(guestd: Guestd, how: dict[str, object]) -> None:
     stream = guestd.process.Start(argv("sleep", "30"))
     it = iter(stream)
@@ -120,7 +121,7 @@ def test_stream_input_with_close(guestd: Guestd) -> None:
     next(it)
     chunk = b"x" * 100_000
 
-    def reqs():  # type: ignore[no-untyped-def]
+    def reqs() -> Iterator[pb.StreamInputRequest]:
         yield pb.StreamInputRequest(process=sel(tag="wc-stream"), data=chunk)
         for _ in range(9):
             yield pb.StreamInputRequest(data=chunk)
@@ -145,7 +146,8 @@ def test_input_errors(guestd: Guestd) -> None:
             guestd.process.CloseStdin(pb.CloseStdinRequest(process=sel(pid)))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.RpcError) as e:
-            guestd.process.Resize(pb.ResizeRequest(process=sel(pid), size=pb.PtySize(cols=80, rows=24)))
+            guestd.process.Resize(
+                pb.ResizeRequest(process=sel(pid), size=pb.PtySize(cols=80, rows=24)))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         guestd.process.SendSignal(pb.SendSignalRequest(process=sel(pid), signal=9))
@@ -162,7 +164,7 @@ def test_input_errors(guestd: Guestd) -> None:
 
 def test_pty_size_and_resize(guestd: Guestd) -> None:
     stream = guestd.process.Start(shell(
-        "stty size; tty >/dev/null && echo is-tty; read line; stty size",
+        "echo pid=$$; stty size; tty >/dev/null && echo is-tty; read line; stty size",
         pty=pb.PtySize(cols=100, rows=30), stdin=True))
     it = iter(stream)
     pid = next(it).start.pid
@@ -170,11 +172,20 @@ def test_pty_size_and_resize(guestd: Guestd) -> None:
     while b"is-tty" not in out:
         out += next_data(it).pty
     assert b"30 100" in out
+    assert f"pid={pid}".encode() in out  # the reported pid is the command itself
     guestd.process.Resize(pb.ResizeRequest(process=sel(pid), size=pb.PtySize(cols=120, rows=40)))
     guestd.process.SendInput(pb.SendInputRequest(process=sel(pid), data=b"go\n"))
     r = collect(it)
     assert b"40 120" in r.pty
     assert r.end is not None and r.end.exit_code == 0
+
+
+def test_pty_processes_start_reliably_with_a_controlling_terminal(guestd: Guestd) -> None:
+    for _ in range(10):
+        r = collect(guestd.process.Start(argv(
+            "sh", "-c", "ps -o tty= -p $$", pty=pb.PtySize(cols=80, rows=24))))
+        assert r.end is not None and r.end.exit_code == 0, r
+        assert r.pty.strip().startswith(b"pts/"), r.pty
 
 
 def test_disconnect_then_connect_by_pid_and_tag_replays_everything(guestd: Guestd) -> None:
@@ -183,7 +194,7 @@ def test_disconnect_then_connect_by_pid_and_tag_replays_everything(guestd: Guest
     it = iter(stream)
     pid = next(it).start.pid
     next(it)
-    stream.cancel()  # the client goes away mid-stream; the process must not
+    stream.cancel()  # type: ignore[no-untyped-call]
     expected = "".join(f"line{i}\n" for i in range(1, 21)).encode()
     by_pid = collect(guestd.process.Connect(pb.ConnectRequest(process=sel(pid))))
     by_tag = collect(guestd.process.Connect(pb.ConnectRequest(process=sel(tag="replay-me"))))
@@ -199,7 +210,7 @@ def test_connect_to_running_process_follows_live(guestd: Guestd) -> None:
     stream = guestd.process.Start(shell("echo a; sleep 0.5; echo b", tag="live"))
     it = iter(stream)
     next(it)
-    stream.cancel()
+    stream.cancel()  # type: ignore[no-untyped-call]
     r = collect(guestd.process.Connect(pb.ConnectRequest(process=sel(tag="live"))))
     assert r.stdout == b"a\nb\n"
 
@@ -209,7 +220,7 @@ def test_overflow_reports_dropped_bytes(small_buffer_guestd: Guestd) -> None:
     stream = g.process.Start(argv("head", "-c", "1000000", "/dev/zero"))
     it = iter(stream)
     pid = next(it).start.pid
-    stream.cancel()  # nobody attached: guestd keeps reading, keeps the newest 64 KiB
+    stream.cancel()  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         infos = g.process.List(pb.ListRequest(include_ended=True)).processes
@@ -219,7 +230,7 @@ def test_overflow_reports_dropped_bytes(small_buffer_guestd: Guestd) -> None:
     r = collect(g.process.Connect(pb.ConnectRequest(process=sel(pid))))
     assert r.dropped.get("stdout", 0) > 0
     assert r.dropped["stdout"] + len(r.stdout) == 1_000_000
-    assert len(r.stdout) <= 65536
+    assert 65536 <= len(r.stdout) <= 65536 * 5 // 4  # capacity, plus at most one chunk
 
 
 def test_single_slow_reader_gets_backpressure_not_drops(small_buffer_guestd: Guestd) -> None:
@@ -243,7 +254,7 @@ def test_env_cwd_defaults_and_user(fresh_guestd: Guestd) -> None:
     assert r.stdout == b"/tmp\n"
     r = collect(g.process.Start(argv(
         "sh", "-c", 'echo "$(id -un)|$(id -u)|$(id -g)|$USER|$HOME|$PWD"', user="nobody")))
-    assert r.stdout == b"nobody|65534|65534|nobody|/nonexistent|/\n"
+    assert r.stdout == b"nobody|65534|65534|nobody|/nonexistent|/\n", r
     r = collect(g.process.Start(argv("id", "-un", user="65534")))
     assert r.stdout == b"nobody\n"
 
@@ -332,7 +343,8 @@ def test_selector_and_signal_errors(guestd: Guestd) -> None:
         (p.SendSignal, pb.SendSignalRequest(process=sel(999_999_999), signal=15)),
         (p.SendInput, pb.SendInputRequest(process=sel(tag="no-such-tag"), data=b"x")),
         (p.CloseStdin, pb.CloseStdinRequest(process=sel(tag="no-such-tag"))),
-        (p.Resize, pb.ResizeRequest(process=sel(tag="no-such-tag"), size=pb.PtySize(cols=1, rows=1))),
+        (p.Resize, pb.ResizeRequest(process=sel(tag="no-such-tag"),
+                                    size=pb.PtySize(cols=1, rows=1))),
     ]:
         code, msg = _code(fn, req)
         assert code == grpc.StatusCode.NOT_FOUND and ("pid" in msg or "tag" in msg), msg
