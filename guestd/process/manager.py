@@ -205,7 +205,10 @@ class ManagedProcess:
     # -- lifetime ----------------------------------------------------------
 
     def _on_exit(self) -> None:
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: end it anyway rather than hang
+            pid, status = self.pid, 255 << 8
         if pid == 0:
             return
         self._loop.remove_reader(self._pidfd)
