@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,7 +130,7 @@ def test_attach_after_restart(base_vm: BootedVm) -> None:
     assert base_vm.guest.Health(guest_pb2.HealthRequest(), timeout=10).ok
 
 
-def start_vm(runner: VmRunner, manifest: TemplateManifest, run_root: Path, **kw: object) -> QemuVm:
+def start_vm(runner: VmRunner, manifest: TemplateManifest, run_root: Path, **kw: Any) -> QemuVm:
     spec = make_spec(manifest, run_root / "vm", memory_mb=256, **kw)
     vm = QemuVmm().create(spec)
     runner.run(vm.start())
