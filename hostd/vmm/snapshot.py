@@ -256,6 +256,47 @@ async def _migrate(c: QmpClient, uri: str, timeout: float) -> dict[str, Any]:  #
         await asyncio.sleep(0.02)
 
 
+def _bars_assigned(pci: list[dict[str, Any]], dev: str) -> bool | None:
+    """Whether the guest gave dev's BARs addresses (it probed it); None: no such device."""
+    for bus in pci:
+        for d in bus.get("devices", []):
+            for sub in [d, *d.get("pci_bridge", {}).get("devices", [])]:
+                if sub.get("qdev_id") == dev:
+                    regions = sub.get("regions", [])
+                    return bool(regions) and all(0 < r["address"] < 1 << 63 for r in regions)
+    return None
+
+
+async def _ensure_probed(c: QmpClient, vm: QemuVm, wait: float, attempts: int = 3) -> None:
+    """Waits for the guest to probe the re-plugged vsock device; re-plugs it if it missed it.
+
+    Rarely (seen under heavy host load) the guest's pciehp misses the
+    hot-add after a restore; unplugging the never-enabled device is
+    immediate and a second hot-add is noticed.
+    """
+    for attempt in range(attempts):
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if _bars_assigned(await c.execute("query-pci"), VSOCK_DEV):
+                return
+            await asyncio.sleep(0.05)
+        if attempt + 1 == attempts:
+            break
+        with contextlib.suppress(QmpError):
+            await c.execute("device_del", {"id": VSOCK_DEV})
+        if not await _wait_gone(c, VSOCK_DEV, 15.0):
+            break
+        await c.execute(
+            "device_add",
+            {"driver": "vhost-user-vsock-pci", "chardev": VSOCK_CHARDEV, "id": VSOCK_DEV,
+             "bus": ROOT_PORT},
+        )  # fmt: skip
+    raise SnapshotError(
+        f"VM {vm.spec.sandbox_id}: the restored guest did not take the vsock device back "
+        f"(after {attempts} hot-adds); its processes were ended: retry restore from the snapshot"
+    )
+
+
 def _has_magic(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(4) == QEMU_MAGIC
@@ -373,6 +414,7 @@ async def restore(
     path: Path,
     *,
     timeout: float = 600.0,  # noqa: ASYNC109
+    probe_wait: float = 30.0,
 ) -> PciQemuVm:
     """Starts the VM saved at `path` (same spec) and returns it running with a fresh vsock.
 
@@ -393,6 +435,7 @@ async def restore(
         async with c:
             await c.execute("cont")
             await _replug_vsock(c, vm)
+            await _ensure_probed(c, vm, probe_wait)
     except BaseException as e:
         err = _read_tail(spec.run_dir / VMM_ERR)
         with contextlib.suppress(SnapshotError):

@@ -121,3 +121,18 @@ def test_restore_of_a_damaged_stream_fails_cleanly_in_qemu(d: Path, vm_runner: V
     for pidfile in ("vmm.pid", "vsk.pid"):
         pid = int((spec.run_dir / pidfile).read_text())
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_probe_check_reads_bar_addresses_from_query_pci() -> None:
+    """The restored guest probed the vsock device when its BARs have addresses."""
+    from hostd.vmm.snapshot import _bars_assigned
+
+    def pci(address: int) -> list[dict[str, object]]:
+        dev = {"qdev_id": "moru_vsock0", "regions": [{"bar": 1, "address": 3221225472},
+                                                     {"bar": 4, "address": address}]}  # fmt: skip
+        return [{"devices": [{"qdev_id": "moru_rp0", "pci_bridge": {"devices": [dev]}}]}]
+
+    assert _bars_assigned(pci(824633720832), "moru_vsock0") is True
+    assert _bars_assigned(pci((1 << 64) - 1), "moru_vsock0") is False
+    assert _bars_assigned(pci(0), "moru_vsock0") is False
+    assert _bars_assigned([{"devices": []}], "moru_vsock0") is None
