@@ -5,6 +5,8 @@ One run, one real hostd (observability wired in as in docs/observability.md):
 
 1. Idle node (no sandbox): hostd CPU over a window, /metrics scrape time and
    size, and /healthz round trip (the HTTP floor: same server, no collect).
+0. In-process (no VMs): render time/size of /metrics with a stand-in manager
+   holding N and 10*N sandboxes, vs none.
 2. N idle sandboxes created one by one (256 MB, 1 vCPU each; as many as fit
    if the node refuses more), then the same measurements.
 
@@ -81,6 +83,51 @@ def scrape_stats(base: str, n: int) -> dict[str, float]:
     }
 
 
+def synthetic(counts: list[int], reps: int = 200) -> None:
+    """Render cost alone, in-process: a stand-in manager with N sandboxes (no VMs).
+
+    The stand-in (tests/observability/fakes.py) holds real guest samples and
+    reads cgroup numbers from real files, as the real cgroups do. Wall time is
+    what hostd's loop is blocked for; CPU time is immune to a busy machine.
+    """
+    import shutil
+    import tempfile
+
+    from prometheus_client import generate_latest
+
+    from hostd.observability import Observability
+    from tests.observability.fakes import FakeManager, sid
+
+    print(f"\nrender of /metrics in-process, stand-in manager (median of {reps}; floor = 0)")
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="mb"))
+    try:
+        base: dict[str, float] = {}
+        for n in [0, *counts]:
+            mgr = FakeManager(root / str(n), max_sandboxes=max(n, 1), memory_budget_mb=n * 256 + 1)
+            for i in range(n):
+                mgr.add(sid(i)).sample(cpu_used_pct=1.0, mem_used=1, mem_total=2)
+            obs = Observability(mgr)
+            wall, cpu = [], []
+            for _ in range(reps):
+                w0, c0 = time.perf_counter(), time.thread_time()
+                body = generate_latest(obs.registry)
+                cpu.append(time.thread_time() - c0)
+                wall.append(time.perf_counter() - w0)
+            fig = {
+                "wall": statistics.median(wall) * 1e3,
+                "cpu": statistics.median(cpu) * 1e3,
+                "kib": len(body) / 1024,
+            }
+            if n == 0:
+                base = fig
+                continue
+            row(f"{n} sandboxes: render wall time", fig["wall"], base["wall"], "ms")
+            row(f"{n} sandboxes: render CPU time", fig["cpu"], base["cpu"], "ms")
+            row(f"{n} sandboxes: size", fig["kib"], base["kib"], "KiB")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def row(name: str, value: float, floor: float, unit: str) -> None:
     ratio = f"{value / floor:7.2f}x" if floor > 0 else "    n/a"
     print(f"  {name:<42} {value:12.3f} {unit:<6} floor {floor:12.3f} {unit:<6} ratio {ratio}")
@@ -96,7 +143,13 @@ def main() -> int:
     ap.add_argument(
         "--budget", type=float, default=1800.0, help="stop creating sandboxes after this many s"
     )
+    ap.add_argument(
+        "--synthetic-only", action="store_true", help="only the in-process render figures"
+    )
     a = ap.parse_args()
+    synthetic([a.sandboxes, 10 * a.sandboxes])
+    if a.synthetic_only:
+        return 0
 
     h = ObsHostd(
         max_sandboxes=max(a.sandboxes, 1),
