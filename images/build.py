@@ -51,8 +51,10 @@ BUILD_VERSION = "1"
 BASE_CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 reboot=k quiet"
 # Free space a build needs besides what is cached: an unpacked root and its image.
 BUILD_FREE_BYTES = 3 << 30
-# Builds kept per template: the newest and the one before (sandboxes may still use it).
+# Builds kept per template: the newest and the one before, and any replaced less
+# than an hour ago (a sandbox being created may have just read the old manifest).
 KEEP_BUILDS = 2
+KEEP_REPLACED_SECONDS = 3600
 _CODE_FILES = ("build.py", "rootfs.py", "initramfs.py", "kernel.py", "recipe.py")
 
 
@@ -115,8 +117,12 @@ def _gc_builds(root: Path, name: str, keep: Path) -> None:
         key=lambda d: d.stat().st_mtime,
         reverse=True,
     )
-    for old in builds[KEEP_BUILDS - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+    newest_first = [keep, *builds]
+    now = time.time()
+    for i in range(KEEP_BUILDS, len(newest_first)):
+        replaced_at = newest_first[i - 1].stat().st_mtime
+        if now - replaced_at > KEEP_REPLACED_SECONDS:
+            shutil.rmtree(newest_first[i], ignore_errors=True)
 
 
 def _cached(root: Path, name: str, digest: str) -> TemplateManifest | None:
