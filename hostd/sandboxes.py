@@ -84,6 +84,8 @@ class Sandbox:
     metrics: deque[Sample] = field(default_factory=deque)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gone: bool = False
+    # What Create is doing right now (named in its deadline error).
+    stage: str = ""
 
     @property
     def id(self) -> str:
@@ -255,7 +257,7 @@ class SandboxManager:
                     except TimeoutError:
                         raise DeadlineExceeded(
                             f"sandbox {sid} was not ready within {cfg.create_deadline_seconds:g} s"
-                            + self._console(sb)
+                            f" (stuck {sb.stage})" + self._console(sb)
                         ) from None
                     except MoruError as e:
                         e.message += self._console(sb)
@@ -296,10 +298,12 @@ class SandboxManager:
         """cgroup -> network -> VM -> relay -> guest ready -> Init, each pushed on `stack`."""
         rec, res = sb.rec, sb.res
         # The cgroup manager adds the VMM's own overhead to guest memory.
+        sb.stage = "creating the cgroup"
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
         net = None
         if self.network is not None:
+            sb.stage = "setting up the network"
             net = await self.network.setup(rec.sandbox_id, self._policy(rec))
             stack.push_async_callback(self.network.teardown, rec.sandbox_id)
             rec.network = _net_dict(net)
@@ -317,12 +321,16 @@ class SandboxManager:
         res.vm = vm
         stack.push_async_callback(vm.destroy)
         t0 = time.monotonic()
+        sb.stage = "starting the VMM"
         await vm.start()
         t1 = time.monotonic()
+        sb.stage = "starting the vsock relay"
         await res.connect(vm, rec, stack)
+        sb.stage = "waiting for guestd on vsock"
         await self._wait_guest(vm, rec)
         t2 = time.monotonic()
         assert res.channel is not None
+        sb.stage = "in Guest.Init"
         await GuestClient(res.channel, rec.access_token).init(
             sandbox_id=rec.sandbox_id,
             template_id=rec.template_id,

@@ -190,9 +190,13 @@ class Hostd:
         return tuple(out)
 
     def create(self, **kw: Any) -> pb.SandboxInfo:
-        info: pb.SandboxInfo = self.sandboxes.Create(
-            pb.CreateRequest(**kw), metadata=self.md(), timeout=660
-        )
+        try:
+            info: pb.SandboxInfo = self.sandboxes.Create(
+                pb.CreateRequest(**kw), metadata=self.md(), timeout=660
+            )
+        except grpc.RpcError:
+            print(f"--- hostd log ({self.log}) ---\n{self.log_tail(6000)}")  # shown on failure
+            raise
         return info
 
     def kill(self, sandbox_id: str) -> None:
