@@ -353,7 +353,9 @@ class SandboxManager:
 
         deadline = time.monotonic() + self.config.create_deadline_seconds
         try:
-            await wait_ready(vm.vsock_uds, rec.guestd_port, deadline, alive=vm.is_alive)
+            await wait_ready(
+                vm.vsock_uds, rec.guestd_port, deadline, alive=vm.is_alive, interval=0.1
+            )
         except OSError as e:
             raise Unavailable(
                 f"sandbox {rec.sandbox_id}: the VMM exited during boot ({e})"
