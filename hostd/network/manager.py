@@ -310,7 +310,8 @@ class NetworkManager:
             "sh",
             "-c",
             "echo 1 >/proc/sys/net/ipv4/ip_forward && "
-            "echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6 && exec nft -f -",
+            "{ echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; "  # no IPv6: fine
+            "exec nft -f -",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

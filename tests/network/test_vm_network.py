@@ -47,10 +47,10 @@ def boot_with_network(runner: VmRunner, net: SandboxNetwork) -> BootedVm:
             wait_ready(
                 spec.run_dir / "v.sock",
                 manifest.guestd_port,
-                time.monotonic() + 180,
+                time.monotonic() + 420,
                 alive=vm.vm.is_alive,
             ),
-            200,
+            440,  # generous: TCG boots on a loaded 2-core machine take minutes
         )
         vm.connect()
         deadline = time.monotonic() + 30
