@@ -83,6 +83,8 @@ def initramfs_inputs_digest(kernel: Kernel, busybox: Path | None = None) -> str:
     h.update(INIT_SCRIPT.read_bytes())
     h.update((busybox or static_busybox()).read_bytes())
     h.update(f"{kernel.pkg.package}={kernel.pkg.version}".encode())
+    # Which modules go in, and in what order.
+    h.update("\0".join(resolve_modules(kernel.modules_dir)).encode())
     return h.hexdigest()
 
 
