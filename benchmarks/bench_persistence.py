@@ -120,7 +120,11 @@ def bench_ready(runner: VmRunner, mem: int, clones: int) -> None:
             tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mbcl"))
             spec = make_spec(template.manifest, tmp / "vm", sandbox_id=sid, memory_mb=mem, vcpus=1)
             t0 = time.monotonic()
-            vm = runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+            try:
+                vm = runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             b = BootedVm(runner, vm, None, template.manifest, tmp)
             booted.append(b)
             wait_guestd(b, 300)

@@ -75,7 +75,11 @@ def test_sandboxes_from_a_ready_snapshot_are_distinct_and_fast(
             spec = make_spec(template.manifest, tmp / "vm", sandbox_id=sid, memory_mb=256, vcpus=1)
             time.sleep(max(0.0, saved_at + SNAPSHOT_AGE - time.monotonic()))
             t0 = time.monotonic()
-            vm = vm_runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+            try:
+                vm = vm_runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # restore killed what it started
+                raise
             booted = BootedVm(vm_runner, vm, None, template.manifest, tmp)
             clones.append(booted)
             wait_guestd(booted, 120)
