@@ -191,7 +191,7 @@ def test_async_twin(guestd_address: str, scratch: str) -> None:
                 break
         await w.stop()
 
-    asyncio.run(main())
+    asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_unreachable_address_is_a_connection_error() -> None:
