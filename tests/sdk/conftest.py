@@ -17,7 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+
+from moru_proto.guest.v1 import guest_pb2, guest_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 # The hostd test framework lives in tests/hostd (not a package), as its own tests import it.
@@ -46,14 +49,24 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str, limit:
 def guestd_address() -> Iterator[str]:
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="msdk"))
     sock = d / "g.sock"
+    # A file, not a pipe nobody reads: a full pipe would block guestd's logging.
+    log = (d / "guestd.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "guestd", "--listen", f"unix:{sock}"],
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
         wait_for_socket(sock, proc, "guestd", 30)
+        # An empty HOME for `bash -l`: root's login profile on these dev hosts
+        # runs `pyenv rehash` (slow, with a global lock); guest images have none.
+        home = d / "home"
+        home.mkdir()
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            guest_pb2_grpc.GuestStub(ch).Init(
+                guest_pb2.InitRequest(env={"HOME": str(home)}), timeout=30, wait_for_ready=True
+            )
         yield f"unix:{sock}"
     finally:
         proc.terminate()
@@ -62,6 +75,7 @@ def guestd_address() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
         shutil.rmtree(d, ignore_errors=True)
 
 
