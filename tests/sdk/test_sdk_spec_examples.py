@@ -358,18 +358,26 @@ def test_expose_ports(use_net_hostd: Any, reap: None, capsys: pytest.CaptureFixt
     sbx = env["sandbox"]
     assert env["host"].startswith(f"8080-{sbx.sandbox_id}.")
     # The host is served by hostd's port proxy on this machine: fetch through it.
-    import urllib.request
+    # glibc does not resolve *.localhost (curl does), so dial the proxy's address
+    # and name the sandbox's host in the Host header, as curl would send it.
+    import http.client
+    import urllib.parse
 
     from hostd_framework import wait_for
 
-    url = sbx.get_url(8080)
+    url = urllib.parse.urlsplit(sbx.get_url(8080))
+    assert url.hostname == env["host"], (url, env["host"])
 
     def fetch() -> bytes | None:
+        conn = http.client.HTTPConnection("127.0.0.1", url.port or 80, timeout=5)
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return bytes(r.read())
+            conn.request("GET", "/", headers={"Host": url.netloc})
+            r = conn.getresponse()
+            return bytes(r.read()) if r.status == 200 else None
         except OSError:
             return None
+        finally:
+            conn.close()
 
     body = wait_for(fetch, 60, 0.5, "http.server answering through the proxy")
     assert b"Directory listing" in body
