@@ -49,6 +49,17 @@ log = logging.getLogger("hostd.sandboxes")
 ID_ALPHABET = string.ascii_lowercase + string.digits
 TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
 PIDS_MAX = 1024
+# Boot readiness (see _wait_guest): what guestd prints once it listens, how long
+# to wait for that line before dialling anyway, how long a device may stay
+# silent after it, and how many VMs one Create may boot.
+GUESTD_READY_LINE = "guestd listening on vsock"
+CONSOLE_GRACE = 120.0
+VSOCK_SILENCE = 30.0
+BOOT_ATTEMPTS = 2
+
+
+class VsockSilent(Exception):
+    """guestd listens (its console says so) but the vsock device never answers."""
 
 
 def new_sandbox_id() -> str:
@@ -317,17 +328,27 @@ class SandboxManager:
             if p
         )
         self.store.put(rec)
-        vm = self.vmm.create(vm_spec(rec, res.cgroup.procs_files))
-        res.vm = vm
-        stack.push_async_callback(vm.destroy)
-        t0 = time.monotonic()
-        sb.stage = "starting the VMM"
-        await vm.start()
-        t1 = time.monotonic()
+        # Whichever VM is current is destroyed on failure (a retry replaces it).
+        stack.push_async_callback(self._destroy_current_vm, res)
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            vm = self.vmm.create(vm_spec(rec, res.cgroup.procs_files))
+            res.vm = vm
+            t0 = time.monotonic()
+            sb.stage = "starting the VMM"
+            await vm.start()
+            t1 = time.monotonic()
+            sb.stage = "waiting for guestd on vsock"
+            try:
+                await self._wait_guest(vm, rec)
+                break
+            except VsockSilent as e:
+                if attempt == BOOT_ATTEMPTS:
+                    raise Unavailable(f"sandbox {rec.sandbox_id}: {e}") from None
+                log.warning("%s: %s; booting a fresh VM (attempt %d)", rec.sandbox_id, e,
+                            attempt + 1)
+                await vm.destroy()
         sb.stage = "starting the vsock relay"
         await res.connect(vm, rec, stack)
-        sb.stage = "waiting for guestd on vsock"
-        await self._wait_guest(vm, rec)
         t2 = time.monotonic()
         assert res.channel is not None
         sb.stage = "in Guest.Init"
@@ -348,18 +369,47 @@ class SandboxManager:
         )
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
-        """Polls guestd's vsock port; fails early if the VMM died."""
+        """Waits for guestd: first its line on the console, then its vsock port.
+
+        vhost-device-vsock 0.3 sometimes never answers a VM whose port was dialled
+        again and again while the guest booted. So the port is dialled only once
+        the console says guestd listens (or after CONSOLE_GRACE without that line,
+        for images whose guestd does not log there); a device that then stays
+        silent raises VsockSilent and the caller boots a fresh VM.
+        Fails early if the VMM died.
+        """
         from hostd.vsock import wait_ready
 
         deadline = time.monotonic() + self.config.create_deadline_seconds
+        grace = time.monotonic() + CONSOLE_GRACE
+        seen = False
+        while time.monotonic() < min(deadline, grace):
+            if not vm.is_alive():
+                raise Unavailable(f"sandbox {rec.sandbox_id}: the VMM exited during boot")
+            if GUESTD_READY_LINE in vm.console_tail(4096):
+                seen = True
+                break
+            await asyncio.sleep(0.05)
+        silent_by = min(deadline, time.monotonic() + VSOCK_SILENCE) if seen else deadline
         try:
-            await wait_ready(
-                vm.vsock_uds, rec.guestd_port, deadline, alive=vm.is_alive, interval=0.1
-            )
+            await wait_ready(vm.vsock_uds, rec.guestd_port, silent_by, alive=vm.is_alive,
+                             interval=0.1)
+        except TimeoutError as e:
+            if seen and silent_by < deadline:
+                raise VsockSilent(
+                    f"guestd listens (console) but the vsock device did not answer in "
+                    f"{VSOCK_SILENCE:.0f} s ({e})"
+                ) from None
+            raise
         except OSError as e:
             raise Unavailable(
                 f"sandbox {rec.sandbox_id}: the VMM exited during boot ({e})"
             ) from None
+
+    @staticmethod
+    async def _destroy_current_vm(res: Resources) -> None:
+        if res.vm is not None:
+            await res.vm.destroy()
 
     def _console(self, sb: Sandbox) -> str:
         vm = sb.res.vm
