@@ -125,6 +125,8 @@ class SandboxManager:
         )
         self._sandboxes: dict[str, Sandbox] = {}
         self.capacity = Capacity(config)
+        # hostd.volumes.VolumeManager, set by the server; None: volumes refused.
+        self.volumes: Any | None = None
 
     # -- startup / shutdown -------------------------------------------------
 
@@ -242,6 +244,8 @@ class SandboxManager:
             allow_out=allow_out,
             deny_out=deny_out,
             allow_public_traffic=opts.allow_public_traffic,
+            volume_id=opts.volume_id,
+            volume_mount_path=opts.volume_mount_path,
             hostname=sid.replace("_", "-"),
             kernel=manifest.kernel,
             initramfs=manifest.initramfs,
@@ -328,10 +332,18 @@ class SandboxManager:
             if p
         )
         self.store.put(rec)
+        spec = vm_spec(rec, res.cgroup.procs_files)
+        if rec.volume_id:
+            if self.volumes is None:
+                raise FailedPrecondition("volume_id: this hostd serves no volumes")
+            sb.stage = "attaching the volume"
+            disk = self.volumes.attach(rec.volume_id, rec.sandbox_id, rec.volume_mount_path)
+            stack.callback(self.volumes.detach, rec.volume_id, rec.sandbox_id)
+            spec = dataclasses.replace(spec, extra_disks=(disk,))
         # Whichever VM is current is destroyed on failure (a retry replaces it).
         stack.push_async_callback(self._destroy_current_vm, res)
         for attempt in range(1, BOOT_ATTEMPTS + 1):
-            vm = self.vmm.create(vm_spec(rec, res.cgroup.procs_files))
+            vm = self.vmm.create(spec)
             res.vm = vm
             t0 = time.monotonic()
             sb.stage = "starting the VMM"
@@ -360,6 +372,11 @@ class SandboxManager:
             access_token=rec.access_token,
             rpc_timeout=30.0,
         )
+        if rec.volume_id:
+            from hostd.volumes.mount import mount_in_guest
+
+            sb.stage = "mounting the volume"
+            await mount_in_guest(res.channel, rec.volume_mount_path, access_token=rec.access_token)
         log.info(
             "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
             rec.sandbox_id,
@@ -445,6 +462,8 @@ class SandboxManager:
             except Exception:
                 log.exception("releasing %s left something behind", sb.id)
             finally:
+                if self.volumes is not None:
+                    self.volumes.release(sb.id)
                 self._sandboxes.pop(sb.id, None)
                 self.capacity.release(sb.id)
                 self.store.delete(sb.id)

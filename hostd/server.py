@@ -71,8 +71,15 @@ async def serve(
         if mgr.network is not None:
             await mgr.network.start()
             stack.push_async_callback(mgr.network.stop)
+        from hostd.volumes import VolumeManager, add_to_server
+
+        volumes = VolumeManager(state)
+        stack.callback(volumes.close)
+        mgr.volumes = volumes
         await mgr.start()
         stack.push_async_callback(mgr.close)
+        # Volumes held by sandboxes that did not survive the restart are free again.
+        volumes.reconcile(set(mgr.ids()))
         if mgr.network is not None:
             from hostd.network import PortProxy
 
@@ -94,6 +101,7 @@ async def serve(
         template_pb2_grpc.add_TemplateServiceServicer_to_server(
             TemplateService(config.images_path), server
         )
+        add_to_server(server, volumes)
         server.add_generic_rpc_handlers([GuestPassthrough(mgr.guest_channel)])
         from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 

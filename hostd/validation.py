@@ -96,9 +96,10 @@ def volume(volume_id: str, mount_path: str) -> None:
     if mount_path and not volume_id:
         raise InvalidArgument("volume_mount_path", "given without volume_id")
     if volume_id:
-        if not mount_path.startswith("/"):
-            raise InvalidArgument("volume_mount_path", f"{mount_path!r} must be an absolute path")
-        raise InvalidArgument("volume_id", "volumes are not available on this node yet")
+        from hostd.volumes.manager import check_mount_path, check_volume_id
+
+        check_volume_id(volume_id)
+        check_mount_path(mount_path)
 
 
 def port(value: int) -> int:

@@ -85,9 +85,19 @@ def test_templates(h: Hostd) -> None:
         ({"envs": {"BAD-NAME": "1"}}, grpc.StatusCode.INVALID_ARGUMENT, "envs"),
         ({"memory_mb": 16}, grpc.StatusCode.INVALID_ARGUMENT, "memory_mb"),
         (
-            {"volume_id": "v1", "volume_mount_path": "data"},
+            {"volume_id": "v1", "volume_mount_path": "/data"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "volume_id",
+        ),
+        (
+            {"volume_id": "vol_aaaaaaaaaaaa", "volume_mount_path": "data"},
             grpc.StatusCode.INVALID_ARGUMENT,
             "volume_mount_path",
+        ),
+        (
+            {"volume_id": "vol_aaaaaaaaaaaa", "volume_mount_path": "/data"},
+            grpc.StatusCode.NOT_FOUND,
+            "vol_aaaaaaaaaaaa",
         ),
         # Above the node's memory budget (4096 MB here): the node is full, not the input bad.
         ({"memory_mb": 8192}, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory"),

@@ -71,6 +71,17 @@ def test_create_python_template(reap: None) -> None:
 
 
 def test_create_with_all_options(use_net_hostd: Any, reap: None) -> None:
+    # The spec's placeholder volume id stands for a volume made beforehand.
+    import grpc
+
+    from moru_proto.host.v1 import volume_pb2, volume_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{use_net_hostd.sock}") as ch:
+        vol = volume_pb2_grpc.VolumeServiceStub(ch).Create(
+            volume_pb2.CreateVolumeRequest(name="spec-example", size_mb=64),
+            metadata=use_net_hostd.md(),
+            timeout=60,
+        )
     env = run_example(
         """
         sandbox = Sandbox.create(
@@ -87,7 +98,7 @@ def test_create_with_all_options(use_net_hostd: Any, reap: None) -> None:
                 "deny_out": ["internal.company.com"],
             }
         )
-        """
+        """.replace("vol_abc123", vol.volume_id)
     )
     sbx = env["sandbox"]
     info = sbx.get_info()
@@ -95,6 +106,8 @@ def test_create_with_all_options(use_net_hostd: Any, reap: None) -> None:
     assert 590 <= (info.end_at - info.started_at).total_seconds() <= 610
     assert sbx.commands.run("echo $API_KEY $DEBUG").stdout == "secret true\n"
     assert sbx.files.exists("/workspace")
+    mounts = sbx.commands.run("cat /proc/mounts").stdout
+    assert " /workspace " in mounts, mounts
 
 
 def test_connect_by_id(reap: None, capsys: pytest.CaptureFixture[str]) -> None:
