@@ -245,6 +245,16 @@ class ManagedProcess:
 
     # -- client operations -------------------------------------------------
 
+    def attach(self, live_only: bool = False) -> Cursor:
+        """A reader's cursor, counted for backpressure from this moment on."""
+        cursor = self.log.new_cursor(live_only)
+        self._cursors[id(cursor)] = cursor
+        return cursor
+
+    def detach(self, cursor: Cursor) -> None:
+        if self._cursors.pop(id(cursor), None) is not None and self._paused:
+            self._resume()
+
     async def follow(self, cursor: Cursor, keepalive: float) -> AsyncIterator[Event]:
         """Events for one reader until the process ends (replay, then live)."""
         key = id(cursor)
@@ -270,9 +280,7 @@ class ManagedProcess:
                     continue
                 await self._gather_more(cursor)
         finally:
-            del self._cursors[key]
-            if self._paused:
-                self._resume()
+            self.detach(cursor)
 
     async def _gather_more(self, cursor: Cursor) -> None:
         """Woken by a little output from a running process: wait up to

@@ -98,10 +98,16 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
 
     async def _stream(self, proc: ManagedProcess, live_only: bool,
                       ) -> AsyncIterator[pb.ProcessEvent]:
-        yield pb.ProcessEvent(start=pb.StartEvent(pid=proc.pid, tag=proc.tag))
-        cursor = proc.log.new_cursor(live_only)
-        async for ev in proc.follow(cursor, self.m.keepalive):
-            yield event_pb(ev)
+        # Attach before the first await: a reader that is not yet attached does
+        # not hold the process back, so its output could overflow the buffer
+        # while the start event is still on its way.
+        cursor = proc.attach(live_only)
+        try:
+            yield pb.ProcessEvent(start=pb.StartEvent(pid=proc.pid, tag=proc.tag))
+            async for ev in proc.follow(cursor, self.m.keepalive):
+                yield event_pb(ev)
+        finally:
+            proc.detach(cursor)
 
     async def Start(self, request: pb.StartRequest, context: Ctx,
                     ) -> AsyncIterator[pb.ProcessEvent]:
