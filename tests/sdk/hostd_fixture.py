@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -49,6 +50,11 @@ def _close(h: Hostd, name: str) -> None:
     with contextlib.suppress(OSError):
         shutil.copy(h.log, f"/tmp/moru-sdk-tests-{name}.log")
     left = h.close()
+    # A stopped hostd keeps its host nft table on purpose (sandboxes outlive a
+    # daemon restart); a test hostd is gone for good, so its table goes too.
+    prefix = (getattr(h, "network", None) or {}).get("name_prefix")
+    if prefix:
+        subprocess.run(["nft", "delete", "table", "inet", prefix], capture_output=True)
     assert not left, f"{name} left behind: {left}"
 
 
