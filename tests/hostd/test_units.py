@@ -185,7 +185,7 @@ def test_validation_names_fields() -> None:
     with pytest.raises(InvalidArgument, match=r"^memory_mb"):
         validation.resources(1, 16, 1024)
     with pytest.raises(InvalidArgument, match=r"^volume_mount_path: 'rel' must be an absolute"):
-        validation.volume("vol1", "rel")
+        validation.volume("vol_aaaaaaaaaaaa", "rel")
     with pytest.raises(InvalidArgument, match=r"^port"):
         validation.port(70000)
 
