@@ -400,12 +400,25 @@ class SandboxManager:
         deadline = time.monotonic() + self.config.create_deadline_seconds
         grace = time.monotonic() + CONSOLE_GRACE
         seen = False
+        # Scan only what the console gained since the last look (plus the length
+        # of the line, in case it straddles two looks), so a chatty console can
+        # neither hide the line nor make each look cost more.
+        offset, keep, tail = 0, len(GUESTD_READY_LINE), b""
+        needle = GUESTD_READY_LINE.encode()
         while time.monotonic() < min(deadline, grace):
             if not vm.is_alive():
                 raise Unavailable(f"sandbox {rec.sandbox_id}: the VMM exited during boot")
-            if GUESTD_READY_LINE in vm.console_tail(4096):
+            try:
+                with vm.console_log.open("rb") as f:
+                    f.seek(offset)
+                    new = f.read()
+            except FileNotFoundError:
+                new = b""
+            offset += len(new)
+            if needle in tail + new:
                 seen = True
                 break
+            tail = (tail + new)[-keep:]
             await asyncio.sleep(0.05)
         silent_by = min(deadline, time.monotonic() + VSOCK_SILENCE) if seen else deadline
         try:
