@@ -112,17 +112,27 @@ def _clean_stale_tmp(tmp_root: Path) -> None:
 
 
 def _gc_builds(root: Path, name: str, keep: Path) -> None:
-    builds = sorted(
-        (d for d in (root / "builds").glob(f"{name}-*") if d != keep and d.is_dir()),
-        key=lambda d: d.stat().st_mtime,
-        reverse=True,
-    )
-    newest_first = [keep, *builds]
+    """Drop builds beyond KEEP_BUILDS once their successor has been current long enough.
+
+    Times are read before anything is removed: a build replaced by one this loop
+    deletes must still be judged by when that successor appeared.
+    """
+    aged: list[tuple[float, Path]] = []
+    for d in (root / "builds").glob(f"{name}-*"):
+        if d == keep:
+            continue
+        try:
+            if d.is_dir():
+                aged.append((d.stat().st_mtime, d))
+        except FileNotFoundError:
+            continue  # removed by a concurrent clean-up
+    aged.sort(key=lambda t: t[0], reverse=True)
+    newest_first = [(keep.stat().st_mtime, keep), *aged]
     now = time.time()
     for i in range(KEEP_BUILDS, len(newest_first)):
-        replaced_at = newest_first[i - 1].stat().st_mtime
+        replaced_at = newest_first[i - 1][0]
         if now - replaced_at > KEEP_REPLACED_SECONDS:
-            shutil.rmtree(newest_first[i], ignore_errors=True)
+            shutil.rmtree(newest_first[i][1], ignore_errors=True)
 
 
 def _cached(root: Path, name: str, digest: str) -> TemplateManifest | None:

@@ -466,3 +466,43 @@ def test_guestd_requirements_match_the_host() -> None:
     stage = images_dir() / "stages" / f"pip-{hashlib.sha256(key_src).hexdigest()[:20]}"
     built("base")
     assert stage.is_dir()
+
+
+def test_gc_keeps_recent_builds_and_drops_long_replaced_ones(tmp_path: Path) -> None:
+    """A chain of old builds is pruned in one pass (the CI crash: a deleted build was stat'ed)."""
+    from images.build import KEEP_BUILDS, KEEP_REPLACED_SECONDS, _gc_builds
+
+    builds = tmp_path / "builds"
+    now = time.time()
+    old = now - 10 * KEEP_REPLACED_SECONDS
+    dirs = []
+    for i in range(5):
+        d = builds / f"python-{i:016x}"
+        d.mkdir(parents=True)
+        t = old + i  # build 4 is the newest of the old ones
+        os.utime(d, (t, t))
+        dirs.append(d)
+    other = builds / "base-0000000000000000"
+    other.mkdir()
+    os.utime(other, (old, old))
+    keep = builds / "python-ffffffffffffffff"
+    keep.mkdir()
+
+    _gc_builds(tmp_path, "python", keep)
+
+    left = sorted(d.name for d in builds.iterdir())
+    # The current build and KEEP_BUILDS - 1 predecessors survive; other templates are untouched.
+    expected_python = [keep.name, *[d.name for d in dirs[5 - (KEEP_BUILDS - 1):]]]
+    assert left == sorted([other.name, *expected_python])
+
+
+def test_gc_keeps_a_build_replaced_recently(tmp_path: Path) -> None:
+    from images.build import KEEP_BUILDS, _gc_builds
+
+    builds = tmp_path / "builds"
+    dirs = [builds / f"python-{i:016x}" for i in range(KEEP_BUILDS + 2)]
+    for d in dirs:
+        d.mkdir(parents=True)  # all fresh: none was replaced over an hour ago
+    keep = dirs[-1]
+    _gc_builds(tmp_path, "python", keep)
+    assert all(d.is_dir() for d in dirs)
