@@ -4,8 +4,11 @@ guest's agent), Health, GetMetrics, GetInfo and Shutdown."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import ipaddress
 import os
 import platform
+import re
 import signal
 import socket
 import time
@@ -32,10 +35,96 @@ def _os_release() -> str:
     return ""
 
 
+# <linux/random.h>: reseed the CRNG from the input pool now (needs CAP_SYS_ADMIN).
+RNDRESEEDCRNG = 0x5207
+IFACE = "eth0"
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
 def _mix_entropy(data: bytes) -> None:
-    """Writing to /dev/urandom mixes bytes into the pool (without crediting them)."""
-    with open("/dev/urandom", "wb") as f:
-        f.write(data)
+    """Mixes bytes into the input pool, then reseeds the CRNG from it.
+
+    The write alone does not reach the CRNG until its next scheduled reseed,
+    so clones of one snapshot would read the same random bytes meanwhile.
+    """
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        os.write(fd, data)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def check_network(net: pb.NetworkConfig) -> None:
+    """INVALID_ARGUMENT naming the field for anything malformed."""
+    try:
+        iface = ipaddress.ip_interface(net.address)
+    except ValueError:
+        raise InvalidArgument(
+            f"network.address: {net.address!r} is not an address with a prefix (10.0.0.2/30)"
+        ) from None
+    if "/" not in net.address:
+        raise InvalidArgument(f"network.address: {net.address!r} has no prefix length")
+    for name, value in (("gateway", net.gateway), ("dns", net.dns)):
+        if value:
+            try:
+                addr = ipaddress.ip_address(value)
+            except ValueError:
+                raise InvalidArgument(f"network.{name}: {value!r} is not an IP address") from None
+            if name == "gateway" and addr.version != iface.version:
+                raise InvalidArgument(f"network.gateway: {value!r} is not an IPv{iface.version} "
+                                      "address like network.address")
+    if net.mac and not _MAC.match(net.mac):
+        raise InvalidArgument(f"network.mac: {net.mac!r} is not a MAC like 02:00:00:00:00:01")
+
+
+async def _ip(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/busybox", "ip", *args, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise FailedPrecondition(
+            f"network: `ip {' '.join(args)}` failed: {out.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+def _iface_mac() -> str | None:
+    """eth0's MAC (sysfs, no blocking to speak of); None while there is no eth0."""
+    try:
+        with open(f"/sys/class/net/{IFACE}/address") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _write_resolv(dns: str) -> None:
+    tmp = "/etc/resolv.conf.moru-tmp"
+    with open(tmp, "w") as f:
+        f.write(f"nameserver {dns}\n")
+    os.replace(tmp, "/etc/resolv.conf")
+
+
+async def apply_network(net: pb.NetworkConfig) -> None:
+    """What the guest init does with `moru.net=` at boot; idempotent (Init may come again)."""
+    for _ in range(200):  # the device may still be probing right after a restore
+        mac = _iface_mac()
+        if mac is not None:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise FailedPrecondition(f"network: the guest has no {IFACE} (no network device)")
+    if net.mac and net.mac != mac:
+        await _ip("link", "set", "dev", IFACE, "address", net.mac)
+    have = await _ip("-o", "addr", "show", "dev", IFACE)
+    if f" {net.address} " not in have:
+        await _ip("addr", "flush", "dev", IFACE)
+        await _ip("addr", "add", net.address, "dev", IFACE)
+    await _ip("link", "set", "dev", IFACE, "up")
+    if net.gateway:
+        await _ip("route", "replace", "default", "via", net.gateway, "dev", IFACE)
+    if net.dns:
+        _write_resolv(net.dns)
 
 
 def _uptime() -> float:
@@ -71,6 +160,8 @@ class GuestService(guest_pb2_grpc.GuestServicer):
         s = self.state
         if request.hostname and not all(c.isalnum() or c in "-." for c in request.hostname):
             raise InvalidArgument(f"hostname: invalid host name {request.hostname!r}")
+        if request.HasField("network"):
+            check_network(request.network)
         if s.guest_mode:
             if request.hostname:
                 set_hostname(request.hostname)
@@ -78,6 +169,8 @@ class GuestService(guest_pb2_grpc.GuestServicer):
                 time.clock_settime(time.CLOCK_REALTIME, request.wall_clock.ToNanoseconds() / 1e9)
             if request.entropy:
                 _mix_entropy(request.entropy)
+            if request.HasField("network"):
+                await apply_network(request.network)
         s.env = dict(request.env)
         s.sandbox_id = request.sandbox_id
         s.template_id = request.template_id

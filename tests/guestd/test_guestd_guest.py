@@ -80,3 +80,24 @@ def test_metrics_move_with_cpu_and_memory_use(guestd: Guestd) -> None:
     # 1 GiB allocated and touched; the host's other work (VMs coming and going)
     # moves the total too, so ask for a clear half of it.
     assert during - before > 512 * 1024**2, (before, during)
+
+
+@pytest.mark.parametrize(
+    ("net", "field"),
+    [
+        (pb.NetworkConfig(address="10.0.0.2"), "network.address"),
+        (pb.NetworkConfig(address="10.0.0.300/30"), "network.address"),
+        (pb.NetworkConfig(address="10.0.0.2/30", gateway="gw"), "network.gateway"),
+        (pb.NetworkConfig(address="10.0.0.2/30", gateway="fd00::1"), "network.gateway"),
+        (pb.NetworkConfig(address="10.0.0.2/30", dns="x.y"), "network.dns"),
+        (pb.NetworkConfig(address="10.0.0.2/30", mac="02:00:00:00:00"), "network.mac"),
+    ],
+)
+def test_init_refuses_a_malformed_network_naming_the_field(
+    fresh_guestd: Guestd, net: pb.NetworkConfig, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        fresh_guestd.guest.Init(pb.InitRequest(sandbox_id="sbx-1", network=net))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (e.value.details() or "")
+    assert not fresh_guestd.guest.Health(pb.HealthRequest()).initialized

@@ -50,12 +50,15 @@ class InitRequest(_message.Message):
     WALL_CLOCK_FIELD_NUMBER: _builtins.int
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     ENTROPY_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     template_id: _builtins.str
     hostname: _builtins.str
     access_token: _builtins.str
     entropy: _builtins.bytes
-    """Bytes mixed into the guest's entropy pool (fresh per sandbox)."""
+    """Bytes mixed into the guest's entropy pool (fresh per sandbox); the
+    guest reseeds its CRNG right after, so clones of one snapshot diverge.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Environment for every process; a process's own env overrides it."""
@@ -63,6 +66,12 @@ class InitRequest(_message.Message):
     @_builtins.property
     def wall_clock(self) -> _timestamp_pb2.Timestamp:
         """The host's wall clock; the guest sets its clock from it."""
+
+    @_builtins.property
+    def network(self) -> Global___NetworkConfig:
+        """The guest's network, for a guest that did not get it on its kernel
+        command line (one restored from a ready snapshot). Unset: left as it is.
+        """
 
     def __init__(
         self,
@@ -74,14 +83,49 @@ class InitRequest(_message.Message):
         wall_clock: _timestamp_pb2.Timestamp | None = ...,
         access_token: _builtins.str = ...,
         entropy: _builtins.bytes = ...,
+        network: Global___NetworkConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["wall_clock", b"wall_clock"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "wall_clock", b"wall_clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "entropy", b"entropy", "env", b"env", "hostname", b"hostname", "sandbox_id", b"sandbox_id", "template_id", b"template_id", "wall_clock", b"wall_clock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "entropy", b"entropy", "env", b"env", "hostname", b"hostname", "network", b"network", "sandbox_id", b"sandbox_id", "template_id", b"template_id", "wall_clock", b"wall_clock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InitRequest: _TypeAlias = InitRequest  # noqa: Y015
+
+@_typing.final
+class NetworkConfig(_message.Message):
+    """eth0's configuration, as the guest init applies `moru.net=` at boot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """Address with prefix length, e.g. "10.200.0.6/30"."""
+    gateway: _builtins.str
+    """Default route via this address; empty: no default route."""
+    dns: _builtins.str
+    """The only nameserver in /etc/resolv.conf; empty: the file is left alone."""
+    mac: _builtins.str
+    """eth0's MAC address ("02:6d:72:00:00:01"); empty: kept."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        gateway: _builtins.str = ...,
+        dns: _builtins.str = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "dns", b"dns", "gateway", b"gateway", "mac", b"mac"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkConfig: _TypeAlias = NetworkConfig  # noqa: Y015
 
 @_typing.final
 class InitResponse(_message.Message):
