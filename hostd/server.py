@@ -40,7 +40,7 @@ SERVER_OPTIONS = [
 def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager:
     """The real backends: QEMU, cgroups, networking (when enabled)."""
     from hostd.cgroups import CgroupManager
-    from hostd.vmm.qemu import QemuVmm
+    from hostd.vmm.snapshot import PciQemuVmm
 
     network = None
     if config.network.enabled:
@@ -50,7 +50,8 @@ def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager
     return SandboxManager(
         config,
         Store(config.db_path),
-        QemuVmm(),
+        # vsock on a hot-pluggable PCIe port, so every sandbox can be paused to disk.
+        PciQemuVmm(),
         CgroupManager(config.cgroup_root),
         network,
         bus,
@@ -76,6 +77,11 @@ async def serve(
         volumes = VolumeManager(state)
         stack.callback(volumes.close)
         mgr.volumes = volumes
+        from hostd.observability import Observability
+
+        # Before mgr.start(): re-attaching publishes events (e.g. killed/vmm_exited
+        # for VMs that died while hostd was down) that the exporter must count.
+        obs = Observability(mgr, images_dir=config.images_path)  # hooks mgr.bus
         await mgr.start()
         stack.push_async_callback(mgr.close)
         # Volumes held by sandboxes that did not survive the restart are free again.
@@ -89,9 +95,6 @@ async def serve(
             await proxy.start()
             stack.push_async_callback(proxy.stop)
 
-        from hostd.observability import Observability
-
-        obs = Observability(mgr, images_dir=config.images_path)  # hooks mgr.bus
         server = grpc.aio.server(
             # Observability first, so it times and counts calls the edge refuses.
             interceptors=[obs.interceptor, EdgeInterceptor(config.api_key)],
