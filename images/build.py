@@ -48,7 +48,11 @@ from images.tools import (
 
 # Bump to rebuild every template after a change the hashed sources do not show.
 BUILD_VERSION = "1"
-BASE_CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 reboot=k quiet"
+# pcie_ports=native: microvm's ACPI tables grant no native PCIe hotplug (_OSC),
+# which pausing to disk needs to unplug and re-plug the vsock device.
+BASE_CMDLINE = (
+    "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 reboot=k quiet pcie_ports=native"
+)
 # Free space a build needs besides what is cached: an unpacked root and its image.
 BUILD_FREE_BYTES = 3 << 30
 # Builds kept per template: the newest and the one before, and any replaced less

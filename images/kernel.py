@@ -22,6 +22,11 @@ REQUIRED_MODULES = (
     "virtio",
     "virtio_ring",
     "virtio_mmio",
+    # PCI transport: hostd puts the vsock device on a hot-pluggable PCIe port
+    # so a sandbox can be paused to disk (hostd/vmm/snapshot.py).
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
     "virtio_blk",
     "failover",
     "net_failover",
