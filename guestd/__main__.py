@@ -8,6 +8,7 @@ import logging
 import sys
 
 from guestd.server import Config, Guestd, parse_listen
+from guestd.sigdefaults import catch_inherited_ignores
 
 
 def _args(argv: list[str] | None) -> Config:
@@ -46,6 +47,7 @@ async def _serve(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = _args(argv)
+    catch_inherited_ignores()
     try:
         import uvloop
     except ImportError:  # optional in the guest image

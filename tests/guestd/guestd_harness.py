@@ -21,18 +21,28 @@ from moru_proto.guest.v1 import process_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
+_IGNORING_TRAMPOLINE = (
+    "import os,signal,sys\n"
+    "[signal.signal(int(s), signal.SIG_IGN) for s in sys.argv[1].split(',')]\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class Guestd:
     """One guestd process; `close()` ends it by pid and removes its directory."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 ignored_signals: tuple[int, ...] = ()) -> None:
         self.dir = tempfile.mkdtemp(dir="/tmp", prefix="mg")
         self.sock = f"{self.dir}/g.sock"
         self.target = f"unix:{self.sock}"
         self.log = open(f"{self.dir}/guestd.log", "wb")
+        command = [sys.executable, "-m", "guestd", "--listen", self.target, *args]
+        if ignored_signals:  # as under nohup or `guestd &`: SIG_IGN survives exec
+            command = [sys.executable, "-c", _IGNORING_TRAMPOLINE,
+                       ",".join(map(str, ignored_signals)), *command]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "guestd", "--listen", self.target, *args],
+            command,
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
