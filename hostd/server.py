@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hostd.config import Config
 from hostd.events import EventBus
 from hostd.interceptors import EdgeInterceptor
+from hostd.operations import Operations
 from hostd.passthrough import GuestPassthrough
 from hostd.sandboxes import SandboxManager
 from hostd.services.sandbox import SandboxService
@@ -35,6 +36,8 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.so_reuseport", 0),
 ]
+# How long a stopping hostd waits for cancelled Creates/Kills to release what they hold.
+DRAIN_SECONDS = 60.0
 
 
 def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager:
@@ -100,7 +103,8 @@ async def serve(
             interceptors=[obs.interceptor, EdgeInterceptor(config.api_key)],
             options=SERVER_OPTIONS,
         )
-        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(SandboxService(mgr), server)
+        ops = Operations()
+        sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(SandboxService(mgr, ops), server)
         template_pb2_grpc.add_TemplateServiceServicer_to_server(
             TemplateService(config.images_path), server
         )
@@ -112,6 +116,10 @@ async def serve(
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         _listen(server, config)
         await server.start()
+        # On the way out (callbacks run last first): stop serving, then let the
+        # Creates/Kills still in flight finish their cleanup, and only then close
+        # the manager, network and store they use.
+        stack.push_async_callback(ops.drain, DRAIN_SECONDS)
         stack.push_async_callback(server.stop, 5.0)
         # Prometheus endpoint (when metrics_listen is set) and the console watch.
         await stack.enter_async_context(obs.serve(config.metrics_listen))

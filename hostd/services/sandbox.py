@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hostd.events import Event
 from hostd.guest import Sample
+from hostd.operations import Operations
 from hostd.sandboxes import CreateOptions, SandboxManager
 from hostd.state import State
 from hostd.store import SandboxRecord
@@ -88,35 +89,39 @@ def event(ev: Event) -> pb.SandboxEvent:
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, mgr: SandboxManager) -> None:
+    def __init__(self, mgr: SandboxManager, ops: Operations | None = None) -> None:
         self.mgr = mgr
+        # Create/Kill/Pause/Resume run here: a cancel cannot cut their cleanup short.
+        self.ops = ops if ops is not None else Operations()
 
     async def Create(self, request: pb.CreateRequest, context: Ctx) -> pb.SandboxInfo:
         net = request.network
-        rec = await self.mgr.create(
-            CreateOptions(
-                template=request.template,
-                timeout_seconds=request.timeout_seconds
-                if request.HasField("timeout_seconds")
-                else None,
-                metadata=dict(request.metadata),
-                envs=dict(request.envs),
-                allow_internet_access=(
-                    request.allow_internet_access
-                    if request.HasField("allow_internet_access")
-                    else True
-                ),
-                allow_out=list(net.allow_out),
-                deny_out=list(net.deny_out),
-                allow_public_traffic=(
-                    net.allow_public_traffic if net.HasField("allow_public_traffic") else True
-                ),
-                secure=request.secure if request.HasField("secure") else True,
-                volume_id=request.volume_id,
-                volume_mount_path=request.volume_mount_path,
-                vcpus=request.vcpus,
-                memory_mb=request.memory_mb,
-                disk_mb=request.disk_mb,
+        rec = await self.ops.run(
+            self.mgr.create(
+                CreateOptions(
+                    template=request.template,
+                    timeout_seconds=request.timeout_seconds
+                    if request.HasField("timeout_seconds")
+                    else None,
+                    metadata=dict(request.metadata),
+                    envs=dict(request.envs),
+                    allow_internet_access=(
+                        request.allow_internet_access
+                        if request.HasField("allow_internet_access")
+                        else True
+                    ),
+                    allow_out=list(net.allow_out),
+                    deny_out=list(net.deny_out),
+                    allow_public_traffic=(
+                        net.allow_public_traffic if net.HasField("allow_public_traffic") else True
+                    ),
+                    secure=request.secure if request.HasField("secure") else True,
+                    volume_id=request.volume_id,
+                    volume_mount_path=request.volume_mount_path,
+                    vcpus=request.vcpus,
+                    memory_mb=request.memory_mb,
+                    disk_mb=request.disk_mb,
+                )
             )
         )
         return info(rec)
@@ -135,15 +140,15 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         return info(await self.mgr.set_timeout(request.sandbox_id, request.timeout_seconds))
 
     async def Kill(self, request: pb.KillRequest, context: Ctx) -> pb.KillResponse:
-        await self.mgr.kill(request.sandbox_id)
+        await self.ops.run(self.mgr.kill(request.sandbox_id))
         return pb.KillResponse()
 
     async def Pause(self, request: pb.PauseRequest, context: Ctx) -> pb.SandboxInfo:
-        return info(await self.mgr.pause(request.sandbox_id))
+        return info(await self.ops.run(self.mgr.pause(request.sandbox_id)))
 
     async def Resume(self, request: pb.ResumeRequest, context: Ctx) -> pb.SandboxInfo:
         t = request.timeout_seconds if request.HasField("timeout_seconds") else None
-        return info(await self.mgr.resume(request.sandbox_id, t))
+        return info(await self.ops.run(self.mgr.resume(request.sandbox_id, t)))
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Ctx
