@@ -120,9 +120,22 @@ async def _deny(ctx: Ctx) -> None:
                     f"{TOKEN_HEADER}: missing or wrong access token")
 
 
+def _send_bytes_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A servicer may yield an already serialized message (bytes): bulk output
+    is encoded with one copy instead of protobuf's two (process.service)."""
+    if serialize is None:
+        return None
+    inner = serialize
+
+    def ser(msg: Any) -> bytes:
+        return msg if type(msg) is bytes else inner(msg)
+
+    return ser
+
+
 def _wrap(h: Handler, denied: bool) -> Handler:
     ser: dict[str, Any] = {"request_deserializer": h.request_deserializer,
-                           "response_serializer": h.response_serializer}
+                           "response_serializer": _send_bytes_as_is(h.response_serializer)}
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
     if h.unary_unary or h.stream_unary:
         fn: Any = h.unary_unary or h.stream_unary

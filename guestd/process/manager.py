@@ -39,13 +39,17 @@ from guestd.errors import (
     NotFound,
     ResourceExhausted,
 )
-from guestd.process.output import Cursor, OutputLog
+from guestd.process.output import Cursor, OutputLog, Part
 from guestd.process.spawn import Child, Spec, set_winsize, spawn
 
 READ_MAX = 1024 * 1024
+MESSAGE_MAX = 1024 * 1024  # output bytes per event: per-message cost dominates gRPC in Python
+NAP_BELOW = 64 * 1024  # after a read smaller than this from a running process ...
+NAP = 0.001  # ... poll that pipe again only this much later (fewer, bigger reads)
 DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
-BATCH_BYTES = 128 * 1024  # a follower sends at once when this much is waiting ...
-BATCH_WAIT = 0.002  # ... else after at most this long (interactive latency)
+BATCH_BYTES = 512 * 1024  # a follower sends at once when this much is waiting ...
+BATCH_QUIET = 0.002  # ... or when the process wrote nothing for this long (interactive) ...
+BATCH_MAX_WAIT = 0.02  # ... or at the latest this long after the first byte of the batch
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,14 @@ class End:
 
 @dataclass(frozen=True)
 class Data:
+    """Output of one stream; `parts` concatenated (kept apart so the encoder copies once)."""
+
     kind: str
-    data: bytes
+    parts: list[Part]
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,11 @@ class KeepAlive:
 
 
 Event = Data | Dropped | End | KeepAlive
+
+
+def _set_false(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 def _end_of(status: int, timed_out: bool) -> End:
@@ -106,11 +121,14 @@ class ManagedProcess:
         self._read_size = max(1024, min(READ_MAX, buffer_bytes // 4))
         self._fds = dict(child.fds)
         self._paused: set[str] = set()
+        self._naps: dict[str, asyncio.TimerHandle] = {}
         self._stdin_fd = child.stdin_fd
         self._stdin_lock = asyncio.Lock()
         self._followers: set[int] = set()
         self._cursors: dict[int, Cursor] = {}
-        self._changed = asyncio.Event()
+        self._total = 0  # bytes read from all streams so far
+        # Followers waiting for output: (wake once _total reaches this, future).
+        self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
         self._status: int | None = None
         self._timed_out = False
         self._on_end = on_end
@@ -130,8 +148,38 @@ class ManagedProcess:
     # -- output ------------------------------------------------------------
 
     def _notify(self) -> None:
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
+        """Wakes every waiting follower (end, pause, close)."""
+        waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_result(True)
+
+    def _data_arrived(self) -> None:
+        """Wakes the followers whose batch is now big enough (cheap: runs per read)."""
+        if any(self._total >= want for want, _ in self._waiters):
+            keep = []
+            for want, fut in self._waiters:
+                if self._total < want:
+                    keep.append((want, fut))
+                elif not fut.done():
+                    fut.set_result(True)
+            self._waiters = keep
+
+    async def _wait_for(self, total: int, patience: float) -> bool:
+        """Until _total >= `total` or something else changed (True), or `patience` s (False).
+
+        A bare future and timer: asyncio.wait_for would make a task per wait,
+        and a follower waits once per message."""
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        entry = (total, fut)
+        self._waiters.append(entry)
+        timer = self._loop.call_later(patience, _set_false, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):  # gone already when woken by output
+                self._waiters.remove(entry)
 
     def _must_wait(self, kind: str) -> bool:
         """True when every attached reader would lose bytes if we read more."""
@@ -155,18 +203,31 @@ class ManagedProcess:
             self._close(kind)
             return False
         self.log.append(kind, data)
-        self._notify()
+        self._total += len(data)
+        if self._waiters:
+            self._data_arrived()
         return True
 
     def _on_readable(self, kind: str) -> None:
         if self._must_wait(kind):
             self._pause(kind)
             return
-        self._read_once(kind)
+        before = self._total
+        if self._read_once(kind) and self._total - before < NAP_BELOW and self.running:
+            # A writer of many small writes would wake guestd once per write;
+            # a short nap lets the pipe collect them (it holds PIPE_SIZE bytes).
+            self._loop.remove_reader(self._fds[kind])
+            self._naps[kind] = self._loop.call_later(NAP, self._end_nap, kind)
+
+    def _end_nap(self, kind: str) -> None:
+        self._naps.pop(kind, None)
+        if kind in self._fds and kind not in self._paused and self.running:
+            self._loop.add_reader(self._fds[kind], self._on_readable, kind)
 
     def _pause(self, kind: str) -> None:
         self._loop.remove_reader(self._fds[kind])
         self._paused.add(kind)
+        self._notify()  # a follower still gathering a batch: send what is there
 
     def _drain(self, kind: str) -> None:
         """After exit: read what the pipe holds, then close it."""
@@ -195,6 +256,9 @@ class ManagedProcess:
 
     def _close(self, kind: str) -> None:
         fd = self._fds.pop(kind)
+        nap = self._naps.pop(kind, None)
+        if nap is not None:
+            nap.cancel()
         self._loop.remove_reader(fd)
         self._paused.discard(kind)
         if fd == self._stdin_fd:  # the pty master is both
@@ -261,8 +325,7 @@ class ManagedProcess:
         self._cursors[key] = cursor
         try:
             while True:
-                changed = self._changed
-                dropped, item = self.log.take(cursor)
+                dropped, item = self.log.take_parts(cursor, MESSAGE_MAX)
                 if dropped:
                     yield Dropped(dropped)
                 if item is not None:
@@ -273,30 +336,32 @@ class ManagedProcess:
                 if self.end is not None:
                     yield self.end
                     return
-                try:
-                    await asyncio.wait_for(changed.wait(), keepalive)
-                except TimeoutError:
+                # Everything read so far is taken: wait for more output.
+                base = self._total
+                if not await self._wait_for(base + 1, keepalive):
                     yield KeepAlive()
                     continue
-                await self._gather_more(cursor)
+                await self._gather_more(base)
         finally:
             self.detach(cursor)
 
-    async def _gather_more(self, cursor: Cursor) -> None:
-        """Woken by a little output from a running process: wait up to
-        BATCH_WAIT for more, so a fast writer's output goes out in a few big
-        messages (per-message cost dominates) rather than many small ones."""
-        deadline = self._loop.time() + BATCH_WAIT
-        while (self.running and not self._paused
-               and sum(self.log.unread(cursor, k) for k in self._fds) < BATCH_BYTES):
-            left = deadline - self._loop.time()
+    async def _gather_more(self, base: int) -> None:
+        """Woken by a little output from a running process (`base`: bytes read
+        when this reader had taken everything): wait for more, so a fast
+        writer's output goes out in a few big messages (per-message cost
+        dominates) rather than many small ones. Sends as soon as a batch is
+        full, the process was quiet for BATCH_QUIET, or BATCH_MAX_WAIT passed."""
+        want = base + max(1, min(BATCH_BYTES, self._capacity - self._read_size))
+        give_up = self._loop.time() + BATCH_MAX_WAIT
+        while self.running and not self._paused and self._total < want:
+            seen = self._total
+            left = give_up - self._loop.time()
             if left <= 0:
                 return
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), left)
-            except TimeoutError:
-                return
+            if await self._wait_for(want, min(BATCH_QUIET, left)):
+                continue  # batch full, or paused/ended: the loop condition decides
+            if self._total == seen:
+                return  # quiet: send what there is
 
     def signal(self, sig: int) -> None:
         if not self.running:
@@ -378,29 +443,36 @@ class ProcessManager:
         self._keep_ended = keep_ended
         self._max_running = max_running
         self._procs: dict[int, ManagedProcess] = {}
-        self._ended: OrderedDict[int, None] = OrderedDict()
+        self._live = 0  # started and not yet ended (counted, not scanned: Start stays O(1))
+        self._ended: OrderedDict[int, int] = OrderedDict()  # pid -> output bytes it holds
+        self._ended_bytes = 0
 
     def start(self, spec: Spec) -> ManagedProcess:
         if spec.tag and any(p.running and p.tag == spec.tag for p in self._procs.values()):
             raise AlreadyExists(f"tag: a running process already has tag {spec.tag!r}")
-        if sum(p.running for p in self._procs.values()) >= self._max_running:
+        if self._live >= self._max_running:
             raise ResourceExhausted(f"too many processes (limit {self._max_running})")
         child = spawn(spec, self._init_env())
         old = self._procs.pop(child.popen.pid, None)  # a kept ended entry whose pid was reused
         if old is not None:
-            self._ended.pop(old.pid, None)
+            self._ended_bytes -= self._ended.pop(old.pid, 0)
         proc = ManagedProcess(child, spec, self.buffer_bytes, self._ended_cb)
         self._procs[proc.pid] = proc
+        self._live += 1
         return proc
 
     def _ended_cb(self, proc: ManagedProcess) -> None:
-        self._ended[proc.pid] = None
+        self._live -= 1
+        if self._procs.get(proc.pid) is not proc:
+            return  # its pid was reused while its pipes drained: the table has the new one
+        held = proc.log.held_bytes()  # final: an ended process's log no longer changes
+        self._ended[proc.pid] = held
+        self._ended_bytes += held
         budget = 64 * 1024 * 1024
         while len(self._ended) > self._keep_ended or (
-            len(self._ended) > 1
-            and sum(self._procs[p].log.held_bytes() for p in self._ended) > budget
-        ):
-            pid, _ = self._ended.popitem(last=False)
+                len(self._ended) > 1 and self._ended_bytes > budget):
+            pid, n = self._ended.popitem(last=False)
+            self._ended_bytes -= n
             self._procs.pop(pid, None)
 
     def get(self, pid: int = 0, tag: str = "") -> ManagedProcess:

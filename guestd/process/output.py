@@ -1,11 +1,16 @@
 """A process's kept output: one bounded buffer per stream, read by cursors.
 
 Each stream (stdout, stderr or pty) keeps at most `capacity` bytes: the newest
-ones. Chunks carry a process-wide sequence number, so a reader that merges the
-streams by sequence sees stdout and stderr in the order guestd read them.
-Only the newest chunk of the whole process grows in place (small writes are
-coalesced up to CHUNK_MAX), which keeps the chunk count bounded without
-breaking that order.
+ones. Chunks carry a process-wide sequence number that changes whenever the
+stream being written changes, so a reader that merges the streams by sequence
+sees stdout and stderr in the order guestd read them. Chunks hold immutable
+`bytes` (a pipe read is stored as is, not copied); only the newest chunk of the
+whole process grows, and only while it is small (GROW_MAX), which keeps the
+chunk count bounded without breaking that order.
+
+Readers take *parts*: the bytes objects (or memoryviews of them) that make up
+the next message, up to a size limit and across chunks of the same run, so a
+message is assembled with a single copy where it is encoded (`take_parts`).
 
 A `Cursor` is one reader's position (Start or Connect stream). When the
 buffer trimmed bytes a cursor had not read yet, the cursor reports them as
@@ -19,13 +24,15 @@ from dataclasses import dataclass, field
 
 STDOUT, STDERR, PTY = "stdout", "stderr", "pty"
 CHUNK_MAX = 1024 * 1024
+GROW_MAX = 64 * 1024  # a newest chunk smaller than this absorbs the next small read
+Part = bytes | memoryview
 
 
 @dataclass(eq=False)
 class _Chunk:
     seq: int
     start: int  # offset of data[0] within its stream
-    data: bytearray
+    data: bytes
 
 
 class StreamBuffer:
@@ -47,10 +54,12 @@ class StreamBuffer:
         self.trimmed = 0  # bytes ever dropped (== offset of the first held byte)
 
     def append(self, seq: int, data: bytes, grow_last: bool) -> None:
-        if grow_last and self.chunks and len(self.chunks[-1].data) + len(data) <= self.chunk_max:
-            self.chunks[-1].data += data
+        last = self.chunks[-1] if self.chunks else None
+        if (grow_last and last is not None and len(last.data) < GROW_MAX
+                and len(last.data) + len(data) <= self.chunk_max):
+            last.data += data  # a new bytes object: views a reader holds stay valid
         else:
-            self.chunks.append(_Chunk(seq, self.end, bytearray(data)))
+            self.chunks.append(_Chunk(seq, self.end, bytes(data)))
         self.size += len(data)
         self.end += len(data)
         while len(self.chunks) > 1 and self.size - len(self.chunks[0].data) >= self.capacity:
@@ -103,8 +112,22 @@ class OutputLog:
     def unread(self, cur: Cursor, kind: str) -> int:
         return self.streams[kind].end - cur.offset[kind]
 
-    def take(self, cur: Cursor) -> tuple[dict[str, int], tuple[str, bytes] | None]:
+    def take(self, cur: Cursor, limit: int = CHUNK_MAX,
+             ) -> tuple[dict[str, int], tuple[str, bytes] | None]:
         """Next data for `cur`: (newly dropped bytes per stream, (kind, data) or None)."""
+        dropped, item = self.take_parts(cur, limit)
+        if item is None:
+            return dropped, None
+        kind, parts = item
+        return dropped, (kind, parts[0] if len(parts) == 1 and isinstance(parts[0], bytes)
+                         else b"".join(parts))
+
+    def take_parts(self, cur: Cursor, limit: int,
+                   ) -> tuple[dict[str, int], tuple[str, list[Part]] | None]:
+        """Like `take`, without copying: the next at most `limit` bytes of one
+        stream as a list of parts (whole chunks or views of them), coalesced
+        across that stream's chunks as long as no other stream's output came
+        in between."""
         dropped: dict[str, int] = {}
         best: tuple[int, str] | None = None
         for kind, s in self.streams.items():
@@ -127,9 +150,26 @@ class OutputLog:
             cur.index[kind] = s.first + i
         if best is None:
             return dropped, None
-        kind = best[1]
+        seq, kind = best
         s = self.streams[kind]
-        ch = s.chunks[cur.index[kind] - s.first]
-        data = bytes(ch.data[cur.offset[kind] - ch.start :])
-        cur.offset[kind] += len(data)
-        return dropped, (kind, data)
+        i = cur.index[kind] - s.first
+        off = cur.offset[kind]
+        parts: list[Part] = []
+        n = 0
+        while n < limit:
+            ch = s.chunks[i]
+            if ch.seq != seq:
+                break
+            lo = off - ch.start
+            hi = min(len(ch.data), lo + limit - n)
+            if lo < hi:
+                parts.append(ch.data if lo == 0 and hi == len(ch.data)
+                             else memoryview(ch.data)[lo:hi])
+                n += hi - lo
+                off += hi - lo
+            if hi < len(ch.data) or i + 1 == len(s.chunks):
+                break  # part of this chunk is left, or it is the newest (it may grow)
+            i += 1
+        cur.index[kind] = s.first + i
+        cur.offset[kind] = off
+        return dropped, (kind, parts)

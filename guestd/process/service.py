@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from guestd.errors import InvalidArgument
 from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
+from guestd.process.output import Part
 from guestd.process.spawn import Spec
 from guestd.rpc_types import Ctx
 from moru_proto.guest.v1 import process_pb2 as pb
@@ -63,9 +64,36 @@ def end_pb(end: End) -> pb.EndEvent:
                        timed_out=end.timed_out, status=end.status)
 
 
-def event_pb(ev: Event) -> pb.ProcessEvent:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_key(msg: type, field: str) -> bytes:
+    """The wire key of a length-delimited field (wire type 2)."""
+    return _varint(msg.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # type: ignore[attr-defined]
+
+
+_DATA_KEY = _len_key(pb.ProcessEvent, "data")
+_KIND_KEY = {k: _len_key(pb.DataEvent, k) for k in ("stdout", "stderr", "pty")}
+
+
+def data_event_bytes(kind: str, parts: list[Part]) -> bytes:
+    """A serialized ProcessEvent{data{<kind>: parts}}, built with one copy of the
+    output (protobuf would copy it into the message, then again to serialize).
+    The edge interceptor sends bytes as they are."""
+    n = sum(len(p) for p in parts)
+    inner = _KIND_KEY[kind] + _varint(n)
+    return b"".join((_DATA_KEY, _varint(len(inner) + n), inner, *parts))
+
+
+def event_pb(ev: Event) -> pb.ProcessEvent | bytes:
     if isinstance(ev, Data):
-        return pb.ProcessEvent(data=pb.DataEvent(**{ev.kind: ev.data}))
+        return data_event_bytes(ev.kind, ev.parts)
     if isinstance(ev, Dropped):
         b = ev.bytes_by_kind
         return pb.ProcessEvent(dropped=pb.OutputDropped(
@@ -97,7 +125,7 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
         return self.m.get(pid=sel.pid, tag=sel.tag) if which == "pid" else self.m.get(tag=sel.tag)
 
     async def _stream(self, proc: ManagedProcess, live_only: bool,
-                      ) -> AsyncIterator[pb.ProcessEvent]:
+                      ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         # Attach before the first await: a reader that is not yet attached does
         # not hold the process back, so its output could overflow the buffer
         # while the start event is still on its way.
@@ -109,14 +137,16 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
         finally:
             proc.detach(cursor)
 
-    async def Start(self, request: pb.StartRequest, context: Ctx,
-                    ) -> AsyncIterator[pb.ProcessEvent]:
+    async def Start(  # type: ignore[override]  # bytes: pre-serialized events
+        self, request: pb.StartRequest, context: Ctx,
+    ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         proc = self.m.start(spec_of(request))
         async for ev in self._stream(proc, False):
             yield ev
 
-    async def Connect(self, request: pb.ConnectRequest, context: Ctx,
-                      ) -> AsyncIterator[pb.ProcessEvent]:
+    async def Connect(  # type: ignore[override]  # bytes: pre-serialized events
+        self, request: pb.ConnectRequest, context: Ctx,
+    ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         proc = self._get(request.process)
         async for ev in self._stream(proc, request.live_only):
             yield ev

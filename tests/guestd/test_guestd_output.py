@@ -80,3 +80,51 @@ def test_live_only_cursor_skips_history() -> None:
     log.append("stdout", b"new")
     got, _, _ = drain(log, cur)
     assert got["stdout"] == b"new"
+
+
+def test_take_parts_coalesces_a_run_up_to_the_limit_without_copying() -> None:
+    log = OutputLog(("stdout", "stderr"), 1 << 20)
+    reads = [bytes([i]) * (100 * 1024) for i in range(5)]  # big reads: one chunk each
+    for r in reads:
+        log.append("stdout", r)
+    log.append("stderr", b"err")
+    log.append("stdout", b"after")
+    cur = log.new_cursor()
+    _, item = log.take_parts(cur, 250 * 1024)
+    assert item is not None and item[0] == "stdout"
+    parts = item[1]
+    assert parts[0] is reads[0] and parts[1] is reads[1]  # whole chunks: the read's bytes
+    assert b"".join(parts) == b"".join(reads)[: 250 * 1024]
+    _, item = log.take_parts(cur, 1 << 20)
+    assert item is not None
+    assert b"".join(item[1]) == b"".join(reads)[250 * 1024 :]  # stops before stderr's run
+    _, item = log.take_parts(cur, 1 << 20)
+    assert item == ("stderr", [b"err"])
+    _, item = log.take(cur)
+    assert item == ("stdout", b"after")
+
+
+def test_small_reads_grow_one_chunk_and_held_views_survive_growth() -> None:
+    log = OutputLog(("stdout",), 1 << 20)
+    cur = log.new_cursor()
+    log.append("stdout", b"a" * 10)
+    _, first = log.take_parts(cur, 1 << 20)
+    for _ in range(100):
+        log.append("stdout", b"b" * 10)
+    assert len(log.streams["stdout"].chunks) == 1
+    assert first is not None and b"".join(first[1]) == b"a" * 10
+    _, item = log.take(cur)
+    assert item == ("stdout", b"b" * 1000)
+
+
+def test_data_event_bytes_is_the_protobuf_encoding() -> None:
+    from guestd.process.service import data_event_bytes
+    from moru_proto.guest.v1 import process_pb2 as pb
+
+    for n in (1, 127, 128, 16383, 16384, 1 << 20, (1 << 21) + 5):
+        data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+        for kind in ("stdout", "stderr", "pty"):
+            parts: list[bytes | memoryview] = [data[: n // 3], memoryview(data)[n // 3 :]]
+            want = pb.ProcessEvent(data=pb.DataEvent(**{kind: data})).SerializeToString()
+            assert data_event_bytes(kind, parts) == want
+            assert pb.ProcessEvent.FromString(want).data.WhichOneof("output") == kind
