@@ -695,6 +695,16 @@ class SandboxManager:
         except grpc.aio.AioRpcError as e:
             log.debug("metrics of %s: %s", sb.id, e.details())
             return
+        except grpc.aio.UsageError as e:  # a Kill closed the channel before the call
+            log.debug("metrics of %s: %s", sb.id, e)
+            return
+        except asyncio.CancelledError:
+            # grpc.aio cancels calls in flight on a channel a Kill closes; only a
+            # cancel of this task itself goes on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return
         cg = sb.res.cgroup
         if cg is not None:
             with contextlib.suppress(OSError, ValueError):
