@@ -108,8 +108,7 @@ class ManagedProcess:
 
     def __init__(self, child: Child, spec: Spec, buffer_bytes: int,
                  on_end: Callable[[ManagedProcess], None]) -> None:
-        self.popen = child.popen
-        self.pid = child.popen.pid
+        self.pid = child.pid
         self.spec = spec
         self.tag = spec.tag
         self.pty = spec.pty is not None
@@ -278,7 +277,6 @@ class ManagedProcess:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._status = status
-        self.popen.returncode = os.waitstatus_to_exitcode(status)
         if self._timer is not None:
             self._timer.cancel()
         for kind in list(self._fds):
@@ -453,7 +451,7 @@ class ProcessManager:
         if self._live >= self._max_running:
             raise ResourceExhausted(f"too many processes (limit {self._max_running})")
         child = spawn(spec, self._init_env())
-        old = self._procs.pop(child.popen.pid, None)  # a kept ended entry whose pid was reused
+        old = self._procs.pop(child.pid, None)  # a kept ended entry whose pid was reused
         if old is not None:
             self._ended_bytes -= self._ended.pop(old.pid, 0)
         proc = ManagedProcess(child, spec, self.buffer_bytes, self._ended_cb)

@@ -12,11 +12,13 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import termios
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from guestd.errors import InvalidArgument, NotFound, path_error
 
@@ -41,9 +43,9 @@ class Spec:
 
 @dataclass
 class Child:
-    """A started child and guestd's ends of its stdio."""
+    """A started child and guestd's ends of its stdio (guestd reaps it by pid)."""
 
-    popen: subprocess.Popen[bytes]
+    pid: int
     fds: dict[str, int]  # kind -> readable fd (non-blocking)
     stdin_fd: int | None  # writable fd (the pty master for pty processes)
 
@@ -55,7 +57,14 @@ class User:
     gid: int
     home: str
     shell: str
-    groups: list[int]
+
+    @cached_property
+    def groups(self) -> list[int]:
+        """Supplementary groups (read from /etc/group only when switching user)."""
+        try:
+            return os.getgrouplist(self.name, self.gid)
+        except OSError:
+            return [self.gid]
 
 
 def resolve_user(user: str) -> User:
@@ -64,11 +73,7 @@ def resolve_user(user: str) -> User:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user or "root")
     except KeyError:
         raise NotFound(f"user: no such user {user!r}") from None
-    try:
-        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-    except OSError:
-        groups = [pw.pw_gid]
-    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh", groups)
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh")
 
 
 def group_name(gid: int) -> str:
@@ -148,6 +153,57 @@ def _with_ctty(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", _CTTY_TRAMPOLINE, *argv]
 
 
+# The signals Python ignores or handles that a child must get at their default
+# (subprocess's restore_signals does the same for SIGPIPE and SIGXFSZ).
+_SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+_inherited_closed = False
+
+
+def _cloexec_inherited() -> None:
+    """Marks the fds guestd inherited (above stderr) close-on-exec, once: what
+    guestd, Python and gRPC open later is close-on-exec already, so children
+    get only their stdio (Popen's close_fds, without a scan per spawn)."""
+    global _inherited_closed
+    if _inherited_closed:
+        return
+    _inherited_closed = True
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+
+
+def _posix_spawn(path: str, argv: list[str], env: dict[str, str], cwd: str,
+                 stdin: int | None, out_w: int, err_w: int) -> int:
+    """posix_spawn (vfork + exec in libc, no Python between them) in a new session.
+
+    About half the cost of subprocess.Popen for a short command. posix_spawn
+    has no chdir action in Python 3.11, so guestd changes its own working
+    directory around the call: guestd's other threads (gRPC's, to_thread
+    helpers) use absolute paths only. Every fd guestd opens is close-on-exec,
+    so the child gets just the three below."""
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+        (os.POSIX_SPAWN_DUP2, stdin, 0) if stdin is not None
+        else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+    ]
+    _cloexec_inherited()
+    here = os.getcwd() if cwd else ""
+    if cwd and cwd != here:
+        os.chdir(cwd)
+    try:
+        return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
+                              setsigdef=_SIGDEF)
+    finally:
+        if cwd and cwd != here:
+            os.chdir(here)
+
+
 def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
     """Starts the child in its own session (and so process group)."""
     user = resolve_user(spec.user)
@@ -158,10 +214,15 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
         raise NotFound(f"cwd: no such directory {cwd}")
     env = build_env(user, init_env, spec.env)
     argv = command_line(spec)
-    if not spec.shell and "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
-        raise NotFound(f"argv[0]: command not found: {argv[0]!r}")
+    exe = argv[0]
+    if "/" not in exe:
+        found = shutil.which(exe, path=env["PATH"])
+        if found is None:
+            raise NotFound(f"argv[0]: command not found: {exe!r}")
+        exe = found
     if user.uid != os.getuid():
         argv = _as_user(user, argv)
+        exe = argv[0]
     mine: list[int] = []  # guestd's ends, closed on failure
     theirs: list[int] = []  # the child's ends, always closed in guestd after spawn
     try:
@@ -176,12 +237,13 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             popen = subprocess.Popen(
                 _with_ctty(argv), stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
             )
-            return Child(popen, {"pty": master}, master)
+            popen.returncode = 0  # guestd reaps it by pid; keep Popen.__del__ out of it
+            return Child(popen.pid, {"pty": master}, master)
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
         mine += [out_r, err_r]
         theirs += [out_w, err_w]
-        stdin: int = subprocess.DEVNULL
+        stdin: int | None = None
         in_w: int | None = None
         if spec.stdin:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -189,11 +251,8 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             theirs.append(in_r)
             os.set_blocking(in_w, False)
             stdin = in_r
-        popen = subprocess.Popen(
-            argv, stdin=stdin, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
-            start_new_session=True,
-        )
-        return Child(popen, {"stdout": out_r, "stderr": err_r}, in_w)
+        pid = _posix_spawn(exe, argv, env, cwd, stdin, out_w, err_w)
+        return Child(pid, {"stdout": out_r, "stderr": err_r}, in_w)
     except OSError as exc:
         for fd in mine:
             os.close(fd)

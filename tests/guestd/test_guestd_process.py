@@ -384,3 +384,21 @@ def test_no_zombies_left(guestd: Guestd) -> None:
             if int(fields[1]) == guestd.pid and fields[0] == "Z":
                 kids.append(pid)
     assert kids == []
+
+
+def test_child_gets_only_its_stdio_default_signals_and_own_session(guestd: Guestd) -> None:
+    # posix_spawn does not close fds the way Popen's close_fds did: guestd's
+    # own fds must all be close-on-exec. Python ignores SIGPIPE; a child must not.
+    r = collect(guestd.process.Start(argv("ls", "/proc/self/fd")))
+    assert sorted(r.stdout.split()) == [b"0", b"1", b"2", b"3"], r  # 3: ls's own listing
+    r = collect(guestd.process.Start(argv("grep", "SigIgn", "/proc/self/status")))
+    ignored = int(r.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), r.stdout
+    r = collect(guestd.process.Start(shell("yes | head -c 4; echo \" ${PIPESTATUS[0]}\"")))
+    assert r.stdout == b"y\ny\n 141\n", r  # yes was killed by SIGPIPE (128 + 13)
+    r = collect(guestd.process.Start(argv("sh", "-c", "ps -o sid= -p $$; echo $$")))
+    sid, pid = r.stdout.split()
+    assert sid == pid  # its own session (and so process group)
+    cwd = os.readlink(f"/proc/{guestd.pid}/cwd")
+    collect(guestd.process.Start(argv("true", cwd="/tmp")))
+    assert os.readlink(f"/proc/{guestd.pid}/cwd") == cwd  # guestd's own cwd is restored
