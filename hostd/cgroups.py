@@ -146,6 +146,9 @@ class SandboxCgroup(abc.ABC):
     @abc.abstractmethod
     async def thaw(self) -> None: ...
 
+    def reclaim(self) -> None:  # noqa: B027 (optional: a no-op where unsupported)
+        """Uncharges page cache an empty cgroup still holds."""
+
     @abc.abstractmethod
     async def remove(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Kills leftover processes, waits until empty, removes the cgroup. Idempotent."""
@@ -204,6 +207,10 @@ class V1Cgroup(SandboxCgroup):
     async def thaw(self) -> None:
         _write(self.dirs["freezer"] / "freezer.state", "THAWED")
 
+    def reclaim(self) -> None:
+        """Uncharges what an empty cgroup still holds (page cache), e.g. after pause to disk."""
+        _write(self.dirs["memory"] / "memory.force_empty", 0)
+
     async def remove(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         fz = self.dirs["freezer"]
         if fz.is_dir() and self._freezer_state() != "THAWED":
@@ -257,6 +264,12 @@ class V2Cgroup(SandboxCgroup):
 
     async def thaw(self) -> None:
         _write(self.path / "cgroup.freeze", 0)
+
+    def reclaim(self) -> None:
+        """Reclaims what an empty cgroup still holds (page cache), e.g. after pause to disk."""
+        if (self.path / "memory.reclaim").exists():  # Linux >= 5.19
+            with contextlib.suppress(CgroupError):  # EAGAIN when not all could be reclaimed
+                _write(self.path / "memory.reclaim", str(self.memory_usage_bytes()))
 
     async def remove(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         if not self.path.is_dir():

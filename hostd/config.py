@@ -99,6 +99,10 @@ class Config:
     # Guest metrics sampling period and how many samples are kept.
     metrics_interval_seconds: float = 5.0
     metrics_history: int = 720
+    # Pause saves the VM's memory to disk and ends its processes (resume restores
+    # it); false: pause in place (vCPUs stopped, memory kept). VMs started
+    # without the PCI vsock port (older hostd) are always paused in place.
+    pause_to_disk: bool = True
     max_metadata_entries: int = 64
     max_metadata_bytes: int = 16 * 1024
     log_level: str = "info"

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import shutil
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from hostd import disk_pause
 from hostd.events import Event, EventType, Reason
 from hostd.resources import vm_spec
 from hostd.state import State
@@ -55,11 +56,20 @@ class Reattacher:
             return None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                res.cgroup = mgr.cgroups.open(rec.sandbox_id)
+                res.cgroup = self._cgroup(rec)
                 if mgr.network is not None and rec.network:
                     await mgr.network.attach(rec.sandbox_id, rec.network)
                 spec = vm_spec(rec, res.cgroup.procs_files)
-                vm = await mgr.vmm.attach(spec)
+                if rec.paused_to_disk:
+                    # No processes: a VM handle never started, whose destroy (at
+                    # kill) removes the run dir and so the snapshot. A missing
+                    # snapshot is reported by Resume; the sandbox stays listed.
+                    vm = mgr.vmm.create(spec)
+                    if not disk_pause.snapshot_path(rec.run_dir).is_file():
+                        log.warning("%s was paused to disk but its snapshot is missing",
+                                    rec.sandbox_id)  # fmt: skip
+                else:
+                    vm = await mgr.vmm.attach(spec)
                 res.vm = vm
                 # The same release order Create registers: store row, cgroup,
                 # network, VM, relay, channel (closed in reverse).
@@ -81,6 +91,18 @@ class Reattacher:
             return None
         log.info("re-attached %s (%s)", rec.sandbox_id, rec.state.value)
         return sb
+
+    def _cgroup(self, rec: SandboxRecord) -> Any:
+        """The sandbox's cgroup; re-created for one paused to disk (gone after a host reboot)."""
+        from hostd.sandboxes import PIDS_MAX
+
+        cgroups = self.mgr.cgroups
+        try:
+            return cgroups.open(rec.sandbox_id)
+        except (RuntimeError, OSError):
+            if not rec.paused_to_disk:
+                raise
+            return cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
 
     async def _discard(self, rec: SandboxRecord, typ: EventType, reason: Reason, msg: str) -> None:
         """Best-effort removal of whatever a half-created sandbox left."""

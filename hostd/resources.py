@@ -62,6 +62,16 @@ class Capacity:
     def release(self, sandbox_id: str) -> None:
         self._used.pop(sandbox_id, None)
 
+    def resize(self, sandbox_id: str, memory_mb: int) -> None:
+        """Changes a sandbox's memory (0 while paused to disk); ResourceExhausted if over budget."""
+        others = self.memory_used_mb - self._used.get(sandbox_id, 0)
+        if memory_mb and others + memory_mb > self.memory_budget_mb:
+            raise ResourceExhausted(
+                f"node memory budget exhausted: {others} MB of {self.memory_budget_mb} MB"
+                f" used, {memory_mb} MB asked"
+            )
+        self._used[sandbox_id] = memory_mb
+
 
 def vm_spec(rec: SandboxRecord, cgroup_procs_files: Any) -> VmSpec:
     net = rec.network

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from hostd import paging, validation
+from hostd import disk_pause, paging, validation
 from hostd.config import Config
 from hostd.errors import (
     DeadlineExceeded,
@@ -136,7 +136,7 @@ class SandboxManager:
         r = Reattacher(self)
         for sb in await r.reattach_all():
             self._sandboxes[sb.id] = sb
-            self.capacity.add(sb.id, sb.rec.memory_mb)
+            self.capacity.add(sb.id, 0 if sb.rec.paused_to_disk else sb.rec.memory_mb)
         await r.remove_orphans(set(self._sandboxes))
 
     async def close(self) -> None:
@@ -501,14 +501,22 @@ class SandboxManager:
         return sb.rec
 
     async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """To disk by default (memory freed, processes kept); in place when it cannot be."""
         t0 = time.monotonic()
         sb = self._get(sandbox_id)
+        message = "in place"
         async with sb.lock:
             self._check_alive(sb)
             nxt = transition(sb.id, sb.rec.state, Action.PAUSE)
             assert sb.res.vm is not None and sb.res.cgroup is not None
-            await sb.res.vm.pause()
-            await sb.res.cgroup.freeze()
+            if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
+                info = await disk_pause.pause(self, sb)
+                sb.rec.paused_to_disk = True
+                self.capacity.resize(sb.id, 0)
+                message = f"to disk ({info.size_bytes >> 20} MiB)"
+            else:
+                await sb.res.vm.pause()
+                await sb.res.cgroup.freeze()
             sb.rec.paused_remaining = max(0.0, sb.rec.end_at - time.time())
             sb.rec.state = nxt
             self.store.put(sb.rec)
@@ -518,6 +526,7 @@ class SandboxManager:
                 EventType.PAUSED,
                 Reason.USER,
                 sb.rec.template_id,
+                message,
                 duration=time.monotonic() - t0,
             )
         )
@@ -532,8 +541,18 @@ class SandboxManager:
             self._check_alive(sb)
             nxt = transition(sb.id, sb.rec.state, Action.RESUME)
             assert sb.res.vm is not None and sb.res.cgroup is not None
-            await sb.res.cgroup.thaw()
-            await sb.res.vm.resume()
+            if sb.rec.paused_to_disk:
+                disk_pause.check_snapshot(sb)
+                self.capacity.resize(sb.id, sb.rec.memory_mb)
+                try:
+                    await disk_pause.resume(self, sb)
+                except BaseException:
+                    self.capacity.resize(sb.id, 0)
+                    raise
+                sb.rec.paused_to_disk = False
+            else:
+                await sb.res.cgroup.thaw()
+                await sb.res.vm.resume()
             left = (
                 float(timeout_seconds) if timeout_seconds is not None else sb.rec.paused_remaining
             )
@@ -541,6 +560,7 @@ class SandboxManager:
             sb.rec.paused_remaining = 0.0
             sb.rec.state = nxt
             self.store.put(sb.rec)
+        await self._sample(sb)
         self.bus.publish(
             Event(
                 sb.id,
@@ -551,6 +571,14 @@ class SandboxManager:
             )
         )
         return sb.rec
+
+    def guest_env(self, rec: SandboxRecord) -> dict[str, str]:
+        """The env Init gives the guest: the template's, then the sandbox's own."""
+        try:
+            base = dict(self._load_template(rec.template_id).env)
+        except Exception:  # template removed since: the sandbox's own env still holds
+            base = {}
+        return {**base, **rec.envs}
 
     async def set_network(
         self,
@@ -665,6 +693,8 @@ class SandboxManager:
         for sb in list(self._sandboxes.values()):
             if sb.gone or sb.rec.state is State.CREATING or sb.lock.locked():
                 continue
+            if sb.rec.paused_to_disk:
+                continue  # no processes to watch; paused sandboxes do not expire
             if sb.res.vm is not None and not sb.res.vm.is_alive():
                 due.append((sb, Reason.VMM_EXITED, "the VMM process exited"))
             elif sb.rec.state is State.RUNNING and now >= sb.rec.end_at:

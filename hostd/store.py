@@ -39,6 +39,9 @@ class SandboxRecord:
     end_at: float
     # Seconds left on the clock when paused (the clock stops while paused).
     paused_remaining: float = 0.0
+    # Paused to disk: no VM processes; memory and devices are in run_dir/mem.snap.
+    # Rows written before this field existed read as False (in-place pause).
+    paused_to_disk: bool = False
     vcpus: int = 2
     memory_mb: int = 512
     disk_mb: int = 2048

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hostd.vmm.base import VmError, VmSpec
-from hostd.vmm.qemu import VHU_SOCK, VMM_ERR, QemuVm, QemuVmm, _read_tail
+from hostd.vmm.qemu import SPEC, VHU_SOCK, VMM_ERR, QemuVm, QemuVmm, _read_tail, spec_to_json
 from hostd.vmm.qmp import QmpClient, QmpError
 
 ROOT_PORT = "moru_rp0"
@@ -321,6 +321,47 @@ async def _kill(vm: QemuVm) -> None:
     vm._vmm_proc = vm._vsk_proc = None
 
 
+def check_disk(spec: VmSpec, path: Path) -> None:
+    """Raises NotEnoughDisk when path's disk cannot hold a snapshot of spec's guest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = (spec.memory_mb << 20) + DISK_MARGIN
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise NotEnoughDisk(
+            f"not enough disk for a snapshot of {spec.sandbox_id}: {path.parent} has "
+            f"{free >> 20} MiB free, a {spec.memory_mb} MiB guest needs up to {need >> 20} MiB"
+        )
+
+
+def has_pci_vsock(vm: QemuVm) -> bool:
+    """Whether vm's QEMU runs with the hot-pluggable vsock port (so it can be saved)."""
+    p = vm._vmm_proc
+    if p is None or not p.alive():
+        return False
+    try:
+        argv = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"id={ROOT_PORT},".encode() in argv
+
+
+async def give_back(vm: QemuVm, eject_wait: float = 15.0) -> None:
+    """Running again, with its vsock, a VM whose guest ran EJECT_SCRIPT but that was not saved."""
+    c = await _qmp(vm)
+    async with c:
+        with contextlib.suppress(QmpError):
+            await c.execute("cont")
+        # The guest powers the slot off a moment after the script ran.
+        if await _wait_gone(c, VSOCK_DEV, eject_wait):
+            await _replug_vsock(c, vm)
+            await _ensure_probed(c, vm, 30.0)
+
+
+async def stop(vm: QemuVm) -> None:
+    """Kills the VM's processes, keeping its run_dir (and any snapshot in it)."""
+    await _kill(vm)
+
+
 async def save(
     vm: QemuVm,
     path: Path,
@@ -337,14 +378,7 @@ async def save(
     """
     t0 = time.monotonic()
     s = vm.spec
-    path.parent.mkdir(parents=True, exist_ok=True)
-    need = (s.memory_mb << 20) + DISK_MARGIN
-    free = shutil.disk_usage(path.parent).free
-    if free < need:
-        raise NotEnoughDisk(
-            f"not enough disk for a snapshot of {s.sandbox_id}: {path.parent} has "
-            f"{free >> 20} MiB free, a {s.memory_mb} MiB guest needs up to {need >> 20} MiB"
-        )
+    check_disk(s, path)
     tmp = path.with_name(path.name + ".tmp")
     await unplug_vsock(vm, guest_ejected=guest_ejected)
     t_unplug = time.monotonic() - t0
@@ -472,6 +506,8 @@ async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC
     if not (s.run_dir / "ovl.qcow2").is_file():
         raise SnapshotCorrupt(f"the VM's disk overlay in {s.run_dir} is gone; cannot restore")
     vm._check_spec()
+    # What `load_spec` (a later pause to disk, an operator) reads back.
+    (s.run_dir / SPEC).write_text(spec_to_json(s))
     for sock in (VHU_SOCK, vm.vsock_uds.name, vm.qmp_sock.name):
         (s.run_dir / sock).unlink(missing_ok=True)
     vm._vsk_proc = vm._spawn("vhost-device-vsock", vm.vsock_argv(), "vsk.err", "vsk.pid")

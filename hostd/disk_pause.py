@@ -1,0 +1,197 @@
+"""Pause to disk and resume for hostd's sandboxes (docs/persistence.md).
+
+Pause: guestd runs `snapshot.EJECT_SCRIPT` (the guest powers its vsock slot
+off), `snapshot.save` writes RAM and device state to `<run_dir>/mem.snap`
+and ends QEMU and vhost-device-vsock, then the (empty) cgroup's page cache is
+uncharged. What stays: the run dir (overlay disk, console log, snapshot), the
+cgroup, the network, the relay socket and the store row (paused_to_disk).
+
+Resume: `snapshot.restore` starts fresh processes from the snapshot and plugs
+a fresh vsock device in; hostd opens a new channel through its relay, sends
+Guest.Init again (wall clock, same identity and env) and removes the snapshot.
+Connections open at pause time were reset; mounts (volumes) and processes
+carry on.
+
+Errors: NotEnoughDisk -> RESOURCE_EXHAUSTED, the sandbox keeps running; a
+failed save -> UNAVAILABLE, the VM is given back running. Missing snapshot ->
+NOT_FOUND, corrupt -> FAILED_PRECONDITION; either way the sandbox stays
+paused (and can be killed) rather than vanishing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import grpc
+
+from hostd.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from hostd.guest import TOKEN_HEADER, GuestClient, open_channel
+from hostd.vmm import snapshot
+from hostd.vmm.base import Vm, VmError
+from hostd.vmm.qemu import QemuVm, QemuVmm, load_spec
+from moru_proto.guest.v1 import guest_pb2, guest_pb2_grpc
+
+if TYPE_CHECKING:
+    from hostd.sandboxes import Sandbox, SandboxManager
+
+log = logging.getLogger("hostd.pause")
+
+SNAPSHOT = "mem.snap"
+EJECT_TIMEOUT = 15.0
+INIT_TIMEOUT = 60.0
+RESTORE_TIMEOUT = 600.0
+
+
+def snapshot_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / SNAPSHOT
+
+
+def can_pause_to_disk(vm: Vm | None) -> bool:
+    """Whether vm runs with the hot-pluggable vsock port (hostd's PciQemuVmm) right now."""
+    return isinstance(vm, QemuVm) and snapshot.has_pci_vsock(vm)
+
+
+def remove_snapshot(run_dir: str | Path) -> None:
+    path = snapshot_path(run_dir)
+    for p in (path, snapshot.meta_path(path), path.with_name(path.name + ".tmp")):
+        p.unlink(missing_ok=True)
+
+
+async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
+    """Saves sb's VM to disk and ends its processes; the caller updates the record."""
+    rec, res = sb.rec, sb.res
+    vm = cast(QemuVm, res.vm)
+    path = snapshot_path(rec.run_dir)
+    try:
+        snapshot.check_disk(vm.spec, path)
+    except snapshot.NotEnoughDisk as e:
+        raise ResourceExhausted(f"cannot pause {rec.sandbox_id} to disk: {e}") from None
+    ejected = False
+    if res.channel is not None:
+        from hostd.volumes.mount import run_in_guest
+
+        try:
+            code, out = await run_in_guest(
+                res.channel, snapshot.EJECT_SCRIPT, access_token=rec.access_token,
+                timeout=EJECT_TIMEOUT,
+            )  # fmt: skip
+            ejected = code == 0
+            if not ejected:
+                log.warning("%s: eject script exited %d: %s", rec.sandbox_id, code, out.strip())
+        except grpc.aio.AioRpcError as e:
+            log.warning("%s: guestd did not eject vsock (%s); unplugging from the host",
+                        rec.sandbox_id, e.details())  # fmt: skip
+    try:
+        info = await snapshot.save(vm, path, guest_ejected=ejected)
+    except snapshot.NotEnoughDisk as e:  # the disk filled up since the check
+        if ejected:
+            await snapshot.give_back(vm)
+        raise ResourceExhausted(f"cannot pause {rec.sandbox_id} to disk: {e}") from None
+    except snapshot.SnapshotError as e:
+        # save gave the VM back running with its vsock device (or never took it).
+        raise Unavailable(
+            f"pausing {rec.sandbox_id} to disk failed; it keeps running: {e}"
+        ) from None
+    # Connections through the old device are dead: a new channel is opened on resume.
+    if res.channel is not None:
+        await res.channel.close(None)
+        res.channel = None
+    if res.cgroup is not None:
+        try:
+            res.cgroup.reclaim()
+        except (RuntimeError, OSError) as e:  # CgroupError
+            log.warning("%s: reclaiming the cgroup's page cache: %s", rec.sandbox_id, e)
+    log.info(
+        "%s paused to disk: %d MiB in %.2f s (vsock unplug %.2f s)",
+        rec.sandbox_id, info.size_bytes >> 20, info.save_seconds, info.unplug_seconds,
+    )  # fmt: skip
+    return info
+
+
+def check_snapshot(sb: Sandbox) -> None:
+    """NotFound / FailedPrecondition when sb's snapshot cannot be restored (cheap checks)."""
+    sid = sb.id
+    try:
+        snapshot.read_info(snapshot_path(sb.rec.run_dir))
+    except snapshot.SnapshotNotFound as e:
+        raise NotFound(
+            f"sandbox {sid} was paused to disk but its snapshot is gone ({e}): its memory and "
+            "running processes cannot be restored; kill it (its disk is still in its run dir)"
+        ) from None
+    except snapshot.SnapshotCorrupt as e:
+        raise FailedPrecondition(
+            f"sandbox {sid} cannot be resumed, its snapshot is damaged: {e}; its memory and "
+            "running processes are lost; kill it"
+        ) from None
+
+
+async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
+    """Restores sb's VM from its snapshot, reconnects and re-sends Init; removes the snapshot.
+
+    On failure the sandbox is left paused (snapshot kept, no processes).
+    """
+    rec, res = sb.rec, sb.res
+    sid = sb.id
+    check_snapshot(sb)
+    path = snapshot_path(rec.run_dir)
+    try:
+        spec = load_spec(Path(rec.run_dir))
+    except VmError as e:
+        raise FailedPrecondition(f"sandbox {sid} cannot be resumed: {e}") from None
+    # The cgroup may have been re-created (host reboot): use its files of now.
+    spec = dataclasses.replace(spec, cgroup_procs_files=tuple(res.cgroup.procs_files))
+    t0 = time.monotonic()
+    try:
+        vm = await snapshot.restore(
+            cast(QemuVmm, mgr.vmm), spec, path, timeout=RESTORE_TIMEOUT
+        )
+    except snapshot.SnapshotNotFound as e:
+        raise NotFound(f"sandbox {sid}: {e}") from None
+    except snapshot.SnapshotCorrupt as e:
+        raise FailedPrecondition(
+            f"sandbox {sid} cannot be resumed, its snapshot did not load: {e}"
+        ) from None
+    except VmError as e:
+        raise Unavailable(f"resuming {sid} failed (still paused, try again): {e}") from None
+    t_restored = time.monotonic()
+    channel = open_channel(res.relay.target)
+    try:
+        # Reachable first, so the wall clock Init carries is fresh when it lands.
+        await guest_pb2_grpc.GuestStub(channel).Health(
+            guest_pb2.HealthRequest(), metadata=((TOKEN_HEADER, rec.access_token),),
+            timeout=INIT_TIMEOUT, wait_for_ready=True,
+        )  # fmt: skip
+        t_reachable = time.monotonic()
+        await GuestClient(channel, rec.access_token).init(
+            sandbox_id=sid,
+            template_id=rec.template_id,
+            hostname=rec.hostname,
+            env=mgr.guest_env(rec),
+            access_token=rec.access_token,
+            rpc_timeout=INIT_TIMEOUT,
+        )
+        log.info(
+            "%s restored in %.2f s, guestd reachable after %.2f s, Init %.2f s", sid,
+            t_restored - t0, t_reachable - t_restored, time.monotonic() - t_reachable,
+        )  # fmt: skip
+    except BaseException as e:
+        await channel.close(None)
+        with contextlib.suppress(VmError):
+            await snapshot.stop(vm)
+        if isinstance(e, grpc.aio.AioRpcError):
+            raise Unavailable(
+                f"resuming {sid}: guestd did not answer after restore ({e.details()});"
+                " still paused, try again"
+            ) from None
+        raise
+    res.vm = vm
+    if res.channel is not None:  # the one a restarted hostd opened at re-attach
+        await res.channel.close(None)
+    res.channel = channel
+    res.stack.push_async_callback(channel.close, None)
+    remove_snapshot(rec.run_dir)

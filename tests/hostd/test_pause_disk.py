@@ -1,0 +1,205 @@
+"""Pause to disk through hostd's API, on real microVMs: processes keep running, memory is freed.
+
+One sandbox walks through: a counting background process -> Pause (QEMU gone,
+cgroup memory ~0, snapshot on disk) -> hostd kill -9 and restart -> Resume
+(still counting, earlier files there, guest clock right) -> Pause again ->
+damaged / missing snapshot errors (sandbox kept, PAUSED) -> Kill while paused
+to disk leaks nothing. A second hostd whose state dir is a small tmpfs shows
+that a pause which does not fit on disk is refused and the sandbox keeps
+running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import require_images
+from hostd_framework import EventWatcher, Hostd, our_pids, pb, running_hostd, wait_for
+
+pytestmark = pytest.mark.vm
+
+RUNNING, PAUSED = pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED
+COUNTER = (
+    "echo kept > /root/before; "
+    "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done'"
+    " >/dev/null 2>&1 & echo started"
+)
+
+
+def count(h: Hostd, s: pb.SandboxInfo) -> int:
+    code, out, err = h.run(s, "cat /root/count")
+    assert code == 0, err
+    return int(out)
+
+
+def clock_offset(h: Hostd, s: pb.SandboxInfo) -> float:
+    """Guest wall clock minus the host's, in seconds."""
+    t0 = time.time()
+    guest = float(h.run(s, "date +%s.%N")[1])
+    return guest - (t0 + time.time()) / 2
+
+
+def memory_cgroup(h: Hostd, sid: str) -> Path:
+    for cg in h.sandbox_cgroups():
+        if cg.name == sid and (cg / "memory.usage_in_bytes").exists():
+            return cg
+        if cg.name == sid and (cg / "memory.current").exists():
+            return cg
+    raise AssertionError(f"no memory cgroup for {sid}")
+
+
+def cgroup_memory(cg: Path) -> int:
+    f = cg / "memory.usage_in_bytes"
+    return int((f if f.exists() else cg / "memory.current").read_text())
+
+
+def vm_pids(h: Hostd, sid: str) -> list[int]:
+    return our_pids(str(h.state / "sandboxes" / sid))
+
+
+def get(h: Hostd, sid: str) -> pb.SandboxInfo:
+    info: pb.SandboxInfo = h.sandboxes.Get(pb.GetRequest(sandbox_id=sid), metadata=h.md())
+    return info
+
+
+def resume_error(h: Hostd, sid: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as ei:
+        h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+    return ei.value
+
+
+def test_pause_to_disk_survives_hostd_restart_and_kill_leaks_nothing() -> None:
+    require_images()
+    with running_hostd(max_sandboxes=4, memory_budget_mb=4096) as h:
+        s = h.create(timeout_seconds=1800, memory_mb=512)
+        sid = s.sandbox_id
+        run_dir = h.state / "sandboxes" / sid
+        assert h.run(s, COUNTER)[1] == "started\n"
+        wait_for(lambda: h.run(s, "cat /root/count 2>/dev/null")[1].strip(), 30,
+                 what="the counter's first write")  # fmt: skip
+        c1 = count(h, s)
+        cg = memory_cgroup(h, sid)
+        mem_running = cgroup_memory(cg)
+        assert mem_running > 64 << 20, mem_running
+        assert len(vm_pids(h, sid)) == 2  # QEMU and vhost-device-vsock
+        before = get(h, sid)
+        offset_before = clock_offset(h, s)
+
+        with EventWatcher(h, sid) as w:
+            t0 = time.monotonic()
+            info = h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(),
+                                     timeout=600)  # fmt: skip
+            pause_s = time.monotonic() - t0
+            t_paused = time.monotonic()
+            ev = w.wait(sid, pb.EVENT_TYPE_PAUSED, 10)
+        assert info.state == PAUSED
+        assert ev.message.startswith("to disk"), ev.message
+        # Memory freed: no VM process left, the cgroup holds (almost) nothing.
+        assert vm_pids(h, sid) == []
+        assert (cg / "cgroup.procs").read_text().split() == []
+        mem_paused = cgroup_memory(cg)
+        assert mem_paused < 16 << 20, f"{mem_paused} bytes still charged while paused to disk"
+        assert (run_dir / "mem.snap").stat().st_size > 16 << 20
+        # Guest calls are refused; the clock is stopped (no expiry while paused).
+        with pytest.raises(grpc.RpcError) as ei:
+            h.run(s, "true")
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "resume" in str(ei.value.details())
+
+        # hostd dies (kill -9) and comes back: the sandbox is still there, paused.
+        time.sleep(10)  # long enough that a guest clock left as it was would show
+        h.kill9()
+        h.start()
+        got = get(h, sid)
+        assert got.state == PAUSED
+        assert vm_pids(h, sid) == []
+
+        with EventWatcher(h, sid) as w:
+            t0 = time.monotonic()
+            info = h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(),
+                                      timeout=600)  # fmt: skip
+            resume_s = time.monotonic() - t0
+            paused_for = time.monotonic() - t_paused  # what a clock left as it was would lose
+            w.wait(sid, pb.EVENT_TYPE_RESUMED, 10)
+        assert info.state == RUNNING
+        # Init was sent again with the wall clock: the guest is not behind by the
+        # time it spent on disk (its refined-jiffies clock loses time under TCG
+        # anyway, paused or not, so compare with its offset just before pausing).
+        offset_after = clock_offset(h, s)
+        assert offset_after > offset_before - 5, (offset_before, offset_after, paused_for)
+        moved = info.end_at.ToSeconds() - before.end_at.ToSeconds()
+        assert moved >= 2, f"the timeout clock ran while paused (end_at moved {moved} s)"
+        # The same process still counts, from where it was; earlier files are there.
+        c2 = count(h, s)
+        assert c2 >= c1
+        wait_for(lambda: count(h, s) > c2, 30, what="the counter to go on after resume")
+        code, out, _ = h.run(s, "cat /root/before; pgrep -c -f '[e]cho .i > /root/count'")
+        assert code == 0 and out.split() == ["kept", "1"], out
+        assert not (run_dir / "mem.snap").exists(), "the snapshot is removed once resumed"
+        assert len(vm_pids(h, sid)) == 2
+        print(f"pause to disk {pause_s:.1f} s, resume {resume_s:.1f} s (512 MiB guest)")
+
+        # Paused to disk again, then a damaged snapshot, then a missing one:
+        # clear errors, and the sandbox is kept (paused) until killed.
+        h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        snap = run_dir / "mem.snap"
+        with snap.open("r+b") as f:
+            f.truncate(snap.stat().st_size // 2)
+        e = resume_error(h, sid)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+        assert "snapshot" in str(e.details()) and sid in str(e.details())
+        snap.unlink()
+        e = resume_error(h, sid)
+        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        assert "snapshot is gone" in str(e.details())
+        assert get(h, sid).state == PAUSED
+        assert vm_pids(h, sid) == []
+
+        with EventWatcher(h, sid) as w:
+            h.kill(sid)
+            w.wait(sid, pb.EVENT_TYPE_KILLED, 10)
+        assert not run_dir.exists()
+        assert h.check_clean() == []
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "moru-test", str(path)],
+                   check=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_pause_without_disk_space_is_refused_and_the_sandbox_keeps_running() -> None:
+    require_images()
+    h = Hostd(max_sandboxes=2, memory_budget_mb=2048)
+    left: list[str] = []
+    # The state dir (run dirs, so snapshots) on a 256 MiB tmpfs: a 512 MiB guest's
+    # snapshot cannot fit, while its overlay disk (a few MiB written) does.
+    with tmpfs(h.state, "256m"):
+        try:
+            h.start()
+            s = h.create(timeout_seconds=600, memory_mb=512)
+            assert h.run(s, "echo x > /root/f; echo ok")[1] == "ok\n"
+            with pytest.raises(grpc.RpcError) as ei:
+                h.sandboxes.Pause(pb.PauseRequest(sandbox_id=s.sandbox_id), metadata=h.md(),
+                                  timeout=600)  # fmt: skip
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "not enough disk" in str(ei.value.details())
+            assert get(h, s.sandbox_id).state == RUNNING
+            assert h.run(s, "cat /root/f")[1] == "x\n"
+            assert not list((h.state / "sandboxes" / s.sandbox_id).glob("mem.snap*"))
+        finally:
+            left = h.close()
+    shutil.rmtree(h.root, ignore_errors=True)
+    assert not left, f"left behind: {left}"
