@@ -31,6 +31,22 @@ from moru_proto.guest.v1 import filesystem_pb2 as pb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
 CHUNK = 1024 * 1024
+_DATA_KEY = bytes([pb.ReadResponse.DESCRIPTOR.fields_by_name["data"].number << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_response_bytes(data: bytes) -> bytes:
+    """A serialized ReadResponse{data}, built with one copy of `data` (protobuf
+    makes two); the edge interceptor sends bytes as they are."""
+    return b"".join((_DATA_KEY, _varint(len(data)), data))
 TMP_MARK = ".moru-tmp-"
 MAX_LIST = 200_000
 
@@ -162,8 +178,9 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
     def __init__(self, keepalive: float) -> None:
         self.keepalive = keepalive
 
-    async def Read(self, request: pb.ReadRequest, context: Ctx,
-                   ) -> AsyncIterator[pb.ReadResponse]:
+    async def Read(  # type: ignore[override]  # bytes: pre-serialized responses
+        self, request: pb.ReadRequest, context: Ctx,
+    ) -> AsyncIterator[pb.ReadResponse | bytes]:
         path = abs_path(request.path)
         if request.offset < 0:
             raise InvalidArgument(f"offset: must be >= 0, got {request.offset}")
@@ -184,10 +201,11 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             while True:
                 want = CHUNK if left < 0 else min(CHUNK, left)
                 data = os.pread(fd, want, pos) if want else b""
-                if first or data:
-                    yield pb.ReadResponse(info=info, data=data) if first else pb.ReadResponse(
-                        data=data)
+                if first:
+                    yield pb.ReadResponse(info=info, data=data)
                     first = False
+                elif data:
+                    yield read_response_bytes(data)
                 if len(data) < want or not data:
                     return
                 pos += len(data)

@@ -252,3 +252,11 @@ def test_watch_sees_create_write_rename_remove(guestd: Guestd, tmpdir_short: str
 
 def test_temp_dir_is_short() -> None:
     assert len(tempfile.gettempdir()) < 40
+
+
+def test_read_response_bytes_is_the_protobuf_encoding() -> None:
+    from guestd.files import read_response_bytes
+
+    for n in (1, 127, 128, 16383, 16384, MB, MB + 7):
+        data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+        assert read_response_bytes(data) == pb.ReadResponse(data=data).SerializeToString()
