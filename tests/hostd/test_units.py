@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -110,6 +111,27 @@ def test_store_round_trip_survives_reopen(tmp_path: Path) -> None:
     assert s.get(rec.sandbox_id) is None
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
+
+
+def test_store_reads_rows_from_before_pause_to_disk(tmp_path: Path) -> None:
+    """A row an older hostd wrote (no paused_to_disk) reads as paused in place; new ones keep it."""
+    db = tmp_path / "hostd.db"
+    s = Store(db)
+    rec = _rec("sbx_" + "c" * 20, 1.0, paused_remaining=3.0)
+    data = json.loads(rec.to_json())
+    del data["paused_to_disk"]
+    data["state"] = "paused"
+    s._db.execute(
+        "INSERT INTO sandboxes (sandbox_id, created_at, state, data) VALUES (?, ?, ?, ?)",
+        (rec.sandbox_id, rec.created_at, "paused", json.dumps(data)),
+    )
+    old = s.get(rec.sandbox_id)
+    assert old is not None and old.state is State.PAUSED and old.paused_to_disk is False
+    old.paused_to_disk = True
+    s.put(old)
+    s.close()
+    got = Store(db).get(rec.sandbox_id)
+    assert got is not None and got.paused_to_disk is True
 
 
 # -- state ------------------------------------------------------------------
