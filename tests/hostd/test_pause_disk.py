@@ -180,7 +180,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_pause_without_disk_space_is_refused_and_the_sandbox_keeps_running() -> None:
+def test_pause_without_disk_space_is_refused_and_in_place_pause_stays_available() -> None:
     require_images()
     h = Hostd(max_sandboxes=2, memory_budget_mb=2048)
     left: list[str] = []
@@ -199,6 +199,25 @@ def test_pause_without_disk_space_is_refused_and_the_sandbox_keeps_running() -> 
             assert get(h, s.sandbox_id).state == RUNNING
             assert h.run(s, "cat /root/f")[1] == "x\n"
             assert not list((h.state / "sandboxes" / s.sandbox_id).glob("mem.snap*"))
+            # The same sandbox under a hostd with pause_to_disk = false: paused in
+            # place (processes stopped, memory kept), resumed at once.
+            h.config["pause_to_disk"] = False
+            h.stop()
+            h.start()
+            sid = s.sandbox_id
+            with EventWatcher(h, sid) as w:
+                h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=60)
+                assert w.wait(sid, pb.EVENT_TYPE_PAUSED, 10).message == "in place"
+            pids = vm_pids(h, sid)
+            assert len(pids) == 2
+            # Stopped (T), and frozen by the cgroup freezer on top (shown as D on v1).
+            states = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                      for p in pids]  # fmt: skip
+            assert set(states) <= {"T", "D"}, states
+            t0 = time.monotonic()
+            h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=60)
+            assert time.monotonic() - t0 < 5
+            assert h.run(s, "cat /root/f")[1] == "x\n"
         finally:
             left = h.close()
     shutil.rmtree(h.root, ignore_errors=True)
