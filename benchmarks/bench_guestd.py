@@ -11,6 +11,12 @@ Figures (a real guestd subprocess over a unix socket, sync gRPC client):
 Each pair is measured alternately `--rounds` times and the best of each kept,
 so a busy machine (other VMs) skews both sides alike. Targets: round trip
 <= 3x floor; throughputs >= 50% of raw.
+
+Reference rows (not targets) show what gRPC in Python itself costs, measured
+in the same run: a bare grpc.aio server (uvloop, no guestd code) doing the
+same call shape - a start message, posix_spawn of /bin/true and a pidfd wait,
+an end message; and a stream of ready-made 1 MiB messages. The guestd/bare
+ratio is guestd's own share of the gap.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -45,21 +51,110 @@ from moru_proto.guest.v1 import process_pb2 as ppb  # noqa: E402
 MIB = 1024 * 1024
 
 
+def _wait_ready(proc: subprocess.Popen[bytes], ch: grpc.Channel, what: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            guest_pb2_grpc.GuestStub(ch).Health(guest_pb2.HealthRequest(), timeout=1)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
 def start_guestd(d: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
     sock = f"unix:{d}/g.sock"
     proc = subprocess.Popen([sys.executable, "-m", "guestd", "--listen", sock,
                              "--log-level", "WARNING"], cwd=ROOT)
     ch = grpc.insecure_channel(sock, options=[("grpc.max_receive_message_length", -1)])
-    deadline = time.monotonic() + 15
-    while True:
+    _wait_ready(proc, ch, "guestd")
+    return proc, ch
+
+
+BARE_START = "/moru.guest.v1.Process/Start"  # same method names: the stubs work on both
+BARE_READ = "/moru.guest.v1.Filesystem/Read"
+
+
+def bare_server(path: str) -> None:
+    """The reference: grpc.aio + uvloop with the same call shapes, no guestd code."""
+    import asyncio
+
+    import uvloop
+
+    start = ppb.ProcessEvent(start=ppb.StartEvent(pid=1)).SerializeToString()
+    end = ppb.ProcessEvent(end=ppb.EndEvent(exit_code=0, exited=True)).SerializeToString()
+    chunk = fpb.ReadResponse(data=bytes(MIB)).SerializeToString()
+
+    async def health(req: bytes, ctx: object) -> bytes:
+        return b""
+
+    async def run_true(req: bytes, ctx: object) -> AsyncIterator[bytes]:
+        # On the loop, as guestd does: posix_spawn returns once the child has exec'd.
+        pid = os.posix_spawn("/bin/true", ["/bin/true"], os.environ,  # noqa: ASYNC221
+                             setsid=True)
+        yield start
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(pid)
+        done: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, done.set_result, None)
         try:
-            guest_pb2_grpc.GuestStub(ch).Health(guest_pb2.HealthRequest(), timeout=1)
-            return proc, ch
-        except grpc.RpcError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit("guestd did not start") from None
-            time.sleep(0.05)
+            await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        os.waitpid(pid, 0)  # noqa: ASYNC222  (the pidfd said it exited: no wait)
+        yield end
+
+    async def read(req: bytes, ctx: object) -> AsyncIterator[bytes]:
+        n = fpb.ReadRequest.FromString(req).length
+        for _ in range(n // MIB):
+            yield chunk
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler("moru.guest.v1.Guest", {
+                "Health": grpc.unary_unary_rpc_method_handler(health)}),
+            grpc.method_handlers_generic_handler("moru.guest.v1.Process", {
+                "Start": grpc.unary_stream_rpc_method_handler(run_true)}),
+            grpc.method_handlers_generic_handler("moru.guest.v1.Filesystem", {
+                "Read": grpc.unary_stream_rpc_method_handler(read)}),
+        ))
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(serve())
+
+
+def start_bare(d: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
+    sock = f"{d}/bare.sock"
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", sock], cwd=ROOT)
+    ch = grpc.insecure_channel(f"unix:{sock}",
+                               options=[("grpc.max_receive_message_length", -1)])
+    _wait_ready(proc, ch, "bare gRPC server")
+    return proc, ch
+
+
+def bare_stream(fs: filesystem_pb2_grpc.FilesystemStub, nbytes: int) -> float:
+    got = 0
+    t0 = time.perf_counter()
+    for msg in fs.Read(fpb.ReadRequest(path="/", length=nbytes)):
+        got += len(msg.data)
+    secs = time.perf_counter() - t0
+    assert got == nbytes
+    return got / secs
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def raw_unix_throughput(d: str, nbytes: int) -> float:
@@ -155,14 +250,15 @@ def guestd_read(fs: filesystem_pb2_grpc.FilesystemStub, path: str, nbytes: int) 
     return got / secs
 
 
-def best_of(rounds: int, fig: Callable[[], float], floor: Callable[[], float],
-            higher_is_better: bool) -> tuple[float, float]:
-    figs, floors = [], []
+def best_of(rounds: int, fns: dict[str, Callable[[], float]],
+            higher_is_better: bool) -> dict[str, float]:
+    """Each figure measured `rounds` times, interleaved, best kept."""
+    got: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
-        floors.append(floor())
-        figs.append(fig())
+        for k, fn in fns.items():
+            got[k].append(fn())
     pick = max if higher_is_better else min
-    return pick(figs), pick(floors)
+    return {k: pick(v) for k, v in got.items()}
 
 
 def main() -> None:
@@ -170,42 +266,66 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the bare gRPC reference rows")
+    ap.add_argument("--bare-server", metavar="PATH", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.bare_server:
+        bare_server(a.bare_server)
+        return
     nbytes = a.mib * MIB
     d = tempfile.mkdtemp(dir="/tmp", prefix="mb")
+    load0 = os.getloadavg()[0]
     proc, ch = start_guestd(d)
+    bare: tuple[subprocess.Popen[bytes], grpc.Channel] | None = None
     try:
         pstub = process_pb2_grpc.ProcessStub(ch)
         fstub = filesystem_pb2_grpc.FilesystemStub(ch)
         guestd_true_seconds(pstub, 5)  # warm up the channel
-        rows = []
-        rt, rt_floor = best_of(a.rounds, lambda: guestd_true_seconds(pstub, a.calls),
-                               lambda: spawn_true_seconds(a.calls), False)
-        rows.append(("round trip (true)", f"{rt * 1e3:.2f} ms", f"{rt_floor * 1e3:.2f} ms",
-                     rt / rt_floor, "<= 3x", rt / rt_floor <= 3))
-        raw = lambda: raw_unix_throughput(d, nbytes)  # noqa: E731
-        for name, fn in [
-            ("stdout stream", lambda: guestd_stdout(pstub, nbytes)),
-            ("file write", lambda: guestd_write(fstub, f"{d}/f.bin", nbytes)),
-            ("file read", lambda: guestd_read(fstub, f"{d}/f.bin", nbytes)),
-        ]:
-            fig, floor = best_of(a.rounds, fn, raw, True)
-            rows.append((name, f"{fig / 1e6:.0f} MB/s", f"{floor / 1e6:.0f} MB/s", fig / floor,
-                         ">= 0.5x", fig / floor >= 0.5))
-        print(f"guestd benchmark: {a.mib} MiB transfers, {a.calls} calls, best of {a.rounds};"
-              f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'figure':<20}{'guestd':>14}{'floor':>14}{'ratio':>9}  target   ok")
+        rt_fns = {"floor": lambda: spawn_true_seconds(a.calls),
+                  "true": lambda: guestd_true_seconds(pstub, a.calls)}
+        tp_fns = {"raw": lambda: raw_unix_throughput(d, nbytes),
+                  "stdout": lambda: guestd_stdout(pstub, nbytes),
+                  "write": lambda: guestd_write(fstub, f"{d}/f.bin", nbytes),
+                  "read": lambda: guestd_read(fstub, f"{d}/f.bin", nbytes)}
+        if not a.no_reference:
+            bare = start_bare(d)
+            bp = process_pb2_grpc.ProcessStub(bare[1])
+            bf = filesystem_pb2_grpc.FilesystemStub(bare[1])
+            guestd_true_seconds(bp, 5)
+            rt_fns["bare"] = lambda: guestd_true_seconds(bp, a.calls)
+            tp_fns["bare"] = lambda: bare_stream(bf, nbytes)
+        rt = best_of(a.rounds, rt_fns, False)
+        tp = best_of(a.rounds, tp_fns, True)
+        rows = [("round trip (true)", f"{rt['true'] * 1e3:.2f} ms", f"{rt['floor'] * 1e3:.2f} ms",
+                 rt["true"] / rt["floor"], "<= 3x", rt["true"] / rt["floor"] <= 3)]
+        for name, key in [("stdout stream", "stdout"), ("file write", "write"),
+                          ("file read", "read")]:
+            ratio = tp[key] / tp["raw"]
+            rows.append((name, f"{tp[key] / 1e6:.0f} MB/s", f"{tp['raw'] / 1e6:.0f} MB/s", ratio,
+                         ">= 0.5x", ratio >= 0.5))
+        print(f"guestd benchmark: {a.mib} MiB transfers, {a.calls} calls, best of {a.rounds}"
+              f" (interleaved); load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at"
+              f" end, on {os.cpu_count()} CPUs")
+        print(f"{'figure':<22}{'guestd':>12}{'floor':>14}{'ratio':>9}  target   ok")
         for name, fig_s, floor_s, ratio, target, ok in rows:
             verdict = "yes" if ok else "NO"
-            print(f"{name:<20}{fig_s:>14}{floor_s:>14}{ratio:>8.2f}x  {target:<8} {verdict}")
+            print(f"{name:<22}{fig_s:>12}{floor_s:>14}{ratio:>8.2f}x  {target:<8} {verdict}")
+        if bare is not None:
+            print("reference, no guestd code (last column: guestd's figure / bare's figure,"
+                  " i.e. what guestd's own code costs)")
+            print(f"{'bare gRPC round trip':<22}{rt['bare'] * 1e3:>9.2f} ms"
+                  f"{rt['floor'] * 1e3:>11.2f} ms{rt['bare'] / rt['floor']:>8.2f}x"
+                  f"  guestd/bare: true {rt['true'] / rt['bare']:.2f}x")
+            vs = ", ".join(f"{k} {tp[k] / tp['bare']:.2f}x" for k in ("stdout", "write", "read"))
+            print(f"{'bare gRPC 1 MiB msgs':<22}{tp['bare'] / 1e6:>7.0f} MB/s"
+                  f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['bare'] / tp['raw']:>8.2f}x  guestd/bare: {vs}")
     finally:
         ch.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+        if bare is not None:
+            bare[1].close()
+            stop(bare[0])
         shutil.rmtree(d, ignore_errors=True)
 
 
