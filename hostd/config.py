@@ -99,6 +99,17 @@ class Config:
     # Guest metrics sampling period and how many samples are kept.
     metrics_interval_seconds: float = 5.0
     metrics_history: int = 720
+    # Templates (comma-separated) to keep a ready snapshot of: hostd boots each
+    # once in the background (after start, and again after a rebuild) and saves
+    # it with guestd waiting for Init; Creates with the template's defaults
+    # restore it instead of booting. Empty: off. See docs/persistence.md.
+    ready_snapshot_templates: str = ""
+    # How often to look for rebuilt templates (and stale snapshots to delete).
+    ready_snapshot_check_seconds: float = 60.0
+    # Bound on the boot of a snapshot's VM, and on a Create's snapshot path
+    # before it falls back to a cold boot.
+    ready_snapshot_boot_seconds: float = 600.0
+    ready_snapshot_restore_seconds: float = 120.0
     # Pause saves the VM's memory to disk and ends its processes (resume restores
     # it); false: pause in place (vCPUs stopped, memory kept). VMs started
     # without the PCI vsock port (older hostd) are always paused in place.
@@ -146,6 +157,9 @@ class Config:
             raise ConfigError("listen: must be unix:PATH (use tcp_listen for TCP with TLS)")
         if not self.listen and not self.tcp_listen:
             raise ConfigError("listen: set listen or tcp_listen, or hostd is unreachable")
+        if min(self.ready_snapshot_check_seconds, self.ready_snapshot_boot_seconds,
+               self.ready_snapshot_restore_seconds) <= 0:
+            raise ConfigError("ready_snapshot_*_seconds: must be positive")
         if self.metrics_interval_seconds <= 0 or self.metrics_history < 1:
             raise ConfigError("metrics_interval_seconds and metrics_history must be positive")
         return self

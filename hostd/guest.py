@@ -58,7 +58,9 @@ class GuestClient:
         env: dict[str, str],
         access_token: str,
         rpc_timeout: float,
+        network: guest_pb2.NetworkConfig | None = None,
     ) -> None:
+        """`network`: only for a guest whose kernel command line did not carry it (a restore)."""
         ts = Timestamp()
         ts.FromNanoseconds(time.time_ns())
         await self._stub.Init(
@@ -70,6 +72,7 @@ class GuestClient:
                 wall_clock=ts,
                 access_token=access_token,
                 entropy=os.urandom(64),
+                network=network,
             ),
             metadata=self._md,
             timeout=rpc_timeout,

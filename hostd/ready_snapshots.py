@@ -208,7 +208,10 @@ class ReadySnapshots:
         """Makes the listed templates' snapshots, re-makes them after rebuilds; until cancelled."""
         while True:
             await self.refresh()
-            await asyncio.sleep(self.config.ready_snapshot_check_seconds)
+            wait = self.config.ready_snapshot_check_seconds
+            if self._retry_at:  # a failed make is retried on its own schedule
+                wait = min(wait, max(1.0, min(self._retry_at.values()) - time.monotonic()))
+            await asyncio.sleep(wait)
 
     async def refresh(self) -> list[Path]:
         """One pass: every listed template's default-shape snapshot exists, nothing stale."""
@@ -250,7 +253,7 @@ class ReadySnapshots:
     async def make(self, shape: Shape, manifest: TemplateManifest) -> Path:
         """Boots the template with shape, waits for guestd, saves it; returns the snapshot dir."""
         from hostd.network.policy import EgressPolicy
-        from hostd.vmm.snapshot import PciQemuVm, save_ready
+        from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVm, save_ready
 
         if initramfs_has_virtio_pci(Path(shape.initramfs)) is False:
             raise RuntimeError(
@@ -293,8 +296,11 @@ class ReadySnapshots:
             await vm.start()
             await self._wait_guestd(vm, shape)
             booted = time.monotonic() - t0
+            # The guest powers its vsock slot off itself: QMP device_del waits for
+            # pciehp's 5 s attention delay, which a loaded guest can stretch past 20 s.
+            await _run_in_guest(vm, shape.guestd_port, tmp / "g.sock", EJECT_SCRIPT)
             out = tmp / "snap"
-            info = await save_ready(vm, out)
+            info = await save_ready(vm, out, guest_ejected=True)
             meta = {
                 "format": FORMAT,
                 "shape": asdict(shape),
@@ -337,6 +343,33 @@ class ReadySnapshots:
             await asyncio.sleep(0.1)
         await wait_ready(vm.vsock_uds, shape.guestd_port, deadline, alive=vm.is_alive,
                          interval=0.1)  # fmt: skip
+
+
+async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> None:
+    """Runs `/bin/sh -c script` through guestd (not initialized yet: no token)."""
+    from hostd.guest import open_channel
+    from hostd.vsock import VsockRelay
+    from moru_proto.guest.v1 import process_pb2, process_pb2_grpc
+
+    relay = VsockRelay(relay_path, vm.vsock_uds, port)
+    await relay.start()
+    try:
+        ch = open_channel(relay.target)
+        try:
+            stub = process_pb2_grpc.ProcessStub(ch)
+            req = process_pb2.StartRequest(
+                config=process_pb2.ProcessConfig(argv=["/bin/sh", "-c", script])
+            )
+            code = None
+            async for ev in stub.Start(req, timeout=120):
+                if ev.WhichOneof("event") == "end":
+                    code = ev.end.exit_code if ev.end.exited else -1
+            if code != 0:
+                raise RuntimeError(f"{script!r} in the guest ended with {code}")
+        finally:
+            await ch.close(None)
+    finally:
+        await relay.close()
 
 
 def _read(path: Path) -> bytes:

@@ -15,11 +15,13 @@ import dataclasses
 import hmac
 import logging
 import secrets
+import shutil
 import string
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,12 +39,16 @@ from hostd.errors import (
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
+from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
 from hostd.resources import Capacity, Resources, vm_spec
 from hostd.state import Action, State, transition
 from hostd.store import SandboxRecord, Store
-from hostd.vmm.base import Vm, Vmm
+from hostd.vmm.base import Vm, Vmm, VmSpec
+from hostd.vmm.qemu import QemuVmm
+from hostd.vmm.snapshot import SnapshotCorrupt, SnapshotNotFound
 from images.manifest import TemplateManifest, TemplateNotFound, load_manifest
+from moru_proto.guest.v1 import guest_pb2
 
 log = logging.getLogger("hostd.sandboxes")
 
@@ -97,6 +103,8 @@ class Sandbox:
     gone: bool = False
     # What Create is doing right now (named in its deadline error).
     stage: str = ""
+    # How Create started the VM: "ready_snapshot" or "cold_boot".
+    create_path: str = ""
 
     @property
     def id(self) -> str:
@@ -127,6 +135,9 @@ class SandboxManager:
         self.capacity = Capacity(config)
         # hostd.volumes.VolumeManager, set by the server; None: volumes refused.
         self.volumes: Any | None = None
+        self.ready: ReadySnapshots | None = None
+        if config.ready_snapshot_templates:
+            self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template)
 
     # -- startup / shutdown -------------------------------------------------
 
@@ -138,6 +149,8 @@ class SandboxManager:
             self._sandboxes[sb.id] = sb
             self.capacity.add(sb.id, 0 if sb.rec.paused_to_disk else sb.rec.memory_mb)
         await r.remove_orphans(set(self._sandboxes))
+        if self.ready is not None:
+            self.ready.remove_partial()
 
     async def close(self) -> None:
         """Drops hostd's handles; VMs keep running for the next hostd to re-attach."""
@@ -149,6 +162,8 @@ class SandboxManager:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._reap_loop())
             tg.create_task(self._sample_loop())
+            if self.ready is not None:
+                tg.create_task(self.ready.run())
 
     # -- lookups ------------------------------------------------------------
 
@@ -268,7 +283,7 @@ class SandboxManager:
                     # Errors get the console tail here, before the stack removes it.
                     try:
                         async with asyncio.timeout(cfg.create_deadline_seconds):
-                            await self._boot(sb, stack, manifest.kernel_cmdline, env)
+                            await self._boot(sb, stack, manifest, env)
                     except TimeoutError:
                         raise DeadlineExceeded(
                             f"sandbox {sid} was not ready within {cfg.create_deadline_seconds:g} s"
@@ -302,13 +317,19 @@ class SandboxManager:
                 raise
         await self._sample(sb)
         self.bus.publish(
-            Event(sid, EventType.CREATED, Reason.USER, name, duration=time.monotonic() - t0)
-        )
-        log.info("created %s (template %s) in %.2f s", sid, name, time.monotonic() - t0)
+            Event(sid, EventType.CREATED, Reason.USER, name, sb.create_path,
+                  duration=time.monotonic() - t0)
+        )  # fmt: skip
+        log.info("created %s (template %s, %s) in %.2f s", sid, name, sb.create_path,
+                 time.monotonic() - t0)  # fmt: skip
         return rec
 
     async def _boot(
-        self, sb: Sandbox, stack: contextlib.AsyncExitStack, base_cmdline: str, env: dict[str, str]
+        self,
+        sb: Sandbox,
+        stack: contextlib.AsyncExitStack,
+        manifest: TemplateManifest,
+        env: dict[str, str],
     ) -> None:
         """cgroup -> network -> VM -> relay -> guest ready -> Init, each pushed on `stack`."""
         rec, res = sb.rec, sb.res
@@ -325,7 +346,7 @@ class SandboxManager:
         rec.kernel_cmdline = " ".join(
             p
             for p in (
-                base_cmdline,
+                manifest.kernel_cmdline,
                 f"moru.hostname={rec.hostname}",
                 net.kernel_args() if net else "",
             )
@@ -342,6 +363,10 @@ class SandboxManager:
             spec = dataclasses.replace(spec, extra_disks=(disk,))
         # Whichever VM is current is destroyed on failure (a retry replaces it).
         stack.push_async_callback(self._destroy_current_vm, res)
+        ready = self._ready_snapshot(rec, manifest)
+        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net):
+            return
+        sb.create_path = "cold_boot"
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             vm = self.vmm.create(spec)
             res.vm = vm
@@ -362,6 +387,18 @@ class SandboxManager:
         sb.stage = "starting the vsock relay"
         await res.connect(vm, rec, stack)
         t2 = time.monotonic()
+        await self._init(sb, env)
+        log.info(
+            "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
+            rec.sandbox_id,
+            t1 - t0,
+            t2 - t1,
+            time.monotonic() - t2,
+        )
+
+    async def _init(self, sb: Sandbox, env: dict[str, str], net: Any = None) -> None:
+        """Guest.Init with the sandbox's identity (+ network for a restored guest), volume mount."""
+        rec, res = sb.rec, sb.res
         assert res.channel is not None
         sb.stage = "in Guest.Init"
         await GuestClient(res.channel, rec.access_token).init(
@@ -371,19 +408,67 @@ class SandboxManager:
             env=env,
             access_token=rec.access_token,
             rpc_timeout=30.0,
+            network=_net_config(net) if net is not None else None,
         )
         if rec.volume_id:
             from hostd.volumes.mount import mount_in_guest
 
             sb.stage = "mounting the volume"
             await mount_in_guest(res.channel, rec.volume_mount_path, access_token=rec.access_token)
-        log.info(
-            "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
-            rec.sandbox_id,
-            t1 - t0,
-            t2 - t1,
-            time.monotonic() - t2,
-        )
+
+    def _ready_snapshot(self, rec: SandboxRecord, manifest: TemplateManifest) -> Path | None:
+        """The ready snapshot that fits this sandbox exactly, if any (extra disks: none)."""
+        if self.ready is None or rec.volume_id or not isinstance(self.vmm, QemuVmm):
+            return None
+        return self.ready.find(self.ready.shape(manifest, rec.vcpus, rec.memory_mb, rec.disk_mb))
+
+    async def _from_ready(
+        self,
+        sb: Sandbox,
+        stack: contextlib.AsyncExitStack,
+        spec: VmSpec,
+        ready: Path,
+        env: dict[str, str],
+        net: Any,
+    ) -> bool:
+        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead."""
+        from hostd.vmm.qemu import SPEC, spec_to_json
+        from hostd.vmm.snapshot import restore_ready
+        from hostd.vsock import wait_ready
+
+        assert self.ready is not None and isinstance(self.vmm, QemuVmm)
+        rec, res = sb.rec, sb.res
+        t0 = time.monotonic()
+        stack.callback(shutil.rmtree, spec.run_dir, True)  # also if cancelled mid-restore
+        try:
+            async with contextlib.AsyncExitStack() as sub:
+                async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
+                    sb.stage = "restoring the ready snapshot"
+                    with self.ready.using(ready):
+                        vm = await restore_ready(self.vmm, spec, ready)
+                    res.vm = vm
+                    (spec.run_dir / SPEC).write_text(spec_to_json(spec))
+                    sb.stage = "waiting for the restored guestd on vsock"
+                    await wait_ready(vm.vsock_uds, rec.guestd_port,
+                                     time.monotonic() + self.config.ready_snapshot_restore_seconds,
+                                     alive=vm.is_alive, interval=0.05)  # fmt: skip
+                    sb.stage = "starting the vsock relay"
+                    await res.connect(vm, rec, sub)
+                    await self._init(sb, env, net)
+                stack.push_async_exit(sub.pop_all())
+        except Exception as e:
+            log.warning("%s: create from ready snapshot %s failed after %.1f s, booting cold: %s",
+                        rec.sandbox_id, ready.name, time.monotonic() - t0, e)  # fmt: skip
+            if isinstance(e, SnapshotCorrupt | SnapshotNotFound):
+                self.ready.discard(ready, str(e).splitlines()[0])
+            await self._destroy_current_vm(res)
+            res.vm = res.relay = res.channel = None
+            await asyncio.to_thread(shutil.rmtree, spec.run_dir, True)
+            return False
+        sb.create_path = "ready_snapshot"
+        log.info("%s: restored from ready snapshot %s and initialized in %.2f s",
+                 rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
+        return True
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
         """Waits for guestd: first its line on the console, then its vsock port.
@@ -744,6 +829,13 @@ class SandboxManager:
                     host_memory_bytes=cg.memory_usage_bytes(),
                 )
         sb.metrics.append(s)
+
+
+def _net_config(net: Any) -> guest_pb2.NetworkConfig:
+    """What `moru.net=` (SandboxNetwork.kernel_args) gives a booting guest, for Init."""
+    return guest_pb2.NetworkConfig(
+        address=f"{net.guest_ip}/{net.prefix_len}", gateway=net.gateway, dns=net.dns, mac=net.mac
+    )
 
 
 def _net_dict(net: Any) -> dict[str, Any]:
