@@ -236,11 +236,12 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             async for req in it:
                 if req.WhichOneof("message") == "header":
                     raise InvalidArgument("header: only the first message may be a header")
-                view = memoryview(req.data)
+                data = req.data  # each access copies the field
+                view = memoryview(data)
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                written += len(req.data)
+                written += len(data)
             if context.cancelled():
                 raise asyncio.CancelledError
             if h.HasField("size") and written != h.size:

@@ -40,7 +40,7 @@ from guestd.errors import (
     ResourceExhausted,
 )
 from guestd.process.output import Cursor, OutputLog, Part
-from guestd.process.spawn import Child, Spec, set_winsize, spawn
+from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
 
 READ_MAX = 1024 * 1024
 MESSAGE_MAX = 1024 * 1024  # output bytes per event: per-message cost dominates gRPC in Python
@@ -121,6 +121,7 @@ class ManagedProcess:
         self._fds = dict(child.fds)
         self._paused: set[str] = set()
         self._naps: dict[str, asyncio.TimerHandle] = {}
+        self._grown: set[str] = set()
         self._stdin_fd = child.stdin_fd
         self._stdin_lock = asyncio.Lock()
         self._followers: set[int] = set()
@@ -201,6 +202,10 @@ class ManagedProcess:
         if not data:
             self._close(kind)
             return False
+        if len(data) >= DEFAULT_PIPE_SIZE // 2 and kind not in self._grown:
+            self._grown.add(kind)
+            if not self.pty:
+                grow_pipe(fd)
         self.log.append(kind, data)
         self._total += len(data)
         if self._waiters:

@@ -24,6 +24,7 @@ from guestd.errors import InvalidArgument, NotFound, path_error
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1024 * 1024
+DEFAULT_PIPE_SIZE = 64 * 1024  # Linux's; a read of half of it: a child that writes a lot
 
 
 @dataclass
@@ -67,13 +68,38 @@ class User:
             return [self.gid]
 
 
+_users: dict[str, User] = {}
+_users_key: tuple[int, ...] | None = None
+
+
+def _passwd_key() -> tuple[int, ...] | None:
+    try:
+        pw, gr = os.stat("/etc/passwd"), os.stat("/etc/group")  # groups are cached too
+    except OSError:
+        return None
+    return pw.st_ino, pw.st_mtime_ns, pw.st_size, gr.st_ino, gr.st_mtime_ns, gr.st_size
+
+
 def resolve_user(user: str) -> User:
-    """A user name or numeric uid -> its passwd entry (root when empty)."""
+    """A user name or numeric uid -> its passwd entry (root when empty).
+
+    Cached until /etc/passwd or /etc/group changes (stats instead of a parse)."""
+    global _users_key
+    key = _passwd_key()
+    if key is None or key != _users_key:
+        _users.clear()
+        _users_key = key
+    found = _users.get(user)
+    if found is not None:
+        return found
     try:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user or "root")
     except KeyError:
         raise NotFound(f"user: no such user {user!r}") from None
-    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh")
+    found = User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell or "/bin/sh")
+    if key is not None and len(_users) < 256:
+        _users[user] = found
+    return found
 
 
 def group_name(gid: int) -> str:
@@ -104,10 +130,15 @@ def command_line(spec: Spec) -> list[str]:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # bigger pipes: fewer wakeups per byte
-        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     os.set_blocking(r, False)
     return r, w
+
+
+def grow_pipe(fd: int) -> None:
+    """Bigger pipe for a child that writes a lot: fewer wakeups per byte.
+    Done on the first full read rather than per spawn (most commands print little)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def set_winsize(fd: int, cols: int, rows: int) -> None:
