@@ -2,7 +2,7 @@
 
 Cache layout under images_dir():
   kernels/<release>/            the unpacked, depmod'ed kernel package
-  initramfs/<release>-<h>.img   shared by every template on that kernel
+  initramfs/<release>-<h>.img   shared by every template on that kernel; unused ones pruned
   builds/<name>-<h>/rootfs.ext4 one directory per content hash, renamed into place
   templates/<name>/manifest.json  what hostd reads; replaced atomically
   stages/, apt-archives/, debs/ reusable intermediate results
@@ -50,8 +50,12 @@ from images.tools import (
 BUILD_VERSION = "1"
 # pcie_ports=native: microvm's ACPI tables grant no native PCIe hotplug (_OSC),
 # which pausing to disk needs to unplug and re-plug the vsock device.
+# reboot=t: a reboot (busybox init on SIGTERM, or panic=-1 after a panic) is a
+# triple fault, which QEMU turns into a reset and -no-reboot into an exit.
+# Not reboot=k: microvm has no i8042, so the kernel fell through to a BIOS
+# real-mode restart that jumped into the firmware without a reset: the VM hung.
 BASE_CMDLINE = (
-    "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 reboot=k quiet pcie_ports=native"
+    "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 reboot=t quiet pcie_ports=native"
 )
 # Free space a build needs besides what is cached: an unpacked root and its image.
 BUILD_FREE_BYTES = 3 << 30
@@ -137,6 +141,57 @@ def _gc_builds(root: Path, name: str, keep: Path) -> None:
         replaced_at = newest_first[i - 1][0]
         if now - replaced_at > KEEP_REPLACED_SECONDS:
             shutil.rmtree(newest_first[i][1], ignore_errors=True)
+
+
+def _paths_in_use(paths: list[Path]) -> set[Path]:
+    """Those of `paths` named on a running process's command line (a VMM's -initrd)."""
+    used: set[Path] = set()
+    wanted = {str(p).encode(): p for p in paths}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        used.update(wanted[a] for a in args if a in wanted)
+    return used
+
+
+def _gc_initramfs(root: Path, keep: Path) -> None:
+    """Drop initramfs images no template uses any more, as carefully as builds.
+
+    Kept: any image a template manifest names, any a running process (a VMM's
+    -initrd) names, the KEEP_BUILDS newest, and any whose successor appeared
+    less than KEEP_REPLACED_SECONDS ago. Nothing is removed while a manifest
+    cannot be read. hostd's records (a sandbox paused to disk, a ready
+    snapshot) are not consulted: like an old build, an image gone for a day
+    cannot be resumed from.
+    """
+    named = {keep}
+    for path in (root / "templates").glob("*/manifest.json"):
+        try:
+            named.add(Path(TemplateManifest.from_json(path.read_text()).initramfs))
+        except FileNotFoundError:
+            continue  # replaced or removed meanwhile
+        except (OSError, ValueError, TypeError, KeyError):
+            return
+    aged: list[tuple[float, Path]] = []
+    for f in (root / "initramfs").glob("initramfs-*.img"):
+        try:
+            aged.append((f.stat().st_mtime, f))
+        except FileNotFoundError:
+            continue
+    aged.sort(key=lambda t: t[0], reverse=True)
+    now = time.time()
+    doomed = [
+        f
+        for i, (_, f) in enumerate(aged)
+        if i >= KEEP_BUILDS and f not in named and now - aged[i - 1][0] > KEEP_REPLACED_SECONDS
+    ]
+    for f in set(doomed) - _paths_in_use(doomed):
+        log(f"removing unused initramfs {f.name}")
+        f.unlink(missing_ok=True)
 
 
 def _cached(root: Path, name: str, digest: str) -> TemplateManifest | None:
@@ -273,6 +328,7 @@ class Builder:
         tmp.write_text(manifest.to_json() + "\n")
         tmp.rename(path)
         _gc_builds(self.root, recipe.name, final)
+        _gc_initramfs(self.root, initrd)
         log(f"built {recipe.name}: {image} ({image.stat().st_blocks * 512 >> 20} MiB used)")
         return manifest
 

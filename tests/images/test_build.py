@@ -225,7 +225,7 @@ def test_manifest_contents(name: str) -> None:
     assert m.kernel_version.endswith("-cloud-amd64")
     assert Path(m.kernel).name == f"vmlinuz-{m.kernel_version}" and Path(m.kernel).is_file()
     assert Path(m.initramfs).is_file()
-    for part in ("console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "reboot=k"):
+    for part in ("console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "reboot=t"):
         assert part in m.kernel_cmdline.split()
     assert m.defaults == recipe.defaults and m.env == recipe.env
     assert m.guestd_port == GUESTD_VSOCK_PORT == 50051
@@ -509,3 +509,49 @@ def test_gc_keeps_a_build_replaced_recently(tmp_path: Path) -> None:
     keep = dirs[-1]
     _gc_builds(tmp_path, "python", keep)
     assert all(d.is_dir() for d in dirs)
+
+
+def test_gc_initramfs_drops_only_unused_long_replaced_images(tmp_path: Path) -> None:
+    from images.build import KEEP_BUILDS, KEEP_REPLACED_SECONDS, _gc_initramfs
+
+    d = tmp_path / "initramfs"
+    d.mkdir()
+    old = time.time() - 10 * KEEP_REPLACED_SECONDS
+    imgs = []
+    for i in range(6):  # 0 oldest ... 5 newest, all replaced long ago
+        f = d / f"initramfs-6.1.0-test-{i:016x}.img"
+        f.write_bytes(b"cpio")
+        os.utime(f, (old + i, old + i))
+        imgs.append(f)
+    current = d / "initramfs-6.1.0-test-ffffffffffffffff.img"
+    current.write_bytes(b"cpio")
+    # A template built earlier still names image 0; a running "VMM" uses image 1.
+    named = TemplateManifest(
+        name="old", content_hash="0" * 64, kernel="/k", kernel_version="6.1.0-test",
+        initramfs=str(imgs[0]), rootfs="/r", kernel_cmdline="console=ttyS0",
+    )  # fmt: skip
+    (tmp_path / "templates" / "old").mkdir(parents=True)
+    (tmp_path / "templates" / "old" / "manifest.json").write_text(named.to_json())
+    vmm = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-initrd", str(imgs[1])]
+    )
+    try:
+        _gc_initramfs(tmp_path, current)
+    finally:
+        vmm.kill()
+        vmm.wait()
+    left = sorted(f.name for f in d.iterdir())
+    newest = [f.name for f in imgs[6 - (KEEP_BUILDS - 1):]]
+    assert left == sorted([current.name, imgs[0].name, imgs[1].name, *newest])
+
+
+def test_gc_initramfs_keeps_recently_replaced_images(tmp_path: Path) -> None:
+    from images.build import KEEP_BUILDS, _gc_initramfs
+
+    d = tmp_path / "initramfs"
+    d.mkdir()
+    imgs = [d / f"initramfs-6.1.0-test-{i:016x}.img" for i in range(KEEP_BUILDS + 3)]
+    for f in imgs:
+        f.write_bytes(b"cpio")  # all fresh: none was replaced over an hour ago
+    _gc_initramfs(tmp_path, imgs[-1])
+    assert all(f.is_file() for f in imgs)
