@@ -93,6 +93,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, state: GuestState) -> None:
         self.state = state
+        self._wrapped: dict[tuple[int, bool], tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -105,7 +106,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         token = self.state.access_token
         denied = bool(token) and not hmac.compare_digest(
             _md_token(handler_call_details).encode(), token.encode())
-        return _wrap(handler, denied)
+        # One wrapper per registered handler and verdict, not per call.
+        key = (id(handler), denied)
+        hit = self._wrapped.get(key)
+        if hit is None or hit[0] is not handler:
+            hit = (handler, _wrap(handler, denied))
+            self._wrapped[key] = hit
+        return hit[1]
 
 
 async def _fail(ctx: Ctx, exc: BaseException) -> None:

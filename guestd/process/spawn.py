@@ -109,10 +109,23 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
+_image_env: dict[str, str] | None = None
+
+
+def image_env() -> dict[str, str]:
+    """guestd's own environment (the image's), read once: copying os.environ
+    decodes every variable, a cost on each Start. guestd never changes it;
+    what Init sets is kept apart (GuestState.env)."""
+    global _image_env
+    if _image_env is None:
+        _image_env = dict(os.environ)
+        _image_env.setdefault("PATH", DEFAULT_PATH)
+    return _image_env
+
+
 def build_env(user: User, init_env: dict[str, str], env: dict[str, str]) -> dict[str, str]:
     """Image env (guestd's own) < the user's passwd defaults < Init env < process env."""
-    out = dict(os.environ)
-    out.setdefault("PATH", DEFAULT_PATH)
+    out = image_env().copy()
     out.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
     out.update(init_env)
     out.update(env)
