@@ -57,9 +57,15 @@ def kernel_args(accel: str) -> list[str]:
     kernel's PIT calibration fail ("Unable to calibrate against PIT"); the
     boot then hangs in the delay-loop calibration. Telling the kernel the
     frequency skips the calibration.
+
+    tsc=reliable: every vCPU reads the same host TSC, but the kernel's
+    boot-time sync check (timed with delays a loaded host stretches) marked
+    it unsynchronized and fell back to the jiffies clocksource: clocks with
+    4 ms resolution for every program in the guest, and clock_gettime as a
+    real syscall instead of the vDSO (gRPC reads the clock constantly).
     """
     if resolve(accel) == "tcg":
         khz = host_tsc_khz()
         if khz:
-            return [f"tsc_early_khz={khz}"]
+            return [f"tsc_early_khz={khz}", "tsc=reliable"]
     return []
