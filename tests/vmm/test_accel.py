@@ -25,7 +25,8 @@ def test_resolve_and_args() -> None:
     assert accel.resolve("tcg") == "tcg"
     assert accel.resolve("kvm") == "kvm"
     assert accel.resolve("auto") == ("kvm" if accel.kvm_usable() else "tcg")
-    assert accel.qemu_args("tcg")[:2] == ["-accel", "tcg,thread=multi,tb-size=128"]
+    tcg = f"tcg,thread=multi,tb-size={accel.TCG_TB_SIZE_MB}"
+    assert accel.qemu_args("tcg")[:2] == ["-accel", tcg]
     assert accel.qemu_args("kvm") == ["-accel", "kvm", "-cpu", "host"]
     with pytest.raises(ValueError, match="accel must be one of"):
         accel.resolve("hvf")

@@ -17,6 +17,7 @@ import pytest
 from vmfixtures import BootedVm, VmRunner, make_spec
 
 from hostd.cgroups import CgroupManager
+from hostd.vmm import accel
 from hostd.vmm.base import NetAttachment, VmError
 from hostd.vmm.qemu import AttachError, QemuVm, QemuVmm, load_spec
 from hostd.vsock import VsockError, dial
@@ -61,7 +62,8 @@ def test_base_boots_in_its_cgroup(base_vm: BootedVm) -> None:
     assert limits["memory_limit"] > vm.spec.memory_mb << 20
     assert base_vm.cgroup.memory_usage_bytes() > 16 << 20
     cmdline = Path(f"/proc/{vm.pids[0]}/cmdline").read_bytes().split(b"\0")
-    assert b"tcg,thread=multi,tb-size=128" in cmdline  # no usable KVM on this host
+    tcg = f"tcg,thread=multi,tb-size={accel.TCG_TB_SIZE_MB}".encode()
+    assert tcg in cmdline  # no usable KVM on this host
     assert b"vhost-user-vsock-device,chardev=vs" in cmdline
     assert any(a.startswith(b"memory-backend-memfd") and b"share=on" in a for a in cmdline)
     assert "Linux version" in vm.console_log.read_text(errors="replace") or vm.console_tail()
