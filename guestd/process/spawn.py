@@ -225,8 +225,9 @@ def _posix_spawn(path: str, argv: list[str], env: dict[str, str], cwd: str,
                  stdin: int | None, out_w: int, err_w: int) -> int:
     """posix_spawn (vfork + exec in libc, no Python between them) in a new session.
 
-    About half the cost of subprocess.Popen for a short command. posix_spawn
-    has no chdir action in Python 3.11, so guestd changes its own working
+    About 20% cheaper than subprocess.Popen for a short command (measured on
+    the dev host: no Python-level fork bookkeeping, no error pipe to read).
+    posix_spawn has no chdir action in Python 3.11, so guestd changes its own working
     directory around the call: guestd's other threads (gRPC's, to_thread
     helpers) use absolute paths only. Every fd guestd opens is close-on-exec,
     so the child gets just the three below."""
@@ -237,7 +238,10 @@ def _posix_spawn(path: str, argv: list[str], env: dict[str, str], cwd: str,
         (os.POSIX_SPAWN_DUP2, err_w, 2),
     ]
     _cloexec_inherited()
-    here = os.getcwd() if cwd else ""
+    try:
+        here = os.getcwd() if cwd else ""
+    except OSError:  # guestd's own directory was removed: come back to /
+        here = "/"
     if cwd and cwd != here:
         os.chdir(cwd)
     try:
