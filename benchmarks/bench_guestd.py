@@ -14,14 +14,19 @@ so a busy machine (other VMs) skews both sides alike. Targets: round trip
 
 Reference rows (not targets) show what gRPC in Python itself costs, measured
 in the same run: a bare grpc.aio server (uvloop, no guestd code) doing the
-same call shape - a start message, posix_spawn of /bin/true and a pidfd wait,
-an end message; and a stream of ready-made 1 MiB messages. The guestd/bare
-ratio is guestd's own share of the gap.
+same call shapes - a start message, posix_spawn of /bin/true and a pidfd wait,
+an end message; a download of ready-made 1 MiB messages; an upload of 1 MiB
+messages it parses and drops. guestd's figure / bare's figure is what guestd's
+own code costs. One more row times `head -c N /dev/zero` into a pipe read
+here: the stdout row's producer, which shares the 2 CPUs with guestd and the
+client.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -107,20 +112,28 @@ def bare_server(path: str) -> None:
         os.waitpid(pid, 0)  # noqa: ASYNC222  (the pidfd said it exited: no wait)
         yield end
 
+    async def write(reqs: AsyncIterator[bytes], ctx: object) -> bytes:
+        n = 0
+        async for raw in reqs:
+            n += len(fpb.WriteRequest.FromString(raw).data)
+        return fpb.WriteResponse(bytes_written=n).SerializeToString()
+
     async def read(req: bytes, ctx: object) -> AsyncIterator[bytes]:
         n = fpb.ReadRequest.FromString(req).length
         for _ in range(n // MIB):
             yield chunk
 
     async def serve() -> None:
-        server = grpc.aio.server(options=[("grpc.max_send_message_length", -1)])
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", -1),
+                                          ("grpc.max_receive_message_length", -1)])
         server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler("moru.guest.v1.Guest", {
                 "Health": grpc.unary_unary_rpc_method_handler(health)}),
             grpc.method_handlers_generic_handler("moru.guest.v1.Process", {
                 "Start": grpc.unary_stream_rpc_method_handler(run_true)}),
             grpc.method_handlers_generic_handler("moru.guest.v1.Filesystem", {
-                "Read": grpc.unary_stream_rpc_method_handler(read)}),
+                "Read": grpc.unary_stream_rpc_method_handler(read),
+                "Write": grpc.stream_unary_rpc_method_handler(write)}),
         ))
         server.add_insecure_port(f"unix:{path}")
         await server.start()
@@ -136,6 +149,25 @@ def start_bare(d: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
                                options=[("grpc.max_receive_message_length", -1)])
     _wait_ready(proc, ch, "bare gRPC server")
     return proc, ch
+
+
+def pipe_from_head(nbytes: int) -> float:
+    """Bytes/s of `head -c N /dev/zero` into a pipe this process reads (the
+    stdout row's producer side, without gRPC)."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, MIB)
+    child = subprocess.Popen(["head", "-c", str(nbytes), "/dev/zero"], stdout=w)
+    os.close(w)
+    got = 0
+    t0 = time.perf_counter()
+    while chunk := os.read(r, 256 * 1024):
+        got += len(chunk)
+    secs = time.perf_counter() - t0
+    os.close(r)
+    child.wait()
+    assert got == nbytes
+    return got / secs
 
 
 def bare_stream(fs: filesystem_pb2_grpc.FilesystemStub, nbytes: int) -> float:
@@ -295,6 +327,8 @@ def main() -> None:
             guestd_true_seconds(bp, 5)
             rt_fns["bare"] = lambda: guestd_true_seconds(bp, a.calls)
             tp_fns["bare"] = lambda: bare_stream(bf, nbytes)
+            tp_fns["bare_up"] = lambda: guestd_write(bf, "/", nbytes)
+            tp_fns["pipe"] = lambda: pipe_from_head(nbytes)
         rt = best_of(a.rounds, rt_fns, False)
         tp = best_of(a.rounds, tp_fns, True)
         rows = [("round trip (true)", f"{rt['true'] * 1e3:.2f} ms", f"{rt['floor'] * 1e3:.2f} ms",
@@ -317,9 +351,15 @@ def main() -> None:
             print(f"{'bare gRPC round trip':<22}{rt['bare'] * 1e3:>9.2f} ms"
                   f"{rt['floor'] * 1e3:>11.2f} ms{rt['bare'] / rt['floor']:>8.2f}x"
                   f"  guestd/bare: true {rt['true'] / rt['bare']:.2f}x")
-            vs = ", ".join(f"{k} {tp[k] / tp['bare']:.2f}x" for k in ("stdout", "write", "read"))
-            print(f"{'bare gRPC 1 MiB msgs':<22}{tp['bare'] / 1e6:>7.0f} MB/s"
+            vs = ", ".join(f"{k} {tp[k] / tp['bare']:.2f}x" for k in ("stdout", "read"))
+            print(f"{'bare gRPC download':<22}{tp['bare'] / 1e6:>7.0f} MB/s"
                   f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['bare'] / tp['raw']:>8.2f}x  guestd/bare: {vs}")
+            print(f"{'bare gRPC upload':<22}{tp['bare_up'] / 1e6:>7.0f} MB/s"
+                  f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['bare_up'] / tp['raw']:>8.2f}x"
+                  f"  guestd/bare: write {tp['write'] / tp['bare_up']:.2f}x")
+            print(f"{'head -c | pipe reader':<22}{tp['pipe'] / 1e6:>7.0f} MB/s"
+                  f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['pipe'] / tp['raw']:>8.2f}x"
+                  "  (stdout's producer side alone)")
     finally:
         ch.close()
         stop(proc)
