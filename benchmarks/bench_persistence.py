@@ -8,19 +8,25 @@
    to guestd-ready.
 3. Create from a ready snapshot (restore + Init + first command) vs cold
    create (boot to guestd-ready + Init + first command), same run. Target <= 0.3x.
+4. The same through hostd's API (`--hostd N`): Create + first command on a
+   hostd keeping a ready snapshot of the template vs on a hostd without one,
+   alternating, N of each, the template's default shape.
 
 VMs are started with the driver directly (hostd.vmm.snapshot.PciQemuVmm), the
 way hostd would once wired (docs/persistence.md).
 
-Usage: bench_persistence.py [--mem 256,512,1024] [--clones N]   (root; images built)
+Usage: bench_persistence.py [--mem 256,512,1024] [--clones N] [--hostd N] [--only-hostd]
+(root; images built)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +44,7 @@ from vmfixtures import BootedVm, VmRunner, make_spec  # noqa: E402
 
 from hostd.vmm import snapshot  # noqa: E402
 from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm  # noqa: E402
+from images.manifest import load_manifest  # noqa: E402
 from moru_proto.guest.v1 import guest_pb2  # noqa: E402
 
 
@@ -143,14 +150,80 @@ def bench_ready(runner: VmRunner, mem: int, clones: int) -> None:
         shutil.rmtree(ready, ignore_errors=True)
 
 
+def bench_hostd_ready(n: int, template: str = "base") -> None:
+    """Create -> first command through hostd: from its ready snapshot vs cold (another hostd)."""
+    sys.path.insert(0, str(ROOT / "tests" / "hostd"))
+    from hostd_framework import Hostd, wait_for
+
+    # A private copy of the template: a rebuild of the shared cache meanwhile
+    # would (rightly) make the ready snapshot stale and the creates cold.
+    images = Path(tempfile.mkdtemp(dir="/tmp", prefix="mbimg"))
+    m = load_manifest(template)
+    (images / "files").mkdir()
+    paths = {}
+    for key in ("kernel", "initramfs", "rootfs"):
+        dst = images / "files" / Path(getattr(m, key)).name
+        subprocess.run(["cp", "--sparse=always", getattr(m, key), str(dst)], check=True)
+        paths[key] = str(dst)
+    (images / "templates" / template).mkdir(parents=True)
+    (images / "templates" / template / "manifest.json").write_text(
+        dataclasses.replace(m, **paths).to_json()
+    )
+    warm_h = Hostd(max_sandboxes=4, ready_snapshot_templates=template, images_dir=str(images))
+    cold_h = Hostd(max_sandboxes=4, images_dir=str(images))
+    try:
+        t0 = time.monotonic()
+        warm_h.start(timeout=120)
+        cold_h.start(timeout=120)
+        ready = warm_h.state / "ready"
+        wait_for(lambda: ready.is_dir() and any((d / "ready.json").is_file()
+                                                for d in ready.iterdir()),
+                 1200, interval=1.0, what="the ready snapshot")  # fmt: skip
+        print(f"hostd made its ready snapshot of {template} {time.monotonic() - t0:.0f} s "
+              "after start", flush=True)  # fmt: skip
+
+        def create_run(h: Hostd) -> float:
+            t = time.monotonic()
+            s = h.create(template=template)
+            code, _, _ = h.run(s, "true")
+            took = time.monotonic() - t
+            assert code == 0
+            h.kill(s.sandbox_id)
+            return took
+
+        cold, warm = [], []
+        for _ in range(n):
+            cold.append(create_run(cold_h))
+            warm.append(create_run(warm_h))
+            print(f"  cold {cold[-1]:.2f} s, from ready snapshot {warm[-1]:.2f} s", flush=True)
+        assert "ready_snapshot" in warm_h.log_tail(1_000_000)
+        print(f"hostd Create + first command, {template} defaults, {n} each (load "
+              f"{os.getloadavg()[0]:.1f}):")  # fmt: skip
+        line("from ready snapshot (median)", sorted(warm)[n // 2], "cold (median)",
+             sorted(cold)[n // 2])  # fmt: skip
+        line("from ready snapshot (max)", max(warm), "cold (min)", min(cold))
+    finally:
+        for h in (warm_h, cold_h):
+            left = h.close()
+            if left:
+                print(f"left behind: {left}")
+        shutil.rmtree(images, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mem", default="256,512", help="guest memory sizes in MiB (comma list)")
     ap.add_argument("--clones", type=int, default=2)
+    ap.add_argument("--hostd", type=int, default=3, help="creates of each kind through hostd")
+    ap.add_argument("--only-hostd", action="store_true", help="only the hostd comparison")
     args = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()}")
+    if args.hostd:
+        bench_hostd_ready(args.hostd)
+    if args.only_hostd:
+        return 0
     runner = VmRunner()
     try:
-        print(f"load average at start: {os.getloadavg()}")
         for mem in (int(m) for m in args.mem.split(",")):
             bench_memory(runner, mem)
         bench_ready(runner, 256, args.clones)
