@@ -20,6 +20,7 @@ paused (and can be killed) rather than vanishing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -97,6 +98,13 @@ async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
         raise Unavailable(
             f"pausing {rec.sandbox_id} to disk failed; it keeps running: {e}"
         ) from None
+    except asyncio.CancelledError:
+        # Cancelled while the device was being unplugged (during the migration,
+        # save gives the VM back itself): plug it back so the sandbox stays usable.
+        if ejected and vm.is_alive():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(snapshot.give_back(vm))
+        raise
     # Connections through the old device are dead: a new channel is opened on resume.
     if res.channel is not None:
         await res.channel.close(None)
