@@ -6,8 +6,8 @@ to every command it runs: `trap ... HUP` silently does nothing, ^C in a pty
 does not interrupt, and an ignored SIGCHLD breaks waitpid. A caught signal, by
 contrast, is reset to SIG_DFL by exec. So each inherited SIG_IGN becomes a
 no-op handler: guestd itself still shrugs the signal off, its children do not.
-SIGPIPE and SIGXFSZ are left alone: CPython sets them itself and
-subprocess's restore_signals resets them in the child.
+SIGPIPE and SIGXFSZ are left alone: CPython sets them itself, and spawn
+resets them in the child (posix_spawn setsigdef, or Popen's restore_signals for ptys).
 """
 
 from __future__ import annotations
