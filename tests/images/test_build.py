@@ -269,7 +269,16 @@ def test_image_has_guestd_its_wheels_and_the_init(name: str) -> None:
     launcher = debugfs(img, "cat /opt/moru/bin/guestd")
     assert launcher.startswith("#!/usr/bin/python3 -IS\n") and "guestd.__main__" in launcher
     assert "::respawn:/opt/moru/init/guestd-loop.sh" in debugfs(img, "cat /etc/inittab")
-    assert {"rc.sh", "guestd-loop.sh", "shutdown.sh"} <= ls(img, "/opt/moru/init")
+    assert {"rc.sh", "guestd-loop.sh", "shutdown.sh", "dev"} <= ls(img, "/opt/moru/init")
+    # rc.sh: one `cp -a` of these onto /dev, one `mount -a` of this fstab.
+    assert {"pts", "shm", "fd", "stdin", "stdout", "stderr"} <= ls(img, "/opt/moru/init/dev")
+    assert "/proc/self/fd/1" in debugfs(img, "stat /opt/moru/init/dev/stdout")
+    fstab = [ln.split() for ln in debugfs(img, "cat /etc/fstab").splitlines()
+             if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    assert [f[1] for f in fstab] == [
+        "/proc", "/sys", "/dev/pts", "/dev/shm", "/run", "/tmp", "/sys/fs/cgroup",
+    ]  # fmt: skip
+    assert "gc.disable()" in launcher and "gc.freeze()" in launcher
     loop = debugfs(img, "cat /opt/moru/init/guestd-loop.sh")
     assert '/opt/moru/bin/guestd --listen "vsock:$port" --guest' in loop
     assert "python3.11" in ls(img, "/usr/bin") and "busybox" in ls(img, "/usr/bin")
