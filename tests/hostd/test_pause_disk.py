@@ -222,3 +222,33 @@ def test_pause_without_disk_space_is_refused_and_in_place_pause_stays_available(
             left = h.close()
     shutil.rmtree(h.root, ignore_errors=True)
     assert not left, f"left behind: {left}"
+
+
+def test_a_volume_stays_mounted_across_pause_to_disk() -> None:
+    """The volume is an extra disk in the VM argv: restored with it, the guest mount carries on."""
+    from moru_proto.host.v1 import volume_pb2, volume_pb2_grpc
+
+    require_images()
+    with running_hostd(max_sandboxes=2, memory_budget_mb=2048) as h:
+        vols = volume_pb2_grpc.VolumeServiceStub(h.channel)
+        vol = vols.Create(volume_pb2.CreateVolumeRequest(name="pausevol", size_mb=32),
+                          metadata=h.md(), timeout=60)  # fmt: skip
+        s = h.create(timeout_seconds=900, volume_id=vol.volume_id, volume_mount_path="/data")
+        sid = s.sandbox_id
+        assert h.run(s, "echo before > /data/a && echo ok")[1] == "ok\n"
+        h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        assert vm_pids(h, sid) == []
+        # Still attached while paused: another sandbox cannot take it.
+        got = vols.Get(volume_pb2.GetVolumeRequest(volume_id=vol.volume_id), metadata=h.md())
+        assert got.attached_to == sid
+        h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        code, out, err = h.run(s, "cat /data/a; echo after > /data/b && sync && "
+                                  "grep -c ' /data ext4 ' /proc/mounts")  # fmt: skip
+        assert code == 0 and out.split() == ["before", "1"], (out, err)
+        h.kill(sid)
+        # The data written after the restore reached the volume's disk.
+        s2 = h.create(timeout_seconds=600, volume_id=vol.volume_id, volume_mount_path="/data")
+        assert h.run(s2, "cat /data/a /data/b")[1].split() == ["before", "after"]
+        h.kill(s2.sandbox_id)
+        vols.Delete(volume_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), metadata=h.md(),
+                    timeout=60)  # fmt: skip
