@@ -11,6 +11,7 @@ import platform
 import re
 import signal
 import socket
+import subprocess
 import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -78,15 +79,22 @@ def check_network(net: pb.NetworkConfig) -> None:
         raise InvalidArgument(f"network.mac: {net.mac!r} is not a MAC like 02:00:00:00:00:01")
 
 
-async def _ip(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/busybox", "ip", *args, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise FailedPrecondition(
-            f"network: `ip {' '.join(args)}` failed: {out.decode(errors='replace').strip()}")
-    return out.decode(errors="replace")
+def _ip_once(args: tuple[str, ...]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/bin/busybox", "ip", *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, check=False, timeout=30)  # fmt: skip
+
+
+async def _ip(*args: str, attempts: int = 3) -> str:
+    """busybox ip (in a thread: waitpid on its own pid); a failure is retried, then reported."""
+    for attempt in range(attempts):
+        r = await asyncio.to_thread(_ip_once, args)
+        if r.returncode == 0:
+            return r.stdout.decode(errors="replace")
+        if attempt + 1 < attempts:
+            await asyncio.sleep(0.1)
+    out = (r.stdout + r.stderr).decode(errors="replace").strip()
+    raise FailedPrecondition(
+        f"network: `ip {' '.join(args)}` exited {r.returncode}: {out or '(no output)'}")
 
 
 def _iface_mac() -> str | None:
@@ -116,10 +124,14 @@ async def apply_network(net: pb.NetworkConfig) -> None:
         raise FailedPrecondition(f"network: the guest has no {IFACE} (no network device)")
     if net.mac and net.mac != mac:
         await _ip("link", "set", "dev", IFACE, "address", net.mac)
-    have = await _ip("-o", "addr", "show", "dev", IFACE)
-    if f" {net.address} " not in have:
+    if f" {net.address} " not in await _ip("-o", "addr", "show", "dev", IFACE):
         await _ip("addr", "flush", "dev", IFACE)
-        await _ip("addr", "add", net.address, "dev", IFACE)
+        try:
+            await _ip("addr", "add", net.address, "dev", IFACE)
+        except FailedPrecondition:
+            # A retry after an add that did happen fails with "exists": judge by the result.
+            if f" {net.address} " not in await _ip("-o", "addr", "show", "dev", IFACE):
+                raise
     await _ip("link", "set", "dev", IFACE, "up")
     if net.gateway:
         await _ip("route", "replace", "default", "via", net.gateway, "dev", IFACE)
