@@ -1,7 +1,8 @@
 """Pause to disk through hostd's API, on real microVMs: processes keep running, memory is freed.
 
 One sandbox walks through: a counting background process -> Pause (QEMU gone,
-cgroup memory ~0, snapshot on disk) -> hostd kill -9 and restart -> Resume
+cgroup memory ~0, snapshot on disk) -> hostd kill -9, its cgroups removed (as
+by a host reboot), hostd restart -> Resume
 (still counting, earlier files there, guest clock right) -> Pause again ->
 damaged / missing snapshot errors (sandbox kept, PAUSED) -> Kill while paused
 to disk leaks nothing. A second hostd whose state dir is a small tmpfs shows
@@ -116,10 +117,17 @@ def test_pause_to_disk_survives_hostd_restart_and_kill_leaks_nothing() -> None:
         # hostd dies (kill -9) and comes back: the sandbox is still there, paused.
         time.sleep(10)  # long enough that a guest clock left as it was would show
         h.kill9()
+        # As after a host reboot: the sandbox's cgroups are gone too (they are
+        # empty while paused to disk); hostd re-creates them at start.
+        for d in h.sandbox_cgroups():
+            if d.name == sid:
+                d.rmdir()
+        assert not [d for d in h.sandbox_cgroups() if d.name == sid]
         h.start()
         got = get(h, sid)
         assert got.state == PAUSED
         assert vm_pids(h, sid) == []
+        cg = memory_cgroup(h, sid)
 
         with EventWatcher(h, sid) as w:
             t0 = time.monotonic()
