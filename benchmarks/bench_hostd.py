@@ -5,11 +5,13 @@
    guestd-ready (the VMM driver alone: no cgroup, relay, Init or API). Target <= 1.2x.
 2. Command round trip through hostd's pass-through vs straight to guestd
    (a relay of our own on the same VM's vsock socket). Target <= 1.5x.
-3. Host memory overhead per idle sandbox: the VMM's and vsock device's memory
-   beyond guest RAM (PSS without the memfd-backed guest memory) plus hostd's
-   own growth per sandbox. Target <= 40 MB.
+3. Host memory overhead per idle sandbox: the PSS of QEMU and of the vsock
+   device without guest RAM (the memfd backend), split into TCG's code cache,
+   other anonymous memory (heap, QEMU's copy of the kernel, buffers) and
+   file-backed pages (shared ones counted once), plus hostd's own RSS growth
+   per sandbox. Target <= 40 MB.
 
-Usage: bench_hostd.py [--boots N] [--calls N] [--idle N]   (root; images built)
+Usage: bench_hostd.py [--boots N] [--calls N] [--idle N] [--only-memory]   (root; images built)
 """
 
 from __future__ import annotations
@@ -111,23 +113,46 @@ async def round_trips_direct(vsock_uds: Path, token: str, n: int) -> tuple[float
     return statistics.median(unary), statistics.median(stream)
 
 
-def smaps(pid: int) -> dict[str, int]:
-    out = {}
-    for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        k, v, *_ = ln.split()
-        out[k.rstrip(":")] = int(v) * 1024
+# Parts of a VM process's memory, from /proc/<pid>/smaps, as PSS (a page shared by
+# n processes counts 1/n to each, so shared library and page-cache pages are
+# counted once across all VMs). Guest RAM (the memfd memory backend, mapped
+# shared by QEMU and the vsock device) is excluded: it is the guest's memory.
+PARTS = ("tcg code cache", "other anon (heap, kernel copy, buffers)", "file-backed", "guest RAM")
+
+
+def memory_parts(pid: int) -> dict[str, int]:
+    """{part: PSS bytes} of one process (see PARTS)."""
+    out = dict.fromkeys(PARTS, 0)
+    part = PARTS[1]
+    for ln in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        f = ln.split()
+        if "-" in f[0] and len(f) >= 5 and ":" in f[3]:  # a mapping's header line
+            name = f[5] if len(f) > 5 else ""
+            if "memfd:" in ln:
+                part = PARTS[3]
+            elif name.startswith("/"):
+                part = PARTS[2]
+            elif "x" in f[1]:
+                part = PARTS[0]  # TCG's code buffer is the only anonymous rwx memory
+            else:
+                part = PARTS[1]
+        elif f[0] == "Pss:":
+            out[part] += int(f[1]) * 1024
     return out
 
 
-def vm_overhead_bytes(h: Hostd, sid: str) -> int:
-    """PSS of the sandbox's processes minus the memfd (shmem) that is guest RAM."""
-    total = 0
+def vm_overhead(h: Hostd, sid: str) -> dict[str, dict[str, int]]:
+    """{process name: memory_parts} of the sandbox's processes (from its cgroup)."""
+    out: dict[str, dict[str, int]] = {}
     for cg in h.sandbox_cgroups():
         if cg.name == sid and cg.parent.parent.name == "pids":
             for p in (cg / "cgroup.procs").read_text().split():
-                m = smaps(int(p))
-                total += m.get("Pss_Anon", 0) + m.get("Pss_File", 0)
-    return total
+                comm = Path(f"/proc/{p}/comm").read_text().strip()
+                name = "qemu" if comm.startswith("qemu") else comm
+                parts = out.setdefault(name, dict.fromkeys(PARTS, 0))
+                for k, v in memory_parts(int(p)).items():
+                    parts[k] += v
+    return out
 
 
 def rss(pid: int) -> int:
@@ -143,6 +168,7 @@ def main() -> int:
     ap.add_argument("--boots", type=int, default=2)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--idle", type=int, default=2)
+    ap.add_argument("--only-memory", action="store_true", help="skip figures 1 and 2")
     args = ap.parse_args()
 
     h = Hostd(max_sandboxes=16, memory_budget_mb=16384)
@@ -151,24 +177,25 @@ def main() -> int:
     h.start()
     sandboxes: list[pb.SandboxInfo] = []
     try:
-        # 1. Create -> first command vs bare boot, interleaved so load hits both alike.
-        floors, creates = [], []
-        for _ in range(args.boots):
-            floors.append(asyncio.run(bare_boot(args.template)))
-            dt, s = create_to_first_command(h, args.template)
-            creates.append(dt)
-            sandboxes.append(s)
-        print(f"# {args.boots} boots each; medians")
-        line("create -> first command (s)", statistics.median(creates),
-             statistics.median(floors), "s ", "target <= 1.2x")  # fmt: skip
+        if not args.only_memory:
+            # 1. Create -> first command vs bare boot, interleaved so load hits both alike.
+            floors, creates = [], []
+            for _ in range(args.boots):
+                floors.append(asyncio.run(bare_boot(args.template)))
+                dt, s = create_to_first_command(h, args.template)
+                creates.append(dt)
+                sandboxes.append(s)
+            print(f"# {args.boots} boots each; medians")
+            line("create -> first command (s)", statistics.median(creates),
+                 statistics.median(floors), "s ", "target <= 1.2x")  # fmt: skip
 
-        # 2. Round trips through hostd vs straight to guestd, same VM.
-        s = sandboxes[0]
-        uds = h.state / "sandboxes" / s.sandbox_id / "v.sock"
-        hu, hs = round_trips_via_hostd(h, s, args.calls)
-        du, ds = asyncio.run(round_trips_direct(uds, s.access_token, args.calls))
-        line("unary round trip Process.List (ms)", hu * 1e3, du * 1e3, "ms", "target <= 1.5x")
-        line('command round trip run("true") (ms)', hs * 1e3, ds * 1e3, "ms", "target <= 1.5x")
+            # 2. Round trips through hostd vs straight to guestd, same VM.
+            s = sandboxes[0]
+            uds = h.state / "sandboxes" / s.sandbox_id / "v.sock"
+            hu, hs = round_trips_via_hostd(h, s, args.calls)
+            du, ds = asyncio.run(round_trips_direct(uds, s.access_token, args.calls))
+            line("unary round trip Process.List (ms)", hu * 1e3, du * 1e3, "ms", "target <= 1.5x")
+            line('command round trip run("true") (ms)', hs * 1e3, ds * 1e3, "ms", "target <= 1.5x")
 
         # 3. Memory per idle sandbox.
         assert h.proc is not None
@@ -181,12 +208,24 @@ def main() -> int:
             sandboxes.append(h.create(template=args.template))
         time.sleep(5)  # settle: first metrics samples, idle guests
         hostd_share = max(0, rss(h.proc.pid) - hostd_empty) / args.idle
-        vm = statistics.mean(vm_overhead_bytes(h, sb.sandbox_id) for sb in sandboxes)
-        per = (vm + hostd_share) / 2**20
-        print(f"{'host memory overhead per idle sandbox (MB)':<44} {per:9.1f} MB"
-              f"   (VMM+vsock device {vm / 2**20:.1f} MB, hostd share {hostd_share / 2**20:.1f} MB;"
-              f" guest RAM {load_manifest(args.template).defaults.memory_mb} MB not counted;"
-              " target <= 40 MB)")  # fmt: skip
+        per_vm = [vm_overhead(h, sb.sandbox_id) for sb in sandboxes]
+        mean: dict[str, dict[str, float]] = {}
+        for vm in per_vm:
+            for proc, parts in vm.items():
+                for k, v in parts.items():
+                    d = mean.setdefault(proc, dict.fromkeys(PARTS, 0.0))
+                    d[k] += v / len(per_vm)
+        mb = 2**20
+        vmm = sum(v for d in mean.values() for k, v in d.items() if k != "guest RAM")
+        per = (vmm + hostd_share) / mb
+        print(
+            f"{'host memory overhead per idle sandbox (MB)':<44} {per:9.1f} MB   (target <= 40 MB)"
+        )
+        for proc, d in sorted(mean.items()):
+            shown = ", ".join(f"{k} {v / mb:.1f}" for k, v in d.items() if k != "guest RAM")
+            ram = d["guest RAM"] / mb
+            print(f"    {proc}: {shown} MB; guest RAM touched {ram:.0f} MB, not counted")
+        print(f"    hostd's growth per sandbox {hostd_share / mb:.1f} MB (RSS, {args.idle} idle)")
     finally:
         left = h.close()
     if left:
