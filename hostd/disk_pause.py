@@ -153,6 +153,19 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
         raise FailedPrecondition(f"sandbox {sid} cannot be resumed: {e}") from None
     # The cgroup may have been re-created (host reboot): use its files of now.
     spec = dataclasses.replace(spec, cgroup_procs_files=tuple(res.cgroup.procs_files))
+    network = None
+    if rec.network:
+        from hostd.network.manager import SandboxNetwork
+
+        net = SandboxNetwork.from_dict(rec.network)
+        if spec.net != net.attachment():
+            # Re-created since the pause (host reboot): the restored guest still
+            # has the old address configured; Init gives it the new one.
+            spec = dataclasses.replace(spec, net=net.attachment())
+            network = guest_pb2.NetworkConfig(
+                address=f"{net.guest_ip}/{net.prefix_len}", gateway=net.gateway, dns=net.dns,
+                mac=net.mac,
+            )  # fmt: skip
     t0 = time.monotonic()
     try:
         vm = await snapshot.restore(
@@ -182,6 +195,7 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
             env=mgr.guest_env(rec),
             access_token=rec.access_token,
             rpc_timeout=INIT_TIMEOUT,
+            network=network,
         )
         log.info(
             "%s restored in %.2f s, guestd reachable after %.2f s, Init %.2f s", sid,

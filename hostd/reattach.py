@@ -58,7 +58,7 @@ class Reattacher:
             async with contextlib.AsyncExitStack() as stack:
                 res.cgroup = self._cgroup(rec)
                 if mgr.network is not None and rec.network:
-                    await mgr.network.attach(rec.sandbox_id, rec.network)
+                    await self._network(rec)
                 spec = vm_spec(rec, res.cgroup.procs_files)
                 if rec.paused_to_disk:
                     # No processes: a VM handle never started, whose destroy (at
@@ -103,6 +103,25 @@ class Reattacher:
             if not rec.paused_to_disk:
                 raise
             return cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
+
+    async def _network(self, rec: SandboxRecord) -> None:
+        """Takes the sandbox's network over; re-creates it for one paused to disk (host reboot).
+
+        The re-created network may have another address: Resume gives it to the
+        guest through Init (disk_pause.resume).
+        """
+        network = self.mgr.network
+        assert network is not None
+        try:
+            await network.attach(rec.sandbox_id, rec.network)
+        except Exception as e:
+            if not rec.paused_to_disk:
+                raise
+            log.warning("%s: re-creating the network of a sandbox paused to disk (%s)",
+                        rec.sandbox_id, e)  # fmt: skip
+            net = await network.setup(rec.sandbox_id, self.mgr._policy(rec))
+            rec.network = dict(net.to_dict())
+            self.mgr.store.put(rec)
 
     async def _discard(self, rec: SandboxRecord, typ: EventType, reason: Reason, msg: str) -> None:
         """Best-effort removal of whatever a half-created sandbox left."""

@@ -13,6 +13,7 @@ running.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import time
@@ -260,3 +261,84 @@ def test_a_volume_stays_mounted_across_pause_to_disk() -> None:
         h.kill(s2.sandbox_id)
         vols.Delete(volume_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), metadata=h.md(),
                     timeout=60)  # fmt: skip
+
+
+def _net_hostd() -> Hostd:
+    import secrets
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = int(sk.getsockname()[1])
+    h = Hostd(max_sandboxes=4, memory_budget_mb=4096)
+    h.network = {
+        "enabled": True,
+        "pool_cidr": "10.229.0.0/16",
+        "proxy_listen": f"127.0.0.1:{port}",
+        "name_prefix": f"mpd{secrets.token_hex(1)}",
+        "veth_prefix": "mpv",
+        "run_dir": str(h.root / "net"),
+    }
+    return h
+
+
+def _fetch(port: int, host: str) -> bytes | None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": host})
+        r = conn.getresponse()
+        return bytes(r.read()) if r.status == 200 else None
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def test_networking_survives_pause_to_disk_and_a_lost_network() -> None:
+    """A server in the guest answers through hostd's proxy after Resume, also after the
+    sandbox network was lost while hostd was down (host reboot) and re-created with
+    another address, which Resume gives the guest through Init."""
+    require_images()
+    h = _net_hostd()
+    left: list[str] = []
+    try:
+        h.start(timeout=120)
+        port = int(h.network["proxy_listen"].rsplit(":", 1)[1])
+        first = h.create(timeout_seconds=900)
+        s = h.create(timeout_seconds=900)
+        sid = s.sandbox_id
+        h.kill(first.sandbox_id)  # frees the lower address slot
+        h.run(s, "cd /root && nohup python3 -m http.server 8000 >/dev/null 2>&1 & echo ok")
+        host = f"8000-{sid}.localhost:{port}"
+        wait_for(lambda: _fetch(port, host), 60, 0.5, "http.server through the proxy")
+        ip_before = h.run(s, "ip -4 -o addr show eth0")[1].split()[3]
+
+        h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        assert _fetch(port, host) is None  # paused: nothing answers
+        h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        assert wait_for(lambda: _fetch(port, host), 60, 0.5, "the proxy after resume")
+
+        h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        h.kill9()
+        rec = json.loads(
+            subprocess.run(["sqlite3", str(h.state / "hostd.db"),
+                            f"SELECT data FROM sandboxes WHERE sandbox_id='{sid}'"],
+                           capture_output=True, text=True, check=True).stdout
+        )  # fmt: skip
+        net = rec["network"]
+        subprocess.run(["ip", "netns", "del", net["netns"]], check=True)
+        subprocess.run(["ip", "link", "del", net["host_veth"]], check=False)
+        h.start(timeout=120)
+        assert get(h, sid).state == PAUSED
+        h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        ip_after = h.run(s, "ip -4 -o addr show eth0")[1].split()[3]
+        assert ip_after != ip_before, "expected the re-created network to use the freed slot"
+        assert wait_for(lambda: _fetch(port, host), 60, 0.5, "the proxy after a lost network")
+        h.kill(sid)
+    finally:
+        left = h.close()
+        subprocess.run(["nft", "delete", "table", "inet", h.network["name_prefix"]],
+                       capture_output=True)  # fmt: skip
+    assert not left, f"left behind: {left}"
