@@ -181,6 +181,16 @@ def main() -> int:
         pid = h.proc.pid
         base = h.metrics_url
         print(f"hostd pid {pid}; sampling every {a.interval:g} s; console watch every 1 s")
+        if a.ready_snapshot:
+            # hostd makes the snapshot in the background after start: wait for it,
+            # so every create restores it (and its boot is not in the idle figures).
+            t0, ready = time.monotonic(), h.state / "ready"
+            while not any(ready.glob("base-*/ready.json")):
+                if time.monotonic() - t0 > 1800:
+                    print("no ready snapshot after 1800 s; creates will boot cold")
+                    break
+                time.sleep(2)
+            print(f"ready snapshot of base made in {time.monotonic() - t0:.0f} s", flush=True)
         print("idle node: measuring ...", flush=True)
         idle_cpu = cpu_share(pid, a.window)
         idle = scrape_stats(base, a.scrapes)
