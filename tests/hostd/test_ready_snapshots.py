@@ -223,6 +223,27 @@ def test_sandboxes_from_the_ready_snapshot_have_their_own_identity_and_network(
     assert not hostd.check_clean()
 
 
+def test_a_restored_sandbox_pauses_to_disk_and_resumes_with_its_network(
+    hostd: Hostd, test_host: str
+) -> None:
+    """Pause to disk saves the clone (its own overlay and memory), not the ready snapshot."""
+    wait_snapshot(hostd)
+    with EventWatcher(hostd) as w:
+        sbx, how, _ = create(hostd, w, envs={"WHO": "p"})
+    assert how == "ready_snapshot"
+    sh(hostd, sbx, "echo kept > /root/f")
+    md = hostd.md()
+    hostd.sandboxes.Pause(pb.PauseRequest(sandbox_id=sbx.sandbox_id), metadata=md, timeout=600)
+    hostd.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sbx.sandbox_id), metadata=md, timeout=600)
+    out = sh(hostd, sbx, "set -e; cat /root/f; printenv WHO; hostname; "
+             f"curl -sS --max-time 30 http://{test_host}/again")  # fmt: skip
+    f, env, host, body = out.splitlines()
+    assert (f, env, host) == ("kept", "p", sbx.sandbox_id.replace("_", "-"))
+    assert body.startswith(f"inet {test_host} /again"), body
+    assert ready_dirs(hostd), "the ready snapshot is still there for the next Create"
+    hostd.kill(sbx.sandbox_id)
+    assert not hostd.check_clean()
+
 def test_a_volume_request_boots_cold(hostd: Hostd) -> None:
     wait_snapshot(hostd)
     vols = volume_pb2_grpc.VolumeServiceStub(hostd.channel)
