@@ -35,6 +35,8 @@ CALL_BUCKETS = (
 )  # fmt: skip
 STATES = ("creating", "running", "paused")
 LIFECYCLE_OPS = ("create", "kill", "pause", "resume")
+# How a create started its VM (the created event's message, hostd/sandboxes.py).
+CREATE_PATHS = ("ready_snapshot", "cold_boot")
 
 
 class ManagerView(Protocol):
@@ -203,6 +205,13 @@ class Metrics:
             ["type", "reason"],
             registry=r,
         )
+        self.creates = Counter(
+            f"{PREFIX}_sandbox_creates",
+            "Successful creates by how the VM started: path=ready_snapshot (restored from"
+            " the template's ready snapshot) or path=cold_boot",
+            ["path"],
+            registry=r,
+        )
         self.oom_kills = Counter(
             f"{PREFIX}_oom_kills",
             "OOM kills: source=host (sandbox cgroup memory.oom_control oom_kill),"
@@ -224,6 +233,8 @@ class Metrics:
             self.lifecycle.labels(op)
         for src in ("host", "guest"):
             self.oom_kills.labels(src)
+        for path in CREATE_PATHS:
+            self.creates.labels(path)
         if mgr is not None:
             r.register(LiveCollector(mgr))
 
@@ -259,6 +270,8 @@ class Metrics:
             op = _EVENT_OPS.get(etype)
             if op is not None and ev.duration is not None:
                 self.lifecycle.labels(op).observe(ev.duration)
+            if etype == "created":
+                self.creates.labels(ev.message if ev.message in CREATE_PATHS else "cold_boot").inc()
             if etype == "guest_oom":
                 self.oom_kills.labels("guest").inc()
         except Exception:

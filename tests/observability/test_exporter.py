@@ -113,6 +113,7 @@ def test_lifecycle_histograms_and_event_counters_from_the_bus(root: Path) -> Non
     async def body(obs: Observability, base: str) -> None:
         bus = mgr.bus
         bus.publish(Event(sid(1), EventType.CREATED, Reason.USER, "base", duration=2.5))
+        bus.publish(Event(sid(3), EventType.CREATED, Reason.USER, "base", "ready_snapshot", 0.5))
         bus.publish(Event(sid(1), EventType.PAUSED, Reason.USER, "base", duration=0.02))
         bus.publish(Event(sid(1), EventType.RESUMED, Reason.USER, "base", duration=0.03))
         bus.publish(Event(sid(1), EventType.KILLED, Reason.TIMEOUT, "base", duration=0.4))
@@ -120,17 +121,19 @@ def test_lifecycle_histograms_and_event_counters_from_the_bus(root: Path) -> Non
         obs.observe_lifecycle("kill", 0.6)
         m = await asyncio.to_thread(metrics, base)
         h = "moru_lifecycle_duration_seconds"
-        assert value(m, f"{h}_count", operation="create") == 1
-        assert value(m, f"{h}_sum", operation="create") == 2.5
-        assert value(m, f"{h}_bucket", operation="create", le="2.0") == 0
-        assert value(m, f"{h}_bucket", operation="create", le="3.0") == 1
+        assert value(m, f"{h}_count", operation="create") == 2
+        assert value(m, f"{h}_sum", operation="create") == 3.0
+        assert value(m, f"{h}_bucket", operation="create", le="2.0") == 1
+        assert value(m, f"{h}_bucket", operation="create", le="3.0") == 2
+        assert value(m, "moru_sandbox_creates_total", path="cold_boot") == 1
+        assert value(m, "moru_sandbox_creates_total", path="ready_snapshot") == 1
         assert value(m, f"{h}_count", operation="kill") == 2
         assert value(m, f"{h}_count", operation="pause") == 1
         assert value(m, f"{h}_count", operation="resume") == 1
         ev = "moru_sandbox_events_total"
         assert value(m, ev, type="killed", reason="timeout") == 1
         assert value(m, ev, type="create_failed", reason="create_failed") == 1
-        assert value(m, ev, type="created", reason="user") == 1
+        assert value(m, ev, type="created", reason="user") == 2
 
     serve(mgr, body)
 
