@@ -201,8 +201,8 @@ def test_sandboxes_from_the_ready_snapshot_have_their_own_identity_and_network(
         out = sh(hostd, sbx, "set -e; hostname; printenv WHO; ip -4 -o addr show dev eth0; "
                  "ip route show default; cat /etc/resolv.conf; "
                  f"curl -sS --max-time 30 http://{test_host}/ready; {RANDOM}; "
-                 "cat /proc/sys/kernel/random/boot_id")  # fmt: skip
-        host, env, addrs, route, resolv, body, rnd, boot_id = out.splitlines()
+                 "cat /proc/sys/kernel/random/boot_id /sys/class/net/eth0/address")  # fmt: skip
+        host, env, addrs, route, resolv, body, rnd, boot_id, mac = out.splitlines()
         assert host == sbx.sandbox_id.replace("_", "-")
         assert env == who
         # Network from Init: its own address, a default route, DNS at the gateway,
@@ -211,13 +211,15 @@ def test_sandboxes_from_the_ready_snapshot_have_their_own_identity_and_network(
         assert resolv == f"nameserver {gw}"
         # ... and it reaches the test host through its own netns and NAT.
         assert body.startswith(f"inet {test_host} /ready"), body
-        seen[who] = (host, rnd, boot_id)
+        seen[who] = (host, rnd, boot_id, mac)
     assert seen["a"][0] != seen["b"][0]
     assert seen["a"][1] != seen["b"][1], "clones produce the same random bytes"
     # boot_id is made on its first read; nothing reads it before the snapshot,
     # so each clone makes its own from its reseeded CRNG.
     print(f"boot_id a={seen['a'][2]} b={seen['b'][2]}")
     assert seen["a"][2] != seen["b"][2]
+    # The snapshot's device state carries the maker's MAC; Init sets each clone's own.
+    assert seen["a"][3] != seen["b"][3] and seen["a"][3].startswith("02:6d:72:"), seen
     for sbx in (a, b):
         hostd.kill(sbx.sandbox_id)
     assert not hostd.check_clean()
