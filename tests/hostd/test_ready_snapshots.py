@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostd_framework import IMAGES, EventWatcher, Hostd, pb, wait_for
+from hostd_framework import IMAGES, EventWatcher, Hostd, our_pids, pb, wait_for
 from pyroute2 import IPRoute, NetNS, netns
 
 from images.manifest import load_manifest
@@ -279,3 +279,31 @@ def test_a_damaged_snapshot_falls_back_to_a_cold_boot_and_is_discarded(hostd: Ho
     leftovers = [p.name for p in (hostd.state / "ready").iterdir()]
     assert leftovers == [], leftovers
 
+
+
+def test_a_snapshot_being_made_is_cleaned_up_after_kill_9_and_on_sigterm(images: Path) -> None:
+    """The maker VM outlives a kill -9 of hostd (own session); the next hostd removes it."""
+    h = Hostd(images_dir=str(images), ready_snapshot_templates="base")
+    try:
+        h.start(timeout=120)
+        ready = h.state / "ready"
+
+        def maker() -> list[int]:
+            return our_pids(str(ready / ".tmp-"))
+
+        first = wait_for(maker, 120, interval=0.2, what="the maker VM")
+        tmp = [p for p in ready.iterdir() if p.name.startswith(".tmp-")]
+        h.kill9()
+        assert all(Path(f"/proc/{p}").exists() for p in first), "maker died with hostd?"
+        h.start(timeout=120)
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in first), 60,
+                 what="the old maker VM to be killed")  # fmt: skip
+        assert not any(p.exists() for p in tmp), "the unfinished snapshot was not removed"
+        wait_for(maker, 120, interval=0.2, what="a new maker VM")
+        h.stop()  # SIGTERM while making: everything of the maker goes
+        assert not h.check_clean(), h.check_clean()
+        assert not maker()
+        assert not [p for p in ready.iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        left = h.close()
+        assert not left, f"left behind: {left}"
