@@ -207,7 +207,10 @@ class ReadySnapshots:
     async def run(self) -> None:
         """Makes the listed templates' snapshots, re-makes them after rebuilds; until cancelled."""
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # never take hostd's other background loops down with it
+                log.exception("refreshing ready snapshots failed")
             wait = self.config.ready_snapshot_check_seconds
             if self._retry_at:  # a failed make is retried on its own schedule
                 wait = min(wait, max(1.0, min(self._retry_at.values()) - time.monotonic()))
@@ -224,7 +227,11 @@ class ReadySnapshots:
                 continue
             d = m.defaults
             wanted.append((self.shape(m, d.vcpus, d.memory_mb, d.disk_mb), m))
-        self.prune({s.dirname for s, _ in wanted})
+        keep = {s.dirname for s, _ in wanted}
+        self.prune(keep)
+        for gone in set(self._retry_at) - keep:  # a retry of a stale shape is moot
+            self._retry_at.pop(gone, None)
+            self._failures.pop(gone, None)
         made = []
         for shape, m in wanted:
             path = self.find(shape)

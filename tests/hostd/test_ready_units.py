@@ -118,3 +118,32 @@ def test_the_built_initramfs_loads_virtio_pci(tmp_path: Path) -> None:
     assert initramfs_has_virtio_pci(plain) is False
     plain.write_bytes(b"\x1f\x8b compressed")
     assert initramfs_has_virtio_pci(plain) is None
+
+
+def test_the_background_loop_survives_a_failing_pass_and_forgets_stale_retries(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    calls = []
+
+    def broken(name: str) -> TemplateManifest:
+        calls.append(name)
+        raise ValueError("manifest.json is not JSON")
+
+    cfg = Config(state_dir=str(tmp_path), ready_snapshot_templates="base",
+                 ready_snapshot_check_seconds=0.05)  # fmt: skip
+    rs = ReadySnapshots(cfg, None, None, None, broken)
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(rs.run(), 0.5)
+
+    asyncio.run(main())
+    assert len(calls) >= 3  # kept going after the first failure
+
+    rs = store(tmp_path, templates="nope")
+    rs._retry_at["base-0123456789abcdef"] = 0.0  # a shape of an older build
+    rs._failures["base-0123456789abcdef"] = 2
+    asyncio.run(rs.refresh())
+    assert not rs._retry_at and not rs._failures
