@@ -54,6 +54,12 @@ def check_template(vm: BootedVm, runner: VmRunner) -> None:
     )
     assert (code, out) == (0, b"45 3\n")
 
+    # The guest clock is the TSC (tsc=reliable under TCG, kvm-clock under KVM),
+    # not jiffies: nanosecond clocks for programs, clock_gettime in the vDSO.
+    code, out, _ = run(vm, ["cat", "/sys/devices/system/clocksource/clocksource0/"
+                                   "current_clocksource"])  # fmt: skip
+    assert code == 0 and out.strip() in (b"tsc", b"kvm-clock"), out
+
     payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
     reqs = [
         filesystem_pb2.WriteRequest(header=filesystem_pb2.WriteHeader(path="/tmp/moru/blob")),
