@@ -11,7 +11,8 @@
    file-backed pages (shared ones counted once), plus hostd's own RSS growth
    per sandbox. Target <= 40 MB.
 
-Usage: bench_hostd.py [--boots N] [--calls N] [--idle N] [--only-memory]   (root; images built)
+Usage (root; images built):
+    bench_hostd.py [--boots N] [--calls N] [--idle N] [--only-memory] [--ready-snapshot]
 """
 
 from __future__ import annotations
@@ -169,12 +170,25 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--idle", type=int, default=2)
     ap.add_argument("--only-memory", action="store_true", help="skip figures 1 and 2")
+    ap.add_argument(
+        "--ready-snapshot",
+        action="store_true",
+        help="hostd keeps a ready snapshot of the template; creates restore it",
+    )
     args = ap.parse_args()
 
     h = Hostd(max_sandboxes=16, memory_budget_mb=16384)
     h.network = {"enabled": False}
     h.config["create_deadline_seconds"] = 600.0
+    if args.ready_snapshot:
+        h.config["ready_snapshot_templates"] = args.template
     h.start()
+    if args.ready_snapshot:
+        t0, ready = time.monotonic(), h.state / "ready"
+        while not any(ready.glob(f"{args.template}-*/ready.json")):
+            assert time.monotonic() - t0 < 1800, "no ready snapshot after 1800 s"
+            time.sleep(2)
+        print(f"# ready snapshot of {args.template} made in {time.monotonic() - t0:.0f} s")
     sandboxes: list[pb.SandboxInfo] = []
     try:
         if not args.only_memory:
