@@ -53,7 +53,6 @@ META = "ready.json"
 TMP_PREFIX = ".tmp-"
 # Cgroup/network names of maker VMs (orphans after a crash are removed as any).
 MAKER_PREFIX = "sbx_ready"
-READY_LINE = b"guestd listening on vsock"
 PIDS_MAX = 1024
 
 
@@ -335,21 +334,18 @@ class ReadySnapshots:
         return final
 
     async def _wait_guestd(self, vm: Any, shape: Shape) -> None:
-        """guestd's line on the console, then its vsock port (the order Create uses)."""
-        from hostd.vsock import wait_ready
+        """guestd's line on the console, then its vsock port (hostd.readiness, as Create)."""
+        from hostd.readiness import VmExited, wait_guestd
 
-        deadline = time.monotonic() + self.config.ready_snapshot_boot_seconds
-        while READY_LINE not in _read(vm.console_log):
-            if not vm.is_alive():
-                raise RuntimeError(f"the VM exited during boot:\n{vm.console_tail(2048)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"guestd did not start within {self.config.ready_snapshot_boot_seconds:.0f} s"
-                    f":\n{vm.console_tail(2048)}"
-                )
-            await asyncio.sleep(0.1)
-        await wait_ready(vm.vsock_uds, shape.guestd_port, deadline, alive=vm.is_alive,
-                         interval=0.1)  # fmt: skip
+        limit = self.config.ready_snapshot_boot_seconds
+        try:
+            await wait_guestd(vm, shape.guestd_port, time.monotonic() + limit, grace=limit)
+        except VmExited as e:
+            raise RuntimeError(f"{e}:\n{vm.console_tail(2048)}") from None
+        except TimeoutError:
+            raise TimeoutError(
+                f"guestd did not start within {limit:.0f} s:\n{vm.console_tail(2048)}"
+            ) from None
 
 
 async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> None:
@@ -377,13 +373,6 @@ async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> No
             await ch.close(None)
     finally:
         await relay.close()
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
 
 
 def _fsync_dir(path: Path) -> None:

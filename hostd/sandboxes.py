@@ -39,6 +39,7 @@ from hostd.errors import (
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
+from hostd.readiness import VmExited, VsockSilent, wait_guestd
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
 from hostd.resources import Capacity, Resources, vm_spec
@@ -55,17 +56,7 @@ log = logging.getLogger("hostd.sandboxes")
 ID_ALPHABET = string.ascii_lowercase + string.digits
 TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
 PIDS_MAX = 1024
-# Boot readiness (see _wait_guest): what guestd prints once it listens, how long
-# to wait for that line before dialling anyway, how long a device may stay
-# silent after it, and how many VMs one Create may boot.
-GUESTD_READY_LINE = "guestd listening on vsock"
-CONSOLE_GRACE = 120.0
-VSOCK_SILENCE = 30.0
-BOOT_ATTEMPTS = 2
-
-
-class VsockSilent(Exception):
-    """guestd listens (its console says so) but the vsock device never answers."""
+BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent)
 
 
 def new_sandbox_id() -> str:
@@ -471,55 +462,12 @@ class SandboxManager:
         return True
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
-        """Waits for guestd: first its line on the console, then its vsock port.
-
-        vhost-device-vsock 0.3 sometimes never answers a VM whose port was dialled
-        again and again while the guest booted. So the port is dialled only once
-        the console says guestd listens (or after CONSOLE_GRACE without that line,
-        for images whose guestd does not log there); a device that then stays
-        silent raises VsockSilent and the caller boots a fresh VM.
-        Fails early if the VMM died.
-        """
-        from hostd.vsock import wait_ready
-
+        """Waits for guestd as hostd.readiness says; VsockSilent: boot a fresh VM."""
         deadline = time.monotonic() + self.config.create_deadline_seconds
-        grace = time.monotonic() + CONSOLE_GRACE
-        seen = False
-        # Scan only what the console gained since the last look (plus the length
-        # of the line, in case it straddles two looks), so a chatty console can
-        # neither hide the line nor make each look cost more.
-        offset, keep, tail = 0, len(GUESTD_READY_LINE), b""
-        needle = GUESTD_READY_LINE.encode()
-        while time.monotonic() < min(deadline, grace):
-            if not vm.is_alive():
-                raise Unavailable(f"sandbox {rec.sandbox_id}: the VMM exited during boot")
-            try:
-                with vm.console_log.open("rb") as f:
-                    f.seek(offset)
-                    new = f.read()
-            except FileNotFoundError:
-                new = b""
-            offset += len(new)
-            if needle in tail + new:
-                seen = True
-                break
-            tail = (tail + new)[-keep:]
-            await asyncio.sleep(0.05)
-        silent_by = min(deadline, time.monotonic() + VSOCK_SILENCE) if seen else deadline
         try:
-            await wait_ready(vm.vsock_uds, rec.guestd_port, silent_by, alive=vm.is_alive,
-                             interval=0.1)
-        except TimeoutError as e:
-            if seen and silent_by < deadline:
-                raise VsockSilent(
-                    f"guestd listens (console) but the vsock device did not answer in "
-                    f"{VSOCK_SILENCE:.0f} s ({e})"
-                ) from None
-            raise
-        except OSError as e:
-            raise Unavailable(
-                f"sandbox {rec.sandbox_id}: the VMM exited during boot ({e})"
-            ) from None
+            await wait_guestd(vm, rec.guestd_port, deadline)
+        except VmExited as e:
+            raise Unavailable(f"sandbox {rec.sandbox_id}: {e}") from None
 
     @staticmethod
     async def _destroy_current_vm(res: Resources) -> None:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,9 +30,11 @@ import pytest
 import uvloop
 
 from hostd.cgroups import CgroupManager, SandboxCgroup
+from hostd.readiness import VsockSilent, wait_guestd
+from hostd.sandboxes import BOOT_ATTEMPTS
 from hostd.vmm.base import VmSpec
 from hostd.vmm.qemu import QemuVm, QemuVmm
-from hostd.vsock import VsockRelay, wait_ready
+from hostd.vsock import VsockRelay
 from images.manifest import TemplateManifest, load_manifest
 from moru_proto.guest.v1 import (
     filesystem_pb2_grpc,
@@ -110,6 +112,38 @@ class BootedVm:
         assert self.channel is not None
         return filesystem_pb2_grpc.FilesystemStub(self.channel)
 
+    def start(self, make_vm: Callable[[], QemuVm], ready_timeout: float) -> None:
+        """Starts the VM and waits for guestd the way hostd does (hostd.readiness): console
+        line, then vsock. A VM whose vsock device stays silent is replaced once by
+        `make_vm()`, as hostd's Create does (vhost-device-vsock 0.3 flake)."""
+        t0 = time.monotonic()
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            self.runner.run(self.vm.start())
+            try:
+                deadline = time.monotonic() + ready_timeout
+                self.runner.run(
+                    wait_guestd(self.vm, self.manifest.guestd_port, deadline), ready_timeout + 10
+                )
+                break
+            except VsockSilent:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                self.runner.run(self.vm.destroy())
+                self.vm = make_vm()
+                self.relay = VsockRelay(self.tmp / "g.sock", self.vm.vsock_uds,
+                                        self.manifest.guestd_port)  # fmt: skip
+        self.connect()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.guest.Health(guest_pb2.HealthRequest(), timeout=5)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.boot_seconds = time.monotonic() - t0
+
     def destroy(self) -> None:
         """Closes the channel and relay, kills the VM, removes its cgroup and files. Idempotent."""
         if self.destroyed:
@@ -173,28 +207,7 @@ def boot_template(
     spec = make_spec(manifest, tmp / "vm", sandbox_id=sid, cgroup=cgroup, **spec_kw)
     booted = BootedVm(runner, QemuVmm().create(spec), cgroup, manifest, tmp)
     try:
-        t0 = time.monotonic()
-        runner.run(booted.vm.start())
-        runner.run(
-            wait_ready(
-                spec.run_dir / "v.sock",
-                manifest.guestd_port,
-                time.monotonic() + ready_timeout,
-                alive=booted.vm.is_alive,
-            ),
-            ready_timeout + 10,
-        )
-        booted.connect()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                booted.guest.Health(guest_pb2.HealthRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        booted.boot_seconds = time.monotonic() - t0
+        booted.start(lambda: QemuVmm().create(spec), ready_timeout)
     except BaseException as e:
         tail = booted.vm.console_tail(3000)
         booted.destroy()

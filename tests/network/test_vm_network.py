@@ -10,21 +10,18 @@ import secrets
 import socket
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from hostd.network import EgressPolicy, NetworkManager, PortProxy, ProxyTarget, SandboxNetwork
 from hostd.network.slots import addresses
 from hostd.vmm.qemu import QemuVmm
-from hostd.vsock import wait_ready
 from images.manifest import load_manifest
-from moru_proto.guest.v1 import guest_pb2, process_pb2
+from moru_proto.guest.v1 import process_pb2
 
 from .conftest import HOSTS, UPLINK_IP, test_config
 
@@ -42,26 +39,8 @@ def boot_with_network(runner: VmRunner, net: SandboxNetwork) -> BootedVm:
     spec = dataclasses.replace(spec, kernel_cmdline=f"{spec.kernel_cmdline} {net.kernel_args()}")
     vm = BootedVm(runner, QemuVmm().create(spec), None, manifest, tmp)
     try:
-        runner.run(vm.vm.start())
-        runner.run(
-            wait_ready(
-                spec.run_dir / "v.sock",
-                manifest.guestd_port,
-                time.monotonic() + 420,
-                alive=vm.vm.is_alive,
-            ),
-            440,  # generous: TCG boots on a loaded 2-core machine take minutes
-        )
-        vm.connect()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                vm.guest.Health(guest_pb2.HealthRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # generous: TCG boots on a loaded 2-core machine take minutes
+        vm.start(lambda: QemuVmm().create(spec), 420)
     except BaseException as e:
         tail = vm.vm.console_tail(3000)
         vm.destroy()

@@ -94,10 +94,7 @@ def boot_pci(
     spec = make_spec(manifest, tmp / "vm", sandbox_id=sid, cgroup=cgroup, **spec_kw)
     booted = BootedVm(runner, PciQemuVmm().create(spec), cgroup, manifest, tmp)
     try:
-        t0 = time.monotonic()
-        runner.run(booted.vm.start())
-        wait_guestd(booted, ready_timeout)
-        booted.boot_seconds = time.monotonic() - t0
+        booted.start(lambda: PciQemuVmm().create(spec), ready_timeout)
     except BaseException as e:
         tail = booted.vm.console_tail(3000)
         booted.destroy()
