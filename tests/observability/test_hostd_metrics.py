@@ -132,7 +132,10 @@ def test_series_move_under_load_and_vanish_after_kill(clean: ObsHostd) -> None:
 
     # Disk: a 200 MB file raises disk_used by about 200 MB.
     disk0 = gauge(h, "moru_sandbox_disk_used_bytes", sbx) or 0
-    code, _, err = h.run(sbx, "dd if=/dev/zero of=/root/big bs=1M count=200 status=none && sync")
+    # 200 MB through emulated virtio-blk: minutes on a loaded 2-core TCG host.
+    code, _, err = h.run(
+        sbx, "dd if=/dev/zero of=/root/big bs=1M count=200 status=none && sync", timeout=300
+    )
     assert code == 0, err
     wait_for(
         lambda: (gauge(h, "moru_sandbox_disk_used_bytes", sbx) or 0) >= disk0 + 190 * MB,
