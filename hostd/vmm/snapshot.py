@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import time
@@ -214,30 +215,38 @@ async def unplug_vsock(
             )
 
 
-async def _replug_vsock(c: QmpClient, vm: QemuVm) -> None:
-    with contextlib.suppress(QmpError):  # the chardev survives a failed save
-        await c.execute(
-            "chardev-add",
-            {
-                "id": VSOCK_CHARDEV,
-                "backend": {
-                    "type": "socket",
-                    "data": {
-                        "addr": {"type": "unix", "data": {"path": str(vm.spec.run_dir / VHU_SOCK)}},
-                        "server": False,
-                    },
+async def _replug_vsock(c: QmpClient, vm: QemuVm) -> str:
+    """Plugs a vsock device in over a fresh vhost-user connection; returns the chardev id.
+
+    On a QEMU that had the device (a failed save, a pause a dead hostd left),
+    the old chardev's connection is useless ("vhost_get_features failed") and
+    may still be held by the unplugged device, so it is removed, or left and
+    a new id used.
+    """
+    chardev = VSOCK_CHARDEV
+    try:
+        await c.execute("chardev-remove", {"id": VSOCK_CHARDEV})
+    except QmpError as e:
+        if "not found" not in str(e):
+            chardev = f"{VSOCK_CHARDEV}{secrets.token_hex(3)}"
+    await c.execute(
+        "chardev-add",
+        {
+            "id": chardev,
+            "backend": {
+                "type": "socket",
+                "data": {
+                    "addr": {"type": "unix", "data": {"path": str(vm.spec.run_dir / VHU_SOCK)}},
+                    "server": False,
                 },
             },
-        )
-    await c.execute(
-        "device_add",
-        {
-            "driver": "vhost-user-vsock-pci",
-            "chardev": VSOCK_CHARDEV,
-            "id": VSOCK_DEV,
-            "bus": ROOT_PORT,
         },
     )
+    await c.execute(
+        "device_add",
+        {"driver": "vhost-user-vsock-pci", "chardev": chardev, "id": VSOCK_DEV, "bus": ROOT_PORT},
+    )
+    return chardev
 
 
 async def _migrate(c: QmpClient, uri: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
@@ -267,7 +276,9 @@ def _bars_assigned(pci: list[dict[str, Any]], dev: str) -> bool | None:
     return None
 
 
-async def _ensure_probed(c: QmpClient, vm: QemuVm, wait: float, attempts: int = 3) -> None:
+async def _ensure_probed(
+    c: QmpClient, vm: QemuVm, wait: float, attempts: int = 3, chardev: str = VSOCK_CHARDEV
+) -> None:
     """Waits for the guest to probe the re-plugged vsock device; re-plugs it if it missed it.
 
     Rarely (seen under heavy host load) the guest's pciehp misses the
@@ -288,7 +299,7 @@ async def _ensure_probed(c: QmpClient, vm: QemuVm, wait: float, attempts: int = 
             break
         await c.execute(
             "device_add",
-            {"driver": "vhost-user-vsock-pci", "chardev": VSOCK_CHARDEV, "id": VSOCK_DEV,
+            {"driver": "vhost-user-vsock-pci", "chardev": chardev, "id": VSOCK_DEV,
              "bus": ROOT_PORT},
         )  # fmt: skip
     raise SnapshotError(
@@ -349,12 +360,33 @@ async def give_back(vm: QemuVm, eject_wait: float = 15.0) -> None:
     """Running again, with its vsock, a VM whose guest ran EJECT_SCRIPT but that was not saved."""
     c = await _qmp(vm)
     async with c:
+        with contextlib.suppress(QmpError):  # a save a dead hostd left running
+            await c.execute("migrate_cancel")
         with contextlib.suppress(QmpError):
             await c.execute("cont")
         # The guest powers the slot off a moment after the script ran.
         if await _wait_gone(c, VSOCK_DEV, eject_wait):
-            await _replug_vsock(c, vm)
-            await _ensure_probed(c, vm, 30.0)
+            # A fresh vhost-device-vsock: the old one may still serve the
+            # connection of the unplugged device and never answer a new one.
+            await _restart_vsock_backend(vm)
+            chardev = await _replug_vsock(c, vm)
+            await _ensure_probed(c, vm, 30.0, chardev=chardev)
+
+
+async def _restart_vsock_backend(vm: QemuVm) -> None:
+    if vm._vsk_proc is not None:
+        vm._vsk_proc.kill()
+        if not await vm._vsk_proc.wait(10.0):
+            raise SnapshotError(f"VM {vm.spec.sandbox_id}: vhost-device-vsock did not exit")
+    s = vm.spec
+    for sock in (VHU_SOCK, vm.vsock_uds.name):
+        (s.run_dir / sock).unlink(missing_ok=True)
+    vm._vsk_proc = vm._spawn("vhost-device-vsock", vm.vsock_argv(), "vsk.err", "vsk.pid")
+    await vm._wait_for(
+        lambda: (s.run_dir / VHU_SOCK).exists() and vm.vsock_uds.exists(),
+        vm._vsk_proc,
+        "vhost-device-vsock sockets",
+    )
 
 
 async def stop(vm: QemuVm) -> None:
@@ -396,9 +428,11 @@ async def save(
                 raise SnapshotError(f"saving {s.sandbox_id}: QEMU wrote no valid stream to {tmp}")
         except BaseException:
             tmp.unlink(missing_ok=True)
-            # Give the VM back as it was: running, with its vsock device.
-            with contextlib.suppress(QmpError, OSError):
+            # Give the VM back as it was: running, with its vsock device (over a
+            # fresh backend, see give_back).
+            with contextlib.suppress(QmpError, OSError, VmError):
                 await c.execute("cont")
+                await _restart_vsock_backend(vm)
                 await _replug_vsock(c, vm)
             raise
     size = (await asyncio.to_thread(os.stat, tmp)).st_size
@@ -468,8 +502,8 @@ async def restore(
         c = await _qmp(vm)
         async with c:
             await c.execute("cont")
-            await _replug_vsock(c, vm)
-            await _ensure_probed(c, vm, probe_wait)
+            chardev = await _replug_vsock(c, vm)
+            await _ensure_probed(c, vm, probe_wait, chardev=chardev)
     except BaseException as e:
         err = _read_tail(spec.run_dir / VMM_ERR)
         with contextlib.suppress(SnapshotError):
