@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT / "tests" / "hostd"))
 from hostd_framework import Hostd, pb  # noqa: E402
 
 from hostd.guest import TOKEN_HEADER, open_channel  # noqa: E402
+from hostd.readiness import wait_guestd  # noqa: E402
 from hostd.vmm.base import VmSpec  # noqa: E402
-from hostd.vmm.qemu import QemuVmm  # noqa: E402
-from hostd.vsock import VsockRelay, wait_ready  # noqa: E402
+from hostd.vmm.snapshot import PciQemuVmm  # noqa: E402
+from hostd.vsock import VsockRelay  # noqa: E402
 from images.manifest import load_manifest  # noqa: E402
 from moru_proto.guest.v1 import process_pb2, process_pb2_grpc  # noqa: E402
 
@@ -55,11 +56,12 @@ async def bare_boot(template: str) -> float:
         memory_mb=m.defaults.memory_mb, disk_mb=m.defaults.disk_mb,
         kernel_cmdline=m.kernel_cmdline + " moru.hostname=bench",
     )  # fmt: skip
-    vm = QemuVmm().create(spec)
+    vm = PciQemuVmm().create(spec)  # the device set hostd boots (vsock on a PCIe port)
     t0 = time.monotonic()
     try:
         await vm.start()
-        await wait_ready(vm.vsock_uds, m.guestd_port, time.monotonic() + 600, alive=vm.is_alive)
+        # As hostd waits (console line, then vsock), so the floor is the same wait.
+        await wait_guestd(vm, m.guestd_port, time.monotonic() + 600)
         return time.monotonic() - t0
     finally:
         await vm.destroy()
