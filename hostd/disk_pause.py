@@ -39,10 +39,13 @@ from moru_proto.guest.v1 import guest_pb2, guest_pb2_grpc
 
 if TYPE_CHECKING:
     from hostd.sandboxes import Sandbox, SandboxManager
+    from hostd.store import SandboxRecord
 
 log = logging.getLogger("hostd.pause")
 
 SNAPSHOT = "mem.snap"
+# In the run dir while a pause to disk is under way (see Reattacher).
+PAUSING = "pausing"
 EJECT_TIMEOUT = 15.0
 INIT_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 600.0
@@ -72,6 +75,22 @@ async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
         snapshot.check_disk(vm.spec, path)
     except snapshot.NotEnoughDisk as e:
         raise ResourceExhausted(f"cannot pause {rec.sandbox_id} to disk: {e}") from None
+    marker = Path(rec.run_dir) / PAUSING
+    marker.touch()
+    try:
+        return await _pause(sb, vm, path)
+    except BaseException:
+        marker.unlink(missing_ok=True)
+        raise
+
+
+def pause_recorded(rec: SandboxRecord) -> None:
+    """The row says paused to disk: a restarted hostd no longer needs the marker."""
+    (Path(rec.run_dir) / PAUSING).unlink(missing_ok=True)
+
+
+async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
+    rec, res = sb.rec, sb.res
     ejected = False
     if res.channel is not None:
         from hostd.volumes.mount import run_in_guest
@@ -119,6 +138,26 @@ async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
         rec.sandbox_id, info.size_bytes >> 20, info.save_seconds, info.unplug_seconds,
     )  # fmt: skip
     return info
+
+
+def interrupted(rec: SandboxRecord) -> bool:
+    """Whether a hostd went away in the middle of pausing this running sandbox."""
+    return not rec.paused_to_disk and (Path(rec.run_dir) / PAUSING).exists()
+
+
+def saved_completely(rec: SandboxRecord) -> bool:
+    try:
+        snapshot.read_info(snapshot_path(rec.run_dir))
+    except (snapshot.SnapshotError, OSError):
+        return False
+    return True
+
+
+async def give_back(vm: Vm, rec: SandboxRecord) -> None:
+    """A VM a hostd left mid-pause (stopped, or its vsock unplugged): running again, reachable."""
+    await snapshot.give_back(cast(QemuVm, vm))
+    remove_snapshot(rec.run_dir)
+    (Path(rec.run_dir) / PAUSING).unlink(missing_ok=True)
 
 
 def check_snapshot(sb: Sandbox) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ class Reattacher:
                 "hostd restarted while the sandbox was being created",
             )
             return None
+        if disk_pause.interrupted(rec):
+            await self._after_interrupted_pause(rec)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 res.cgroup = self._cgroup(rec)
@@ -79,6 +82,10 @@ class Reattacher:
                     stack.push_async_callback(mgr.network.teardown, rec.sandbox_id)
                 stack.push_async_callback(vm.destroy)
                 await res.connect(vm, rec, stack)
+                if disk_pause.interrupted(rec):
+                    log.warning("%s: hostd went away while pausing it; giving it back running",
+                                rec.sandbox_id)  # fmt: skip
+                    await disk_pause.give_back(vm, rec)
                 res.stack = stack.pop_all()
         except (RuntimeError, OSError, LookupError) as e:  # VmError, CgroupError, NetworkError
             log.warning("sandbox %s is gone after restart: %s", rec.sandbox_id, e)
@@ -91,6 +98,32 @@ class Reattacher:
             return None
         log.info("re-attached %s (%s)", rec.sandbox_id, rec.state.value)
         return sb
+
+    async def _after_interrupted_pause(self, rec: SandboxRecord) -> None:
+        """A running row whose pause to disk a dead hostd left unfinished.
+
+        VM alive: left for `_reattach`, which gives it back running (vsock plugged
+        in again). VM gone and the snapshot complete: the save had finished, so
+        the row becomes paused to disk. Otherwise the usual clean-up follows.
+        """
+        from hostd.vmm import snapshot
+
+        try:
+            await self.mgr.vmm.attach(vm_spec(rec, ()))
+            return
+        except VmError as e:
+            half = getattr(e, "vm", None)
+            if half is not None:
+                with contextlib.suppress(VmError):
+                    await snapshot.stop(half)
+        if disk_pause.saved_completely(rec):
+            log.warning("%s: hostd went away after saving it to disk; it is paused",
+                        rec.sandbox_id)  # fmt: skip
+            rec.paused_remaining = max(0.0, rec.end_at - time.time())
+            rec.paused_to_disk = True
+            rec.state = State.PAUSED
+            self.mgr.store.put(rec)
+        disk_pause.pause_recorded(rec)
 
     def _cgroup(self, rec: SandboxRecord) -> Any:
         """The sandbox's cgroup; re-created for one paused to disk (gone after a host reboot)."""

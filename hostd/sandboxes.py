@@ -553,6 +553,7 @@ class SandboxManager:
             sb.rec.paused_remaining = max(0.0, sb.rec.end_at - time.time())
             sb.rec.state = nxt
             self.store.put(sb.rec)
+            disk_pause.pause_recorded(sb.rec)
         self.bus.publish(
             Event(
                 sb.id,

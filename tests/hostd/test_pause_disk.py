@@ -342,3 +342,45 @@ def test_networking_survives_pause_to_disk_and_a_lost_network() -> None:
         subprocess.run(["nft", "delete", "table", "inet", h.network["name_prefix"]],
                        capture_output=True)  # fmt: skip
     assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("after", [0.3, 3.0])
+def test_hostd_killed_during_a_pause_leaves_a_usable_sandbox(after: float) -> None:
+    """kill -9 of hostd `after` seconds into a Pause (ejecting / unplugging / saving):
+    the restarted hostd has the sandbox running and reachable, or paused to disk and
+    resumable, never running but unreachable."""
+    import threading
+
+    require_images()
+    with running_hostd(max_sandboxes=2, memory_budget_mb=2048) as h:
+        s = h.create(timeout_seconds=900)
+        sid = s.sandbox_id
+        assert h.run(s, "echo x > /root/f; echo ok")[1] == "ok\n"
+        errors: list[BaseException] = []
+
+        def pause() -> None:
+            try:
+                h.sandboxes.Pause(pb.PauseRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+            except grpc.RpcError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=pause)
+        t.start()
+        time.sleep(after)
+        h.kill9()
+        t.join(30)
+        # Giving a half-paused VM back (re-plugging its vsock) happens before hostd
+        # is ready, and can take a while on a loaded TCG host.
+        h.start(timeout=300)
+        try:
+            state = get(h, sid).state
+        except grpc.RpcError:
+            print(h.log_tail(20000))  # shown on failure
+            raise
+        print(f"killed {after} s into Pause: restarted hostd has it {pb.SandboxState.Name(state)}")
+        if state == PAUSED:
+            h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+        assert h.run(s, "cat /root/f", timeout=120)[1] == "x\n"
+        assert not list((h.state / "sandboxes" / sid).glob("mem.snap*"))
+        assert not (h.state / "sandboxes" / sid / "pausing").exists()
+        h.kill(sid)
