@@ -27,26 +27,18 @@ from guestd.errors import (
 )
 from guestd.process.spawn import group_name, resolve_user
 from guestd.rpc_types import Ctx
+from guestd.wire import len_key, varint
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
 CHUNK = 1024 * 1024
-_DATA_KEY = bytes([pb.ReadResponse.DESCRIPTOR.fields_by_name["data"].number << 3 | 2])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_DATA_KEY = len_key(pb.ReadResponse, "data")
 
 
 def read_response_bytes(data: bytes) -> bytes:
     """A serialized ReadResponse{data}, built with one copy of `data` (protobuf
     makes two); the edge interceptor sends bytes as they are."""
-    return b"".join((_DATA_KEY, _varint(len(data)), data))
+    return b"".join((_DATA_KEY, varint(len(data)), data))
 TMP_MARK = ".moru-tmp-"
 MAX_LIST = 200_000
 

@@ -11,6 +11,7 @@ from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, Pr
 from guestd.process.output import Part
 from guestd.process.spawn import Spec
 from guestd.rpc_types import Ctx
+from guestd.wire import len_key, varint
 from moru_proto.guest.v1 import process_pb2 as pb
 from moru_proto.guest.v1 import process_pb2_grpc
 
@@ -64,22 +65,8 @@ def end_pb(end: End) -> pb.EndEvent:
                        timed_out=end.timed_out, status=end.status)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len_key(msg: type, field: str) -> bytes:
-    """The wire key of a length-delimited field (wire type 2)."""
-    return _varint(msg.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # type: ignore[attr-defined]
-
-
-_DATA_KEY = _len_key(pb.ProcessEvent, "data")
-_KIND_KEY = {k: _len_key(pb.DataEvent, k) for k in ("stdout", "stderr", "pty")}
+_DATA_KEY = len_key(pb.ProcessEvent, "data")
+_KIND_KEY = {k: len_key(pb.DataEvent, k) for k in ("stdout", "stderr", "pty")}
 
 
 def data_event_bytes(kind: str, parts: list[Part]) -> bytes:
@@ -87,8 +74,8 @@ def data_event_bytes(kind: str, parts: list[Part]) -> bytes:
     output (protobuf would copy it into the message, then again to serialize).
     The edge interceptor sends bytes as they are."""
     n = sum(len(p) for p in parts)
-    inner = _KIND_KEY[kind] + _varint(n)
-    return b"".join((_DATA_KEY, _varint(len(inner) + n), inner, *parts))
+    inner = _KIND_KEY[kind] + varint(n)
+    return b"".join((_DATA_KEY, varint(len(inner) + n), inner, *parts))
 
 
 def event_pb(ev: Event) -> pb.ProcessEvent | bytes:
