@@ -133,16 +133,20 @@ class BootedVm:
                 self.relay = VsockRelay(self.tmp / "g.sock", self.vm.vsock_uds,
                                         self.manifest.guestd_port)  # fmt: skip
         self.connect()
-        deadline = time.monotonic() + 30
+        self.wait_health(30)
+        self.boot_seconds = time.monotonic() - t0
+
+    def wait_health(self, timeout: float) -> None:
+        """Until guestd answers Health through the relay (it may still be starting)."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 self.guest.Health(guest_pb2.HealthRequest(), timeout=5)
-                break
+                return
             except grpc.RpcError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        self.boot_seconds = time.monotonic() - t0
 
     def destroy(self) -> None:
         """Closes the channel and relay, kills the VM, removes its cgroup and files. Idempotent."""

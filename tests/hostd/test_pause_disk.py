@@ -30,7 +30,9 @@ pytestmark = pytest.mark.vm
 RUNNING, PAUSED = pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED
 COUNTER = (
     "echo kept > /root/before; "
-    "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done'"
+    # Written then renamed, so a reader never sees the file empty mid-write.
+    "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count.new;"
+    " mv /root/count.new /root/count; sleep 0.2; done'"
     " >/dev/null 2>&1 & echo started"
 )
 

@@ -19,14 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from vmfixtures import BootedVm, VmRunner, make_spec
 
 from hostd.cgroups import CgroupManager
 from hostd.vmm.snapshot import PciQemuVmm
 from hostd.vsock import wait_ready
 from images.manifest import TemplateManifest, load_manifest
-from moru_proto.guest.v1 import guest_pb2
 
 PCI_MODULES = ("virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci")
 CACHE = Path("/tmp/moru-test-pci-initramfs")
@@ -112,12 +110,4 @@ def wait_guestd(booted: BootedVm, timeout: float) -> None:
     )  # fmt: skip
     if booted.channel is None:
         booted.connect()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            booted.guest.Health(guest_pb2.HealthRequest(), timeout=5)
-            return
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    booted.wait_health(60)

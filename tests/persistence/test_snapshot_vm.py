@@ -20,7 +20,9 @@ from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm
 pytestmark = pytest.mark.vm
 
 COUNTER = (
-    "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done'"
+    # Written then renamed, so a reader never sees the file empty mid-write.
+    "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count.new;"
+    " mv /root/count.new /root/count; sleep 0.2; done'"
     " >/dev/null 2>&1 &"
 )
 
