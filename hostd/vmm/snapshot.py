@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -437,7 +438,6 @@ async def save(
             raise
     size = (await asyncio.to_thread(os.stat, tmp)).st_size
     os.replace(tmp, path)
-    await _kill(vm)
     info = SnapshotInfo(
         path=path,
         size_bytes=size,
@@ -447,11 +447,14 @@ async def save(
         unplug_seconds=t_unplug,
         save_seconds=time.monotonic() - t0,
     )
+    # Complete (file + metadata) before the VM ends, so a caller that dies in
+    # between finds either a running VM or a restorable snapshot.
     mtmp = meta_path(path).with_suffix(".tmp")
     mtmp.write_text(info.to_json())
     os.replace(mtmp, meta_path(path))
     await asyncio.to_thread(_fsync, path.parent)
-    return info
+    await _kill(vm)
+    return dataclasses.replace(info, save_seconds=time.monotonic() - t0)
 
 
 # --- restore -----------------------------------------------------------------
