@@ -49,6 +49,14 @@ def _identity(c: BootedVm) -> tuple[str, str]:
     return info.hostname, check(c.process, RANDOM).strip()
 
 
+def _guest_ram_resident(qemu_pid: int) -> int:
+    """Bytes of QEMU's shared memory resident (the guest RAM memfd is all of it)."""
+    for ln in Path(f"/proc/{qemu_pid}/status").read_text().splitlines():
+        if ln.startswith("RssShmem:"):
+            return int(ln.split()[1]) << 10
+    raise AssertionError("no RssShmem line")
+
+
 def test_sandboxes_from_a_ready_snapshot_are_distinct_and_fast(
     vm_runner: VmRunner, vm_cgroups: CgroupManager
 ) -> None:
@@ -86,6 +94,11 @@ def test_sandboxes_from_a_ready_snapshot_are_distinct_and_fast(
             _init(booted, sid)
             check(booted.process, "true")
             warm.append(time.monotonic() - t0)
+            # The restore read every page of the shared memfd (so allocated it); the
+            # all-zero ones are given back before the guest runs (zeropages.py).
+            resident = _guest_ram_resident(vm.pids[0])
+            print(f"{sid}: guest RAM resident after restore + Init: {resident >> 20} MiB of 256")
+            assert resident < 0.75 * (256 << 20), resident
             # Right after Init: under TCG on a loaded host guest clocks lag later on.
             seen.append(_identity(booted))
         print(f"cold create {cold:.2f}s, from ready snapshot {warm} -> "
