@@ -259,7 +259,7 @@ class ReadySnapshots:
     async def make(self, shape: Shape, manifest: TemplateManifest) -> Path:
         """Boots the template with shape, waits for guestd, saves it; returns the snapshot dir."""
         from hostd.network.policy import EgressPolicy
-        from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVm, save_ready
+        from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVm, fsync_path, save_ready
 
         if initramfs_has_virtio_pci(Path(shape.initramfs)) is False:
             raise RuntimeError(
@@ -324,7 +324,7 @@ class ReadySnapshots:
                 if self.find(shape) is None:
                     raise
                 # Another pass made it meanwhile: keep that one.
-            await asyncio.to_thread(_fsync_dir, self.root)
+            await asyncio.to_thread(fsync_path, self.root)
         self._failures.pop(shape.dirname, None)
         self._retry_at.pop(shape.dirname, None)
         log.info(
@@ -375,22 +375,12 @@ async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> No
         await relay.close()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
+    from hostd.vmm.snapshot import fsync_path
+
     for f in path.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(path)
+        fsync_path(f)
+    fsync_path(path)
 
 
 __all__ = ["ReadySnapshots", "Shape", "shape_of"]

@@ -318,7 +318,8 @@ def _has_magic(path: Path) -> bool:
         return f.read(4) == QEMU_MAGIC
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync of a file or directory by path (a directory: its entries are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -428,7 +429,7 @@ async def save(
                 raise SnapshotError(
                     f"saving {s.sandbox_id} failed: {st.get('error-desc') or st.get('status')}"
                 )
-            await asyncio.to_thread(_fsync, tmp)
+            await asyncio.to_thread(fsync_path, tmp)
             if not await asyncio.to_thread(_has_magic, tmp):
                 raise SnapshotError(f"saving {s.sandbox_id}: QEMU wrote no valid stream to {tmp}")
         except BaseException:
@@ -456,7 +457,7 @@ async def save(
     mtmp = meta_path(path).with_suffix(".tmp")
     mtmp.write_text(info.to_json())
     os.replace(mtmp, meta_path(path))
-    await asyncio.to_thread(_fsync, path.parent)
+    await asyncio.to_thread(fsync_path, path.parent)
     await _kill(vm)
     return dataclasses.replace(info, save_seconds=time.monotonic() - t0)
 
