@@ -12,6 +12,14 @@ Each pair is measured alternately `--rounds` times and the best of each kept,
 so a busy machine (other VMs) skews both sides alike. Targets: round trip
 <= 3x floor; throughputs >= 50% of raw.
 
+The raw floor moves N distinct bytes that sit in RAM from one process to
+another through a unix socket: the least any transfer of N bytes of data
+costs. A second raw row sends one 1 MiB block N/1MiB times; that never leaves
+the CPU cache (on this host about 4-6x the distinct figure, and more than a
+memcpy of N bytes), so no path that carries real data can approach it. Both
+are printed, with every figure's ratio to each, and a third floor for file
+read: the sender sendfile()s the file, so only the receiver copies.
+
 Reference rows (not targets) show what gRPC in Python itself costs, measured
 in the same run: a bare grpc.aio server (uvloop, no guestd code) doing the
 same call shapes - a start message, posix_spawn of /bin/true and a pidfd wait,
@@ -189,19 +197,57 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def raw_unix_throughput(d: str, nbytes: int) -> float:
-    """Bytes/s of one unix-socket stream, 1 MiB sends, sender in another process."""
+RAW_SENDER = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+n, distinct = int(sys.argv[2]), sys.argv[3] == "1"
+data = bytearray(n if distinct else 1 << 20)
+for i in range(0, len(data), 4096):
+    data[i] = 1  # fault every page in before the clock starts
+view = memoryview(data)
+s.recv(1)  # the receiver's go
+for off in range(0, n, 1 << 20):
+    s.sendall(view[off:off + (1 << 20)] if distinct else view[:min(n - off, 1 << 20)])
+s.close()
+"""
+
+
+SENDFILE_SENDER = """\
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+fd, n = os.open(sys.argv[2], os.O_RDONLY), int(sys.argv[3])
+s.recv(1)
+off = 0
+while off < n:
+    off += os.sendfile(s.fileno(), fd, off, n - off)
+s.close()
+"""
+
+
+def raw_unix_throughput(d: str, nbytes: int, distinct: bool, sendfile: str = "") -> float:
+    """Bytes/s of one unix-socket stream, 1 MiB sends, sender in another process.
+
+    distinct=False sends one 1 MiB block over and over: sender, socket buffers
+    and receiver all stay in the CPU cache, so this is the socket's cost with
+    memory out of the picture. distinct=True sends N different bytes resident
+    in RAM (pages faulted in before the clock starts), which is what moving a
+    file's or a process's N bytes through a socket costs at the least: every
+    byte comes from memory once. The figures below move N distinct bytes.
+    sendfile=PATH has the sender hand a cached file's pages to the socket
+    (no copy on the sending side): the floor for file read, the one figure
+    whose data is in a file.
+    """
     path = f"{d}/raw.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
-    code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1])\n"
-            "b=bytes(1<<20);n=int(sys.argv[2])\nwhile n>0:\n s.sendall(b[:min(n,1<<20)]);"
-            "n-=1<<20\ns.close()\n")
-    sender = subprocess.Popen([sys.executable, "-c", code, path, str(nbytes)])
+    argv = ([sys.executable, "-c", SENDFILE_SENDER, path, sendfile, str(nbytes)] if sendfile
+            else [sys.executable, "-c", RAW_SENDER, path, str(nbytes), "1" if distinct else "0"])
+    sender = subprocess.Popen(argv)
     conn, _ = srv.accept()
     buf = bytearray(MIB)
     got = 0
+    conn.sendall(b"g")
     t0 = time.perf_counter()
     while True:
         n = conn.recv_into(buf)
@@ -234,8 +280,10 @@ def guestd_true_seconds(proc: process_pb2_grpc.ProcessStub, calls: int) -> float
         t0 = time.perf_counter()
         for ev in proc.Start(req):
             if ev.HasField("end"):
+                # The result is known here; the stream's closing status follows.
+                times.append(time.perf_counter() - t0)
                 assert ev.end.exit_code == 0
-        times.append(time.perf_counter() - t0)
+    assert len(times) == calls
     return statistics.median(times)
 
 
@@ -256,15 +304,20 @@ def guestd_stdout(proc: process_pb2_grpc.ProcessStub, nbytes: int) -> float:
 
 
 def guestd_write(fs: filesystem_pb2_grpc.FilesystemStub, path: str, nbytes: int) -> float:
-    block = os.urandom(MIB)
+    """A new file of N bytes (an old one at `path` is removed before the clock
+    starts: replacing it would add the kernel's freeing of its pages)."""
+    full = fpb.WriteRequest(data=os.urandom(MIB))  # built once: time the server, not the client
+    tail = fpb.WriteRequest(data=os.urandom(nbytes % MIB)) if nbytes % MIB else None
 
     def reqs() -> Iterator[fpb.WriteRequest]:
         yield fpb.WriteRequest(header=fpb.WriteHeader(path=path, size=nbytes))
-        left = nbytes
-        while left > 0:
-            yield fpb.WriteRequest(data=block[: min(left, MIB)])
-            left -= MIB
+        for _ in range(nbytes // MIB):
+            yield full
+        if tail is not None:
+            yield tail
 
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     t0 = time.perf_counter()
     resp = fs.Write(reqs())
     secs = time.perf_counter() - t0
@@ -316,10 +369,13 @@ def main() -> None:
         guestd_true_seconds(pstub, 5)  # warm up the channel
         rt_fns = {"floor": lambda: spawn_true_seconds(a.calls),
                   "true": lambda: guestd_true_seconds(pstub, a.calls)}
-        tp_fns = {"raw": lambda: raw_unix_throughput(d, nbytes),
+        tp_fns = {"raw": lambda: raw_unix_throughput(d, nbytes, True),
+                  "raw_hot": lambda: raw_unix_throughput(d, nbytes, False),
                   "stdout": lambda: guestd_stdout(pstub, nbytes),
                   "write": lambda: guestd_write(fstub, f"{d}/f.bin", nbytes),
-                  "read": lambda: guestd_read(fstub, f"{d}/f.bin", nbytes)}
+                  "read": lambda: guestd_read(fstub, f"{d}/f.bin", nbytes),
+                  # after write and read: sends the file they left
+                  "raw_sendfile": lambda: raw_unix_throughput(d, nbytes, True, f"{d}/f.bin")}
         if not a.no_reference:
             bare = start_bare(d)
             bp = process_pb2_grpc.ProcessStub(bare[1])
@@ -327,7 +383,7 @@ def main() -> None:
             guestd_true_seconds(bp, 5)
             rt_fns["bare"] = lambda: guestd_true_seconds(bp, a.calls)
             tp_fns["bare"] = lambda: bare_stream(bf, nbytes)
-            tp_fns["bare_up"] = lambda: guestd_write(bf, "/", nbytes)
+            tp_fns["bare_up"] = lambda: guestd_write(bf, f"{d}/not-written", nbytes)
             tp_fns["pipe"] = lambda: pipe_from_head(nbytes)
         rt = best_of(a.rounds, rt_fns, False)
         tp = best_of(a.rounds, tp_fns, True)
@@ -345,6 +401,13 @@ def main() -> None:
         for name, fig_s, floor_s, ratio, target, ok in rows:
             verdict = "yes" if ok else "NO"
             print(f"{name:<22}{fig_s:>12}{floor_s:>14}{ratio:>8.2f}x  {target:<8} {verdict}")
+        print(f"{'raw, sendfile of file':<22}{tp['raw_sendfile'] / 1e6:>7.0f} MB/s"
+              f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['raw_sendfile'] / tp['raw']:>8.2f}x"
+              f"  file read against it: {tp['read'] / tp['raw_sendfile']:.2f}x")
+        hot = ", ".join(f"{k} {tp[k] / tp['raw_hot']:.2f}x" for k in ("stdout", "write", "read"))
+        print(f"{'raw, cache-hot 1 MiB':<22}{tp['raw_hot'] / 1e6:>7.0f} MB/s"
+              f"{tp['raw'] / 1e6:>9.0f} MB/s{tp['raw_hot'] / tp['raw']:>8.2f}x"
+              f"  figures against it: {hot}")
         if bare is not None:
             print("reference, no guestd code (last column: guestd's figure / bare's figure,"
                   " i.e. what guestd's own code costs)")

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from guestd.errors import status_of
-from guestd.files import FilesystemService
+from guestd.files import FilesystemService, write_request_of
 from guestd.guest import GuestService
 from guestd.metrics import Metrics
 from guestd.process.manager import ProcessManager
@@ -36,6 +36,10 @@ from moru_proto.guest.v1 import filesystem_pb2_grpc, guest_pb2_grpc, process_pb2
 log = logging.getLogger("guestd")
 Handler = Any  # grpc.RpcMethodHandler; its stub types the behaviours as sync-only
 TOKEN_HEADER = "x-moru-access-token"
+# Methods whose requests guestd decodes itself (bulk data without copies).
+REQUEST_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "/moru.guest.v1.Filesystem/Write": write_request_of,
+}
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -110,7 +114,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         key = (id(handler), denied)
         hit = self._wrapped.get(key)
         if hit is None or hit[0] is not handler:
-            hit = (handler, _wrap(handler, denied))
+            hit = (handler, _wrap(handler, denied,
+                                  REQUEST_DECODERS.get(handler_call_details.method)))
             self._wrapped[key] = hit
         return hit[1]
 
@@ -140,8 +145,8 @@ def _send_bytes_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any
     return ser
 
 
-def _wrap(h: Handler, denied: bool) -> Handler:
-    ser: dict[str, Any] = {"request_deserializer": h.request_deserializer,
+def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None) -> Handler:
+    ser: dict[str, Any] = {"request_deserializer": decode or h.request_deserializer,
                            "response_serializer": _send_bytes_as_is(h.response_serializer)}
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
     if h.unary_unary or h.stream_unary:

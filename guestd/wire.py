@@ -21,3 +21,21 @@ def varint(n: int) -> bytes:
 def len_key(msg: type, field: str) -> bytes:
     """The wire key of a length-delimited field (wire type 2)."""
     return varint(msg.DESCRIPTOR.fields_by_name[field].number << 3 | 2)  # type: ignore[attr-defined]
+
+
+def only_field(raw: bytes, key: bytes) -> memoryview | None:
+    """The payload of `raw` when `raw` is a message holding exactly one
+    length-delimited field with wire key `key` (one byte), as a view: no copy.
+    None for anything else, which the caller parses with protobuf."""
+    if not raw or raw[0] != key[0] or len(key) != 1:
+        return None
+    n = shift = 0
+    i = 1
+    while i < len(raw) and i < 11:
+        b = raw[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return memoryview(raw)[i:] if i + n == len(raw) else None
+        shift += 7
+    return None

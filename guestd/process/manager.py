@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from guestd.allocator import keep_bulk_buffers
 from guestd.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -203,7 +204,8 @@ class ManagedProcess:
             self._close(kind)
             return False
         if len(data) >= DEFAULT_PIPE_SIZE // 2 and kind not in self._grown:
-            self._grown.add(kind)
+            self._grown.add(kind)  # a fast writer: bigger pipe, reusable buffers
+            keep_bulk_buffers()
             if not self.pty:
                 grow_pipe(fd)
         self.log.append(kind, data)

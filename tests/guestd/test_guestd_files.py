@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from guestd_harness import Guestd
 
 from moru_proto.guest.v1 import filesystem_pb2 as pb
@@ -260,3 +261,21 @@ def test_read_response_bytes_is_the_protobuf_encoding() -> None:
     for n in (1, 127, 128, 16383, 16384, MB, MB + 7):
         data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
         assert read_response_bytes(data) == pb.ReadResponse(data=data).SerializeToString()
+
+
+def test_write_request_of_views_data_and_leaves_the_rest_to_protobuf() -> None:
+    from guestd.files import write_request_of
+
+    for n in (0, 1, 127, 128, 16383, 16384, MB, MB + 7):
+        data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+        got = write_request_of(pb.WriteRequest(data=data).SerializeToString())
+        assert isinstance(got, memoryview) and got == data
+    header = pb.WriteRequest(header=pb.WriteHeader(path="/a", size=3))
+    assert write_request_of(header.SerializeToString()) == header
+    # Anything but one whole data field goes to protobuf: a data field followed
+    # by a header (oneof: the last one wins), and a length running past the end.
+    both = pb.WriteRequest(data=b"abc").SerializeToString() + header.SerializeToString()
+    parsed = write_request_of(both)
+    assert isinstance(parsed, pb.WriteRequest) and parsed.WhichOneof("message") == "header"
+    with pytest.raises(DecodeError):
+        write_request_of(b"\x12\x05ab")

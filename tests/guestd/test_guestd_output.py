@@ -100,8 +100,8 @@ def test_take_parts_coalesces_a_run_up_to_the_limit_without_copying() -> None:
     assert b"".join(item[1]) == b"".join(reads)[250 * 1024 :]  # stops before stderr's run
     _, item = log.take_parts(cur, 1 << 20)
     assert item == ("stderr", [b"err"])
-    _, item = log.take(cur)
-    assert item == ("stdout", b"after")
+    _, whole = log.take(cur)
+    assert whole == ("stdout", b"after")
 
 
 def test_small_reads_grow_one_chunk_and_held_views_survive_growth() -> None:
