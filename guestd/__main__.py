@@ -16,13 +16,15 @@ from guestd.server import Config, Guestd, parse_listen
 from guestd.sigdefaults import catch_inherited_ignores
 
 USAGE = """\
-usage: guestd --listen ADDR [--listen ADDR ...] [--guest] [--output-buffer-bytes N]
-              [--keepalive-seconds S] [--log-level LEVEL]
+usage: guestd --listen ADDR [--listen ADDR ...] [--data-listen ADDR] [--guest]
+              [--output-buffer-bytes N] [--keepalive-seconds S] [--log-level LEVEL]
 
 moru's in-guest agent (gRPC)
 
 options:
   --listen ADDR            unix:/PATH, tcp:HOST:PORT or vsock:PORT (repeatable)
+  --data-listen ADDR       the data listener for Filesystem.OpenRead/OpenWrite
+                           (same forms; default: none)
   --guest                  run as the guest's agent: Init sets hostname/clock,
                            Shutdown powers off
   --output-buffer-bytes N  output kept per process stream for Connect replay
@@ -30,7 +32,8 @@ options:
   --keepalive-seconds S    keepalive event interval on quiet streams (default 15)
   --log-level LEVEL        DEBUG, INFO (default), WARNING or ERROR
 """
-_VALUED = ("--listen", "--output-buffer-bytes", "--keepalive-seconds", "--log-level")
+_VALUED = ("--listen", "--data-listen", "--output-buffer-bytes", "--keepalive-seconds",
+           "--log-level")
 
 
 def _error(msg: str) -> NoReturn:
@@ -48,6 +51,7 @@ def _number(opt: str, text: str, kind: type[int] | type[float]) -> float:
 def _args(argv: list[str] | None) -> Config:
     args = list(sys.argv[1:] if argv is None else argv)
     listen: list[str] = []
+    data_listen = ""
     guest = False
     buffer_bytes, keepalive, level = 1024 * 1024, 15.0, "INFO"
     while args:
@@ -67,6 +71,8 @@ def _args(argv: list[str] | None) -> Config:
             value = args.pop(0)
         if opt == "--listen":
             listen.append(value)
+        elif opt == "--data-listen":
+            data_listen = value
         elif opt == "--output-buffer-bytes":
             buffer_bytes = int(_number(opt, value, int))
         elif opt == "--keepalive-seconds":
@@ -75,11 +81,12 @@ def _args(argv: list[str] | None) -> Config:
             level = value.upper()
     if not listen:
         _error("--listen is required")
-    for addr in listen:
+    for opt, addr in [*(("--listen", a) for a in listen),
+                      *([("--data-listen", data_listen)] if data_listen else [])]:
         try:
             parse_listen(addr)
         except ValueError as exc:
-            _error(str(exc))
+            _error(str(exc).replace("--listen", opt, 1))
     if buffer_bytes < 4096:
         _error("--output-buffer-bytes: at least 4096")
     if keepalive <= 0:
@@ -88,8 +95,8 @@ def _args(argv: list[str] | None) -> Config:
         _error(f"--log-level: unknown level {level!r}")
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Config(listen=listen, guest_mode=guest, output_buffer_bytes=buffer_bytes,
-                  keepalive_seconds=keepalive)
+    return Config(listen=listen, data_listen=data_listen, guest_mode=guest,
+                  output_buffer_bytes=buffer_bytes, keepalive_seconds=keepalive)
 
 
 async def _serve(cfg: Config) -> None:

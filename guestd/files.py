@@ -10,12 +10,15 @@ leaves nothing behind. No fsync: atomic for readers, not crash-durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from guestd.allocator import keep_bulk_buffers
 from guestd.errors import (
@@ -30,6 +33,9 @@ from guestd.process.spawn import group_name, resolve_user
 from guestd.rpc_types import Ctx
 from guestd.wire import len_key, only_field, varint
 from moru_proto.guest.v1 import filesystem_pb2 as pb
+
+if TYPE_CHECKING:
+    from guestd.transfers import Transfers
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
 CHUNK = 1024 * 1024
@@ -178,37 +184,126 @@ def _remove(path: str, recursive: bool) -> None:
         raise path_error(exc, path) from None
 
 
+@dataclass
+class ReadSource:
+    fd: int
+    info: pb.EntryInfo
+    available: int  # bytes from the offset to the end of the file when opened
+
+
+def open_for_read(request: pb.ReadRequest) -> ReadSource:
+    """Checks a read as Read does and opens the file; the caller closes `fd`."""
+    path = abs_path(request.path)
+    if request.offset < 0:
+        raise InvalidArgument(f"offset: must be >= 0, got {request.offset}")
+    if request.length < 0:
+        raise InvalidArgument(f"length: must be >= 0, got {request.length}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise path_error(exc, path) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FailedPrecondition(f"path: {path} is a directory")
+        if st.st_size - request.offset > CHUNK:
+            keep_bulk_buffers()
+        return ReadSource(fd, entry_of(path), max(0, st.st_size - request.offset))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Upload:
+    """One atomic write in progress: a temporary sibling renamed over the
+    target by `finish`, or removed by `abort` (a no-op after finish). Used by
+    Write and by the data listener (guestd.transfers)."""
+
+    def __init__(self, header: pb.WriteHeader) -> None:
+        self.header = header
+        self.path = abs_path(header.path)
+        (self._target, flags, self._mode, self._uid, self._gid,
+         self._replaces) = _prepare_write(header, self.path)
+        try:
+            self._fd = os.open(self._target, flags, self._mode)
+        except OSError as exc:
+            raise path_error(exc, self.path) from None
+        self.written = 0
+        self._done = False
+
+    def _error(self, exc: OSError) -> Exception:
+        err = path_error(exc, self.path)
+        if isinstance(err, ResourceExhausted):
+            return ResourceExhausted(f"path: {self.path}: no space left on the device")
+        return err
+
+    def write(self, view: memoryview) -> None:
+        self.written += len(view)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def finish(self) -> pb.WriteResponse:
+        h = self.header
+        if h.HasField("size") and self.written != h.size:
+            raise FailedPrecondition(f"size: header said {h.size} bytes, stream carried"
+                                     f" {self.written}; {self.path} unchanged")
+        try:
+            if not h.append or not self._replaces:
+                os.fchmod(self._fd, self._mode)
+                os.fchown(self._fd, self._uid, self._gid)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            if not h.append:
+                os.rename(self._target, self.path)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._done = True
+        return pb.WriteResponse(entry=entry_of(self.path), bytes_written=self.written)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._done and not self.header.append:
+            with contextlib.suppress(OSError):
+                os.unlink(self._target)
+            self._done = True
+
+
 class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
-    def __init__(self, keepalive: float) -> None:
+    def __init__(self, keepalive: float, transfers: Transfers) -> None:
         self.keepalive = keepalive
+        self.transfers = transfers
+
+    async def OpenRead(self, request: pb.ReadRequest, context: Ctx) -> pb.Transfer:
+        self.transfers.require_listener()
+        src = open_for_read(request)
+        try:
+            return self.transfers.open_read(src, request)
+        except BaseException:
+            os.close(src.fd)
+            raise
+
+    async def OpenWrite(self, request: pb.WriteHeader, context: Ctx) -> pb.Transfer:
+        return self.transfers.open_write(request)
 
     async def Read(  # type: ignore[override]  # bytes: pre-serialized responses
         self, request: pb.ReadRequest, context: Ctx,
     ) -> AsyncIterator[pb.ReadResponse | bytes]:
-        path = abs_path(request.path)
-        if request.offset < 0:
-            raise InvalidArgument(f"offset: must be >= 0, got {request.offset}")
-        if request.length < 0:
-            raise InvalidArgument(f"length: must be >= 0, got {request.length}")
+        src = open_for_read(request)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise path_error(exc, path) from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise FailedPrecondition(f"path: {path} is a directory")
-            if st.st_size - request.offset > CHUNK:
-                keep_bulk_buffers()
-            info = entry_of(path)
             pos = request.offset
             left = request.length if request.length else -1
             first = True
             while True:
                 want = CHUNK if left < 0 else min(CHUNK, left)
-                data = os.pread(fd, want, pos) if want else b""
+                data = os.pread(src.fd, want, pos) if want else b""
                 if first:
-                    yield pb.ReadResponse(info=info, data=data)
+                    yield pb.ReadResponse(info=src.info, data=data)
                     first = False
                 elif data:
                     yield read_response_bytes(data)
@@ -218,7 +313,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
                 if left > 0:
                     left -= len(data)
         finally:
-            os.close(fd)
+            os.close(src.fd)
 
     async def Write(  # data messages are views: see write_request_of
         self, request_iterator: AsyncIterator[pb.WriteRequest | memoryview], context: Ctx,
@@ -230,15 +325,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
             raise InvalidArgument("header: the stream is empty") from None
         if isinstance(first, memoryview) or first.WhichOneof("message") != "header":
             raise InvalidArgument("header: the first message must be a header")
-        h = first.header
-        path = abs_path(h.path)
-        target, flags, mode, uid, gid, replaces = _prepare_write(h, path)
-        try:
-            fd = os.open(target, flags, mode)
-        except OSError as exc:
-            raise path_error(exc, path) from None
-        done = False
-        written = 0
+        upload = Upload(first.header)
         try:
             async for req in it:
                 if isinstance(req, memoryview):
@@ -249,37 +336,12 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
                     raise InvalidArgument("header: only the first message may be a header")
                 else:  # data, encoded in a way write_request_of leaves to protobuf
                     view = memoryview(req.data)
-                written += len(view)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                upload.write(view)
             if context.cancelled():
                 raise asyncio.CancelledError
-            if h.HasField("size") and written != h.size:
-                raise FailedPrecondition(
-                    f"size: header said {h.size} bytes, stream carried {written}; {path} unchanged")
-            if not h.append or not replaces:
-                os.fchmod(fd, mode)
-                os.fchown(fd, uid, gid)
-            os.close(fd)
-            fd = -1
-            if not h.append:
-                os.rename(target, path)
-            done = True
-        except OSError as exc:
-            err = path_error(exc, path)
-            if isinstance(err, ResourceExhausted):
-                raise ResourceExhausted(f"path: {path}: no space left on the device") from None
-            raise err from None
+            return upload.finish()
         finally:
-            if fd >= 0:
-                os.close(fd)
-            if not done and not h.append:
-                try:
-                    os.unlink(target)
-                except OSError:
-                    pass
-        return pb.WriteResponse(entry=entry_of(path), bytes_written=written)
+            upload.abort()
 
     async def Stat(self, request: pb.StatRequest, context: Ctx,
                    ) -> pb.StatResponse:

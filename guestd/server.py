@@ -30,6 +30,7 @@ from guestd.process.manager import ProcessManager
 from guestd.process.service import ProcessService
 from guestd.rpc_types import Ctx
 from guestd.state import GuestState
+from guestd.transfers import Transfers
 from guestd.vsock import serve_relay, vsock_listener
 from moru_proto.guest.v1 import filesystem_pb2_grpc, guest_pb2_grpc, process_pb2_grpc
 
@@ -54,6 +55,7 @@ SERVER_OPTIONS = [
 @dataclass(frozen=True)
 class Config:
     listen: list[str]
+    data_listen: str = ""  # the data listener (guestd.transfers); "" for none
     guest_mode: bool = False
     output_buffer_bytes: int = 1024 * 1024
     keepalive_seconds: float = 15.0
@@ -195,12 +197,29 @@ class Guestd:
         self.server = grpc.aio.server(interceptors=[EdgeInterceptor(self.state)],
                                       options=SERVER_OPTIONS)
         process_pb2_grpc.add_ProcessServicer_to_server(ProcessService(self.manager), self.server)
+        self.transfers = Transfers(cfg.data_listen)
         filesystem_pb2_grpc.add_FilesystemServicer_to_server(
-            FilesystemService(cfg.keepalive_seconds), self.server)
+            FilesystemService(cfg.keepalive_seconds, self.transfers), self.server)
         guest_pb2_grpc.add_GuestServicer_to_server(GuestService(self.state, Metrics()),
                                                    self.server)
         self._relays: list[asyncio.Task[None]] = []
         self._tmpdir: str | None = None
+
+    def _bind_data(self, addr: Address) -> None:
+        if addr.kind == "vsock":
+            listener = vsock_listener(addr.port, addr.cid)
+        elif addr.kind == "unix":
+            path = addr.grpc_target[len("unix:"):]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(128)
+        else:
+            host, _, port = addr.grpc_target.rpartition(":")
+            listener = socket.create_server((host.strip("[]"), int(port)), backlog=128)
+        self._relays.append(asyncio.create_task(self.transfers.serve(listener)))
 
     def _bind(self, addr: Address) -> None:
         if addr.kind == "vsock":
@@ -225,6 +244,8 @@ class Guestd:
             loop.add_signal_handler(sig, stop.set)
         for a in self.cfg.listen:
             self._bind(parse_listen(a))
+        if self.cfg.data_listen:
+            self._bind_data(parse_listen(self.cfg.data_listen))
         await self.server.start()
         log.info("guestd listening on %s", ", ".join(self.cfg.listen))
         try:

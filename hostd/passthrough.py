@@ -27,6 +27,14 @@ SERVICES = (
     filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"],
 )
 
+# Not forwarded: their tickets name guestd's data listener, which is inside the
+# guest (vsock) and not reachable by hostd's clients; Read and Write carry the
+# same data through hostd.
+NOT_FORWARDED = frozenset({
+    "/moru.guest.v1.Filesystem/OpenRead",
+    "/moru.guest.v1.Filesystem/OpenWrite",
+})
+
 # (sandbox_id, access_token) -> (channel, token to send upstream); raises hostd errors.
 Resolver = Callable[[str, str], tuple[grpc.aio.Channel, str]]
 
@@ -43,6 +51,13 @@ def _md(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+async def _not_forwarded(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                        "method: the data listener is inside the guest and not forwarded by"
+                        " hostd; use Filesystem.Read or Filesystem.Write")
+    raise AssertionError("abort returned")
+
+
 class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def __init__(self, resolve: Resolver) -> None:
         self._resolve = resolve
@@ -50,6 +65,8 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
+        if method in NOT_FORWARDED:
+            return grpc.unary_unary_rpc_method_handler(_not_forwarded)
         shape = self._shapes.get(method)
         if shape is None:
             return None

@@ -32,12 +32,15 @@ class Guestd:
     """One guestd process; `close()` ends it by pid and removes its directory."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 ignored_signals: tuple[int, ...] = ()) -> None:
+                 ignored_signals: tuple[int, ...] = (), data_listener: bool = False) -> None:
         self.dir = tempfile.mkdtemp(dir="/tmp", prefix="mg")
         self.sock = f"{self.dir}/g.sock"
         self.target = f"unix:{self.sock}"
+        self.data_target = f"unix:{self.dir}/data.sock" if data_listener else ""
         self.log = open(f"{self.dir}/guestd.log", "wb")
         command = [sys.executable, "-m", "guestd", "--listen", self.target, *args]
+        if data_listener:
+            command += ["--data-listen", self.data_target]
         if ignored_signals:  # as under nohup or `guestd &`: SIG_IGN survives exec
             command = [sys.executable, "-c", _IGNORING_TRAMPOLINE,
                        ",".join(map(str, ignored_signals)), *command]

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$moru_proto/guest/v1/filesystem.proto\x12\rmoru.guest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x01\n\tEntryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.moru.guest.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12\r\n\x05owner\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\x12\x31\n\rmodified_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\t \x01(\t\";\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"D\n\x0cReadResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x0bWriteHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0e\n\x06\x61ppend\x18\x04 \x01(\x08\x12\x11\n\x04size\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0cWriteRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.moru.guest.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"O\n\rWriteResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\"\x1b\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"7\n\x0cStatResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\"-\n\x0eListDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"<\n\x0fListDirResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.moru.guest.v1.EntryInfo\":\n\x0eMakeDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\"K\n\x0fMakeDirResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\x0bMoveRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"7\n\x0cMoveResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\"0\n\rRemoveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\"\x10\n\x0eRemoveResponse\"/\n\x0cWatchRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\"U\n\x0f\x46ilesystemEvent\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.moru.guest.v1.EventType\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xaf\x01\n\nWatchEvent\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.moru.guest.v1.WatchStartedH\x00\x12\x34\n\nfilesystem\x18\x02 \x01(\x0b\x32\x1e.moru.guest.v1.FilesystemEventH\x00\x12\x32\n\tkeepalive\x18\x03 \x01(\x0b\x32\x1d.moru.guest.v1.KeepAliveEventH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cWatchStarted\"\x10\n\x0eKeepAliveEvent*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04*\x98\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_TYPE_CREATE\x10\x01\x12\x14\n\x10\x45VENT_TYPE_WRITE\x10\x02\x12\x15\n\x11\x45VENT_TYPE_REMOVE\x10\x03\x12\x15\n\x11\x45VENT_TYPE_RENAME\x10\x04\x12\x14\n\x10\x45VENT_TYPE_CHMOD\x10\x05\x32\xb5\x04\n\nFilesystem\x12\x41\n\x04Read\x12\x1a.moru.guest.v1.ReadRequest\x1a\x1b.moru.guest.v1.ReadResponse0\x01\x12\x44\n\x05Write\x12\x1b.moru.guest.v1.WriteRequest\x1a\x1c.moru.guest.v1.WriteResponse(\x01\x12?\n\x04Stat\x12\x1a.moru.guest.v1.StatRequest\x1a\x1b.moru.guest.v1.StatResponse\x12H\n\x07ListDir\x12\x1d.moru.guest.v1.ListDirRequest\x1a\x1e.moru.guest.v1.ListDirResponse\x12H\n\x07MakeDir\x12\x1d.moru.guest.v1.MakeDirRequest\x1a\x1e.moru.guest.v1.MakeDirResponse\x12?\n\x04Move\x12\x1a.moru.guest.v1.MoveRequest\x1a\x1b.moru.guest.v1.MoveResponse\x12\x45\n\x06Remove\x12\x1c.moru.guest.v1.RemoveRequest\x1a\x1d.moru.guest.v1.RemoveResponse\x12\x41\n\x05Watch\x12\x1b.moru.guest.v1.WatchRequest\x1a\x19.moru.guest.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$moru_proto/guest/v1/filesystem.proto\x12\rmoru.guest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x01\n\tEntryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.moru.guest.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12\r\n\x05owner\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\x12\x31\n\rmodified_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\t \x01(\t\";\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"D\n\x0cReadResponse\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x0bWriteHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0e\n\x06\x61ppend\x18\x04 \x01(\x08\x12\x11\n\x04size\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_size\"W\n\x0cWriteRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.moru.guest.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"O\n\rWriteResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\"c\n\x08Transfer\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12&\n\x04info\x18\x04 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\"_\n\x0eTransferResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1c.moru.guest.v1.WriteResponse\"\x1b\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"7\n\x0cStatResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\"-\n\x0eListDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"<\n\x0fListDirResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.moru.guest.v1.EntryInfo\":\n\x0eMakeDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\"K\n\x0fMakeDirResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\x0bMoveRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\"7\n\x0cMoveResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.moru.guest.v1.EntryInfo\"0\n\rRemoveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\"\x10\n\x0eRemoveResponse\"/\n\x0cWatchRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\"U\n\x0f\x46ilesystemEvent\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.moru.guest.v1.EventType\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xaf\x01\n\nWatchEvent\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.moru.guest.v1.WatchStartedH\x00\x12\x34\n\nfilesystem\x18\x02 \x01(\x0b\x32\x1e.moru.guest.v1.FilesystemEventH\x00\x12\x32\n\tkeepalive\x18\x03 \x01(\x0b\x32\x1d.moru.guest.v1.KeepAliveEventH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cWatchStarted\"\x10\n\x0eKeepAliveEvent*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04*\x98\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_TYPE_CREATE\x10\x01\x12\x14\n\x10\x45VENT_TYPE_WRITE\x10\x02\x12\x15\n\x11\x45VENT_TYPE_REMOVE\x10\x03\x12\x15\n\x11\x45VENT_TYPE_RENAME\x10\x04\x12\x14\n\x10\x45VENT_TYPE_CHMOD\x10\x05\x32\xb8\x05\n\nFilesystem\x12\x41\n\x04Read\x12\x1a.moru.guest.v1.ReadRequest\x1a\x1b.moru.guest.v1.ReadResponse0\x01\x12\x44\n\x05Write\x12\x1b.moru.guest.v1.WriteRequest\x1a\x1c.moru.guest.v1.WriteResponse(\x01\x12?\n\x04Stat\x12\x1a.moru.guest.v1.StatRequest\x1a\x1b.moru.guest.v1.StatResponse\x12H\n\x07ListDir\x12\x1d.moru.guest.v1.ListDirRequest\x1a\x1e.moru.guest.v1.ListDirResponse\x12H\n\x07MakeDir\x12\x1d.moru.guest.v1.MakeDirRequest\x1a\x1e.moru.guest.v1.MakeDirResponse\x12?\n\x04Move\x12\x1a.moru.guest.v1.MoveRequest\x1a\x1b.moru.guest.v1.MoveResponse\x12\x45\n\x06Remove\x12\x1c.moru.guest.v1.RemoveRequest\x1a\x1d.moru.guest.v1.RemoveResponse\x12\x41\n\x05Watch\x12\x1b.moru.guest.v1.WatchRequest\x1a\x19.moru.guest.v1.WatchEvent0\x01\x12?\n\x08OpenRead\x12\x1a.moru.guest.v1.ReadRequest\x1a\x17.moru.guest.v1.Transfer\x12@\n\tOpenWrite\x12\x1a.moru.guest.v1.WriteHeader\x1a\x17.moru.guest.v1.Transferb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moru_proto.guest.v1.filesystem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILETYPE']._serialized_start=1561
-  _globals['_FILETYPE']._serialized_end=1687
-  _globals['_EVENTTYPE']._serialized_start=1690
-  _globals['_EVENTTYPE']._serialized_end=1842
+  _globals['_FILETYPE']._serialized_start=1759
+  _globals['_FILETYPE']._serialized_end=1885
+  _globals['_EVENTTYPE']._serialized_start=1888
+  _globals['_EVENTTYPE']._serialized_end=2040
   _globals['_ENTRYINFO']._serialized_start=89
   _globals['_ENTRYINFO']._serialized_end=300
   _globals['_READREQUEST']._serialized_start=302
@@ -48,36 +48,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITEREQUEST']._serialized_end=621
   _globals['_WRITERESPONSE']._serialized_start=623
   _globals['_WRITERESPONSE']._serialized_end=702
-  _globals['_STATREQUEST']._serialized_start=704
-  _globals['_STATREQUEST']._serialized_end=731
-  _globals['_STATRESPONSE']._serialized_start=733
-  _globals['_STATRESPONSE']._serialized_end=788
-  _globals['_LISTDIRREQUEST']._serialized_start=790
-  _globals['_LISTDIRREQUEST']._serialized_end=835
-  _globals['_LISTDIRRESPONSE']._serialized_start=837
-  _globals['_LISTDIRRESPONSE']._serialized_end=897
-  _globals['_MAKEDIRREQUEST']._serialized_start=899
-  _globals['_MAKEDIRREQUEST']._serialized_end=957
-  _globals['_MAKEDIRRESPONSE']._serialized_start=959
-  _globals['_MAKEDIRRESPONSE']._serialized_end=1034
-  _globals['_MOVEREQUEST']._serialized_start=1036
-  _globals['_MOVEREQUEST']._serialized_end=1086
-  _globals['_MOVERESPONSE']._serialized_start=1088
-  _globals['_MOVERESPONSE']._serialized_end=1143
-  _globals['_REMOVEREQUEST']._serialized_start=1145
-  _globals['_REMOVEREQUEST']._serialized_end=1193
-  _globals['_REMOVERESPONSE']._serialized_start=1195
-  _globals['_REMOVERESPONSE']._serialized_end=1211
-  _globals['_WATCHREQUEST']._serialized_start=1213
-  _globals['_WATCHREQUEST']._serialized_end=1260
-  _globals['_FILESYSTEMEVENT']._serialized_start=1262
-  _globals['_FILESYSTEMEVENT']._serialized_end=1347
-  _globals['_WATCHEVENT']._serialized_start=1350
-  _globals['_WATCHEVENT']._serialized_end=1525
-  _globals['_WATCHSTARTED']._serialized_start=1527
-  _globals['_WATCHSTARTED']._serialized_end=1541
-  _globals['_KEEPALIVEEVENT']._serialized_start=1543
-  _globals['_KEEPALIVEEVENT']._serialized_end=1559
-  _globals['_FILESYSTEM']._serialized_start=1845
-  _globals['_FILESYSTEM']._serialized_end=2410
+  _globals['_TRANSFER']._serialized_start=704
+  _globals['_TRANSFER']._serialized_end=803
+  _globals['_TRANSFERRESULT']._serialized_start=805
+  _globals['_TRANSFERRESULT']._serialized_end=900
+  _globals['_STATREQUEST']._serialized_start=902
+  _globals['_STATREQUEST']._serialized_end=929
+  _globals['_STATRESPONSE']._serialized_start=931
+  _globals['_STATRESPONSE']._serialized_end=986
+  _globals['_LISTDIRREQUEST']._serialized_start=988
+  _globals['_LISTDIRREQUEST']._serialized_end=1033
+  _globals['_LISTDIRRESPONSE']._serialized_start=1035
+  _globals['_LISTDIRRESPONSE']._serialized_end=1095
+  _globals['_MAKEDIRREQUEST']._serialized_start=1097
+  _globals['_MAKEDIRREQUEST']._serialized_end=1155
+  _globals['_MAKEDIRRESPONSE']._serialized_start=1157
+  _globals['_MAKEDIRRESPONSE']._serialized_end=1232
+  _globals['_MOVEREQUEST']._serialized_start=1234
+  _globals['_MOVEREQUEST']._serialized_end=1284
+  _globals['_MOVERESPONSE']._serialized_start=1286
+  _globals['_MOVERESPONSE']._serialized_end=1341
+  _globals['_REMOVEREQUEST']._serialized_start=1343
+  _globals['_REMOVEREQUEST']._serialized_end=1391
+  _globals['_REMOVERESPONSE']._serialized_start=1393
+  _globals['_REMOVERESPONSE']._serialized_end=1409
+  _globals['_WATCHREQUEST']._serialized_start=1411
+  _globals['_WATCHREQUEST']._serialized_end=1458
+  _globals['_FILESYSTEMEVENT']._serialized_start=1460
+  _globals['_FILESYSTEMEVENT']._serialized_end=1545
+  _globals['_WATCHEVENT']._serialized_start=1548
+  _globals['_WATCHEVENT']._serialized_end=1723
+  _globals['_WATCHSTARTED']._serialized_start=1725
+  _globals['_WATCHSTARTED']._serialized_end=1739
+  _globals['_KEEPALIVEEVENT']._serialized_start=1741
+  _globals['_KEEPALIVEEVENT']._serialized_end=1757
+  _globals['_FILESYSTEM']._serialized_start=2043
+  _globals['_FILESYSTEM']._serialized_end=2739
 # @@protoc_insertion_point(module_scope)

@@ -259,6 +259,70 @@ class WriteResponse(_message.Message):
 Global___WriteResponse: _TypeAlias = WriteResponse  # noqa: Y015
 
 @_typing.final
+class Transfer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.bytes
+    address: _builtins.str
+    """Where to connect: unix:/PATH, tcp:HOST:PORT or vsock:PORT."""
+    length: _builtins.int
+    """Read: the bytes that will follow the ticket. Write: the bytes expected."""
+    @_builtins.property
+    def info(self) -> Global___EntryInfo:
+        """Read: the file's entry as Read's first message has it."""
+
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.bytes = ...,
+        address: _builtins.str = ...,
+        length: _builtins.int = ...,
+        info: Global___EntryInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "info", b"info", "length", b"length", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transfer: _TypeAlias = Transfer  # noqa: Y015
+
+@_typing.final
+class TransferResult(_message.Message):
+    """After a write's data, the data listener sends a 4-byte big-endian length
+    and this message: code 0 with the response, or a gRPC status code and a
+    message naming the field, as Write would have returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___WriteResponse: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        response: Global___WriteResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferResult: _TypeAlias = TransferResult  # noqa: Y015
+
+@_typing.final
 class StatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -74,6 +74,16 @@ class FilesystemStub:
                 request_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchRequest.SerializeToString,
                 response_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.OpenRead = channel.unary_unary(
+                '/moru.guest.v1.Filesystem/OpenRead',
+                request_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.ReadRequest.SerializeToString,
+                response_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.FromString,
+                _registered_method=True)
+        self.OpenWrite = channel.unary_unary(
+                '/moru.guest.v1.Filesystem/OpenWrite',
+                request_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WriteHeader.SerializeToString,
+                response_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.FromString,
+                _registered_method=True)
 
 
 class FilesystemServicer:
@@ -132,6 +142,26 @@ class FilesystemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenRead(self, request, context):
+        """Bulk transfers outside gRPC, for clients that can reach guestd's data
+        listener (guestd --data-listen; hostd does not forward these). The call
+        checks the request exactly as Read or Write would and returns a one-use
+        ticket; the client connects to `address`, sends the 32 ticket bytes and
+        then, for a read, receives exactly `length` bytes (sendfile; fewer means
+        the file shrank meanwhile) or, for a write, sends exactly `header.size`
+        bytes and receives a TransferResult frame. A ticket expires 30 s after
+        it was issued if unused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenWrite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FilesystemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +204,16 @@ def add_FilesystemServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchRequest.FromString,
                     response_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchEvent.SerializeToString,
+            ),
+            'OpenRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenRead,
+                    request_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.ReadRequest.FromString,
+                    response_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.SerializeToString,
+            ),
+            'OpenWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenWrite,
+                    request_deserializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WriteHeader.FromString,
+                    response_serializer=moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +432,60 @@ class Filesystem:
             '/moru.guest.v1.Filesystem/Watch',
             moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchRequest.SerializeToString,
             moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moru.guest.v1.Filesystem/OpenRead',
+            moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.ReadRequest.SerializeToString,
+            moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moru.guest.v1.Filesystem/OpenWrite',
+            moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.WriteHeader.SerializeToString,
+            moru__proto_dot_guest_dot_v1_dot_filesystem__pb2.Transfer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,17 @@ class FilesystemStub:
     Remove: _grpc.UnaryUnaryMultiCallable[_filesystem_pb2.RemoveRequest, _filesystem_pb2.RemoveResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_filesystem_pb2.WatchRequest, _filesystem_pb2.WatchEvent]
     """Streams changes under a directory until the client cancels."""
+    OpenRead: _grpc.UnaryUnaryMultiCallable[_filesystem_pb2.ReadRequest, _filesystem_pb2.Transfer]
+    """Bulk transfers outside gRPC, for clients that can reach guestd's data
+    listener (guestd --data-listen; hostd does not forward these). The call
+    checks the request exactly as Read or Write would and returns a one-use
+    ticket; the client connects to `address`, sends the 32 ticket bytes and
+    then, for a read, receives exactly `length` bytes (sendfile; fewer means
+    the file shrank meanwhile) or, for a write, sends exactly `header.size`
+    bytes and receives a TransferResult frame. A ticket expires 30 s after
+    it was issued if unused.
+    """
+    OpenWrite: _grpc.UnaryUnaryMultiCallable[_filesystem_pb2.WriteHeader, _filesystem_pb2.Transfer]
 
 @_typing.type_check_only
 class FilesystemAsyncStub(FilesystemStub):
@@ -66,6 +77,17 @@ class FilesystemAsyncStub(FilesystemStub):
     Remove: _aio.UnaryUnaryMultiCallable[_filesystem_pb2.RemoveRequest, _filesystem_pb2.RemoveResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_filesystem_pb2.WatchRequest, _filesystem_pb2.WatchEvent]  # type: ignore[assignment]
     """Streams changes under a directory until the client cancels."""
+    OpenRead: _aio.UnaryUnaryMultiCallable[_filesystem_pb2.ReadRequest, _filesystem_pb2.Transfer]  # type: ignore[assignment]
+    """Bulk transfers outside gRPC, for clients that can reach guestd's data
+    listener (guestd --data-listen; hostd does not forward these). The call
+    checks the request exactly as Read or Write would and returns a one-use
+    ticket; the client connects to `address`, sends the 32 ticket bytes and
+    then, for a read, receives exactly `length` bytes (sendfile; fewer means
+    the file shrank meanwhile) or, for a write, sends exactly `header.size`
+    bytes and receives a TransferResult frame. A ticket expires 30 s after
+    it was issued if unused.
+    """
+    OpenWrite: _aio.UnaryUnaryMultiCallable[_filesystem_pb2.WriteHeader, _filesystem_pb2.Transfer]  # type: ignore[assignment]
 
 class FilesystemServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -129,5 +151,28 @@ class FilesystemServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_filesystem_pb2.WatchEvent], _abc.AsyncIterator[_filesystem_pb2.WatchEvent]]:
         """Streams changes under a directory until the client cancels."""
+
+    @_abc_1.abstractmethod
+    def OpenRead(
+        self,
+        request: _filesystem_pb2.ReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filesystem_pb2.Transfer, _abc.Awaitable[_filesystem_pb2.Transfer]]:
+        """Bulk transfers outside gRPC, for clients that can reach guestd's data
+        listener (guestd --data-listen; hostd does not forward these). The call
+        checks the request exactly as Read or Write would and returns a one-use
+        ticket; the client connects to `address`, sends the 32 ticket bytes and
+        then, for a read, receives exactly `length` bytes (sendfile; fewer means
+        the file shrank meanwhile) or, for a write, sends exactly `header.size`
+        bytes and receives a TransferResult frame. A ticket expires 30 s after
+        it was issued if unused.
+        """
+
+    @_abc_1.abstractmethod
+    def OpenWrite(
+        self,
+        request: _filesystem_pb2.WriteHeader,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filesystem_pb2.Transfer, _abc.Awaitable[_filesystem_pb2.Transfer]]: ...
 
 def add_FilesystemServicer_to_server(servicer: FilesystemServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

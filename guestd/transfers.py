@@ -1,0 +1,201 @@
+"""The data listener: file reads and writes as plain bytes on a socket of their own.
+
+gRPC in Python copies every byte several times (into a message, into HTTP/2
+frames, out again) and runs it all on one event loop. For bulk data a client
+that can reach guestd directly asks with Filesystem.OpenRead or OpenWrite,
+which check the request exactly as Read and Write do, under the same access
+token, and return a one-use ticket. The client connects to the data
+listener and sends the ticket; then a read is the file's bytes sent with
+sendfile(2) (no copy in guestd) and a write is the bytes received straight
+into the file, followed by a TransferResult frame. Each transfer runs in a
+worker thread with blocking syscalls, off the event loop, so a big transfer
+never delays a command's events.
+
+The ticket (32 random bytes) is the only credential on this socket: it was
+issued over an authenticated call, is single-use and expires after
+TICKET_TTL seconds. A connection that does not send a valid ticket within
+TICKET_WAIT seconds is closed without a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from guestd.allocator import keep_bulk_buffers
+from guestd.errors import FailedPrecondition, status_of
+from guestd.files import ReadSource, Upload
+from moru_proto.guest.v1 import filesystem_pb2 as pb
+
+log = logging.getLogger("guestd.transfers")
+TICKET_BYTES = 32
+TICKET_TTL = 30.0  # an issued ticket not used by then is dropped
+TICKET_WAIT = 10.0  # a connection has this long to send its ticket
+IDLE_TIMEOUT = 60.0  # a transfer whose peer moves no byte for this long fails
+WORKERS = 8  # transfers running at once; more wait their turn
+RECV_BUFFER = 1024 * 1024
+
+
+def result_frame(result: pb.TransferResult) -> bytes:
+    body = result.SerializeToString()
+    return struct.pack(">I", len(body)) + body
+
+
+def _send_file(conn: socket.socket, src: ReadSource, offset: int, length: int) -> None:
+    sent = 0
+    while sent < length:
+        n = os.sendfile(conn.fileno(), src.fd, offset + sent, length - sent)
+        if n == 0:  # the file shrank since OpenRead: the client sees a short read
+            return
+        sent += n
+
+
+def _receive_file(conn: socket.socket, upload: Upload) -> pb.TransferResult:
+    size = upload.header.size
+    keep_bulk_buffers()
+    buf = bytearray(min(RECV_BUFFER, max(size, 1)))
+    view = memoryview(buf)
+    try:
+        while upload.written < size:
+            n = conn.recv_into(view[: min(len(buf), size - upload.written)])
+            if n == 0:
+                break
+            upload.write(view[:n])
+        if upload.written == size and conn.recv(1):
+            raise FailedPrecondition(f"size: header said {size} bytes, stream carried more;"
+                                     f" {upload.path} unchanged")
+        return pb.TransferResult(response=upload.finish())
+    except Exception as exc:  # guestd errors name the field or path; see errors.py
+        code, msg = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:  # unexpected: keep the traceback
+            log.exception("write transfer failed", exc_info=exc)
+        return pb.TransferResult(code=code.value[0], message=msg)
+    finally:
+        upload.abort()
+
+
+class _Job:
+    """What a ticket stands for, run once on a worker thread."""
+
+    def __init__(self, run: Callable[[socket.socket], None], discard: Callable[[], None]) -> None:
+        self.run = run
+        self.discard = discard
+
+
+class Transfers:
+    """Issued tickets and the data listener (one per guestd)."""
+
+    def __init__(self, address: str = "") -> None:
+        self.address = address  # "" when guestd has no data listener
+        self._pending: dict[bytes, tuple[_Job, asyncio.TimerHandle]] = {}
+        self._conns: set[socket.socket] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def require_listener(self) -> None:
+        if not self.address:
+            raise FailedPrecondition("address: this guestd has no data listener"
+                                     " (start it with --data-listen); use Read or Write")
+
+    def _issue(self, job: _Job) -> bytes:
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        timer = asyncio.get_running_loop().call_later(TICKET_TTL, self._expire, ticket)
+        self._pending[ticket] = (job, timer)
+        return ticket
+
+    def _expire(self, ticket: bytes) -> None:
+        hit = self._pending.pop(ticket, None)
+        if hit is not None:
+            hit[0].discard()
+
+    def open_read(self, src: ReadSource, request: pb.ReadRequest) -> pb.Transfer:
+        """Takes ownership of `src.fd` (see require_listener)."""
+        length = src.available if not request.length else min(request.length, src.available)
+
+        def run(conn: socket.socket) -> None:
+            try:
+                _send_file(conn, src, request.offset, length)
+            finally:
+                os.close(src.fd)
+
+        ticket = self._issue(_Job(run, lambda: os.close(src.fd)))
+        return pb.Transfer(ticket=ticket, address=self.address, length=length, info=src.info)
+
+    def open_write(self, header: pb.WriteHeader) -> pb.Transfer:
+        if not header.HasField("size"):
+            raise FailedPrecondition("size: required for a write through the data listener")
+        if header.append:
+            raise FailedPrecondition("append: not supported through the data listener; use Write")
+        self.require_listener()
+        upload = Upload(header)
+
+        def run(conn: socket.socket) -> None:
+            conn.sendall(result_frame(_receive_file(conn, upload)))
+
+        ticket = self._issue(_Job(run, upload.abort))
+        return pb.Transfer(ticket=ticket, address=self.address, length=header.size)
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accepts until cancelled; cancellation ends every transfer."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="transfer")
+        try:
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                task = asyncio.create_task(self._handle(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            listener.close()
+            for conn in list(self._conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for job, timer in self._pending.values():
+                timer.cancel()
+                job.discard()
+            self._pending.clear()
+            self._pool.shutdown(wait=False)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._conns.add(conn)
+        try:
+            conn.setblocking(False)
+            ticket = b""
+            async with asyncio.timeout(TICKET_WAIT):
+                while len(ticket) < TICKET_BYTES:
+                    more = await loop.sock_recv(conn, TICKET_BYTES - len(ticket))
+                    if not more:
+                        return
+                    ticket += more
+            hit = self._pending.pop(ticket, None)
+            if hit is None:
+                log.warning("data listener: unknown or expired ticket")
+                return
+            job, timer = hit
+            timer.cancel()
+            # Blocking on the worker, with kernel timeouts (Python's settimeout
+            # would make the fd non-blocking, and sendfile would see EAGAIN).
+            conn.setblocking(True)
+            idle = struct.pack("ll", int(IDLE_TIMEOUT), 0)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, idle)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, idle)
+            await loop.run_in_executor(self._pool, job.run, conn)
+        except (OSError, TimeoutError) as exc:
+            log.info("data transfer ended early: %s", exc)
+        finally:
+            self._conns.discard(conn)
+            conn.close()

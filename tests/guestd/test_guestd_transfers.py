@@ -1,0 +1,149 @@
+"""The data listener (guestd.transfers) against a real guestd: OpenRead/OpenWrite
+tickets, bytes on a unix socket, the same checks and errors as Read/Write."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from guestd_harness import Guestd
+
+from guestd.transfer_client import TransferError, connect, read_file, write_file
+from moru_proto.guest.v1 import filesystem_pb2 as pb
+from moru_proto.guest.v1 import guest_pb2
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def data_guestd() -> Iterator[Guestd]:
+    g = Guestd(data_listener=True)
+    yield g
+    g.close()
+
+
+def test_100mb_round_trip_same_sha256_bounded_rss(data_guestd: Guestd,
+                                                  tmpdir_short: str) -> None:
+    g = data_guestd
+    path = f"{tmpdir_short}/deep/big.bin"
+    block = os.urandom(MB)
+    want = hashlib.sha256()
+    chunks = [block[i:] + block[:i] for i in range(100)]
+    for c in chunks:
+        want.update(c)
+    hwm0 = g.vm_hwm_kib()
+    resp = write_file(g.fs, pb.WriteHeader(path=path, size=100 * MB, mode=0o600), chunks)
+    assert resp.bytes_written == 100 * MB and resp.entry.size == 100 * MB
+    assert resp.entry.mode == 0o600
+    with open(path, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == want.hexdigest()
+    got = hashlib.sha256()
+    info, n = read_file(g.fs, pb.ReadRequest(path=path), got.update)
+    assert n == 100 * MB and info.size == 100 * MB and got.hexdigest() == want.hexdigest()
+    part = bytearray()
+    _, n = read_file(g.fs, pb.ReadRequest(path=path, offset=MB + 5, length=1000), part.extend)
+    assert n == 1000 and bytes(part) == (chunks[1][5:] + chunks[2])[:1000]
+    # Neither direction buffers the file in guestd.
+    assert g.vm_hwm_kib() - hwm0 < 40 * 1024
+    assert [x for x in os.listdir(f"{tmpdir_short}/deep")] == ["big.bin"]
+
+
+def test_open_checks_like_read_and_write(data_guestd: Guestd, tmpdir_short: str) -> None:
+    fs = data_guestd.fs
+    cases: list[tuple[Any, Any, grpc.StatusCode, str]] = [
+        (fs.OpenRead, pb.ReadRequest(path="rel"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+        (fs.OpenRead, pb.ReadRequest(path=f"{tmpdir_short}/x", offset=-1),
+         grpc.StatusCode.INVALID_ARGUMENT, "offset"),
+        (fs.OpenRead, pb.ReadRequest(path=f"{tmpdir_short}/nope"), grpc.StatusCode.NOT_FOUND,
+         "nope"),
+        (fs.OpenRead, pb.ReadRequest(path=tmpdir_short), grpc.StatusCode.FAILED_PRECONDITION,
+         "directory"),
+        (fs.OpenWrite, pb.WriteHeader(path=f"{tmpdir_short}/a"),
+         grpc.StatusCode.FAILED_PRECONDITION, "size"),
+        (fs.OpenWrite, pb.WriteHeader(path=f"{tmpdir_short}/a", size=1, append=True),
+         grpc.StatusCode.FAILED_PRECONDITION, "append"),
+        (fs.OpenWrite, pb.WriteHeader(path=tmpdir_short, size=1),
+         grpc.StatusCode.FAILED_PRECONDITION, "directory"),
+    ]
+    for call, req, code, word in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            call(req)
+        assert e.value.code() == code, (req, e.value.details())
+        assert word in (e.value.details() or "")
+    assert os.listdir(tmpdir_short) == []
+
+
+def test_wrong_size_leaves_target_untouched(data_guestd: Guestd, tmpdir_short: str) -> None:
+    g = data_guestd
+    path = f"{tmpdir_short}/keep.txt"
+    write_file(g.fs, pb.WriteHeader(path=path, size=8), [b"original"])
+    for sent in ([b"short"], [b"far too many bytes"]):
+        with pytest.raises(TransferError) as e:
+            write_file(g.fs, pb.WriteHeader(path=path, size=8), sent)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "size" in e.value.message
+        assert open(path, "rb").read() == b"original"
+        assert os.listdir(tmpdir_short) == ["keep.txt"]
+
+
+def test_client_dying_mid_upload_leaves_nothing(data_guestd: Guestd, tmpdir_short: str) -> None:
+    g = data_guestd
+    t = g.fs.OpenWrite(pb.WriteHeader(path=f"{tmpdir_short}/new.bin", size=10 * MB))
+    with connect(t.address) as s:
+        s.sendall(t.ticket + b"x" * MB)
+    for _ in range(100):
+        if not os.listdir(tmpdir_short):
+            break
+        time.sleep(0.05)
+    assert os.listdir(tmpdir_short) == []
+
+
+def test_tickets_are_one_use_and_bad_ones_get_nothing(data_guestd: Guestd,
+                                                      tmpdir_short: str) -> None:
+    g = data_guestd
+    path = f"{tmpdir_short}/f"
+    with open(path, "wb") as f:
+        f.write(b"secret")
+    t = g.fs.OpenRead(pb.ReadRequest(path=path))
+    assert t.length == 6 and t.address == g.data_target and len(t.ticket) == 32
+
+    def fetch(ticket: bytes) -> bytes:
+        with connect(t.address) as s:
+            s.sendall(ticket)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while more := s.recv(100):
+                got += more
+            return got
+
+    assert fetch(os.urandom(32)) == b""  # a stranger gets nothing, and the ticket survives
+    assert fetch(t.ticket) == b"secret"
+    assert fetch(t.ticket) == b""  # used once: gone
+    assert fetch(b"short") == b""
+
+
+def test_token_guards_open(tmpdir_short: str) -> None:
+    g = Guestd(data_listener=True)
+    try:
+        g.guest.Init(guest_pb2.InitRequest(access_token="tok"))
+        with pytest.raises(grpc.RpcError) as e:
+            g.fs.OpenRead(pb.ReadRequest(path="/etc/hostname"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        resp = write_file(g.fs, pb.WriteHeader(path=f"{tmpdir_short}/t", size=2), [b"ok"],
+                          metadata=(("x-moru-access-token", "tok"),))
+        assert resp.bytes_written == 2
+    finally:
+        g.close()
+
+
+def test_without_a_data_listener_open_says_so(guestd: Guestd, tmpdir_short: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        guestd.fs.OpenWrite(pb.WriteHeader(path=f"{tmpdir_short}/a", size=1))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--data-listen" in (e.value.details() or "")
+    assert os.listdir(tmpdir_short) == []
