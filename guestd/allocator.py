@@ -35,7 +35,7 @@ def keep_bulk_buffers() -> None:
         libc = ctypes.CDLL(None)
         ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM) and libc.mallopt(M_TRIM_THRESHOLD,
                                                                         TRIM_KEEP)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (ImportError, OSError, AttributeError):  # no ctypes, or not glibc (musl: no mallopt)
         ok = False
     if not ok:
         logging.getLogger("guestd").debug("mallopt unavailable: bulk buffers not kept")

@@ -71,14 +71,22 @@ def write_file(fs: filesystem_pb2_grpc.FilesystemStub, header: pb.WriteHeader,
                dial: Callable[[str], socket.socket] = connect) -> pb.WriteResponse:
     """Uploads `chunks` (header.size bytes in all) and returns Write's response."""
     t: pb.Transfer = fs.OpenWrite(header, metadata=metadata)
+    sent = 0
     with dial(t.address) as s:
         s.sendall(t.ticket)
         try:
             for chunk in chunks:
+                sent += len(chunk)
+                if sent > t.length:
+                    break  # closing early: guestd discards the upload
                 s.sendall(chunk)
-            s.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # guestd stopped reading (an error or too many bytes): its frame says why
+            pass  # guestd stopped reading (an error): its frame says why
+        if sent != t.length:
+            raise TransferError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"size: header said {t.length} bytes, chunks carried"
+                                f" {'more' if sent > t.length else sent};"
+                                f" {header.path} unchanged")
         frame = _recv_exactly(s, 4)
         result = pb.TransferResult.FromString(_recv_exactly(s, struct.unpack(">I", frame)[0]))
     if result.code:

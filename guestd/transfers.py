@@ -51,26 +51,54 @@ def result_frame(result: pb.TransferResult) -> bytes:
 
 
 def _send_file(conn: socket.socket, src: ReadSource, offset: int, length: int) -> None:
-    sent = 0
-    while sent < length:
-        n = os.sendfile(conn.fileno(), src.fd, offset + sent, length - sent)
-        if n == 0:  # the file shrank since OpenRead: the client sees a short read
-            return
-        sent += n
+    """sendfile(2), waiting in poll when the socket is full (socket.sendfile).
+    Stops early if the file shrank since OpenRead: the client sees a short read."""
+    if length:
+        with open(src.fd, "rb", buffering=0, closefd=False) as f:
+            conn.sendfile(f, offset, length)
+
+
+def _waiting(conn: socket.socket, discard: bool) -> bool:
+    """Whether bytes are already waiting, without waiting for any (with
+    `discard`, reads them away). Non-blocking mode for the probe: with a
+    timeout set, Python waits for data even when asked not to."""
+    timeout = conn.gettimeout()
+    conn.setblocking(False)
+    try:
+        if not discard:
+            return bool(conn.recv(1, socket.MSG_PEEK))
+        while conn.recv(RECV_BUFFER):
+            pass
+        return False
+    except OSError:  # BlockingIOError: nothing waiting; others: the peer is gone
+        return False
+    finally:
+        conn.settimeout(timeout)
+
+
+def _more_waiting(conn: socket.socket) -> bool:
+    """Bytes beyond the announced size already here? (The client does not
+    half-close: over hybrid vsock a shutdown(SHUT_WR) ends both directions.)"""
+    return _waiting(conn, discard=False)
+
+
+def _discard_waiting(conn: socket.socket) -> None:
+    """Unread bytes would turn our close into a reset that loses the result."""
+    _waiting(conn, discard=True)
 
 
 def _receive_file(conn: socket.socket, upload: Upload) -> pb.TransferResult:
     size = upload.header.size
-    keep_bulk_buffers()
-    buf = bytearray(min(RECV_BUFFER, max(size, 1)))
-    view = memoryview(buf)
     try:
+        keep_bulk_buffers()
+        buf = bytearray(min(RECV_BUFFER, max(size, 1)))
+        view = memoryview(buf)
         while upload.written < size:
             n = conn.recv_into(view[: min(len(buf), size - upload.written)])
             if n == 0:
                 break
             upload.write(view[:n])
-        if upload.written == size and conn.recv(1):
+        if upload.written == size and _more_waiting(conn):
             raise FailedPrecondition(f"size: header said {size} bytes, stream carried more;"
                                      f" {upload.path} unchanged")
         return pb.TransferResult(response=upload.finish())
@@ -140,6 +168,7 @@ class Transfers:
 
         def run(conn: socket.socket) -> None:
             conn.sendall(result_frame(_receive_file(conn, upload)))
+            _discard_waiting(conn)
 
         ticket = self._issue(_Job(run, upload.abort))
         return pb.Transfer(ticket=ticket, address=self.address, length=header.size)
@@ -152,6 +181,7 @@ class Transfers:
         try:
             while True:
                 conn, _ = await loop.sock_accept(listener)
+                log.debug("data listener: connection")
                 task = asyncio.create_task(self._handle(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -187,15 +217,13 @@ class Transfers:
                 return
             job, timer = hit
             timer.cancel()
-            # Blocking on the worker, with kernel timeouts (Python's settimeout
-            # would make the fd non-blocking, and sendfile would see EAGAIN).
-            conn.setblocking(True)
-            idle = struct.pack("ll", int(IDLE_TIMEOUT), 0)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, idle)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, idle)
+            log.debug("data listener: transfer starts")
+            # Blocking calls on the worker, each waiting at most IDLE_TIMEOUT.
+            # (Not SO_RCVTIMEO: Python's setsockopt takes only ints on AF_VSOCK.)
+            conn.settimeout(IDLE_TIMEOUT)
             await loop.run_in_executor(self._pool, job.run, conn)
         except (OSError, TimeoutError) as exc:
-            log.info("data transfer ended early: %s", exc)
+            log.info("data transfer ended early: %r", exc)
         finally:
             self._conns.discard(conn)
             conn.close()

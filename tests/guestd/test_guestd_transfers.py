@@ -83,12 +83,27 @@ def test_wrong_size_leaves_target_untouched(data_guestd: Guestd, tmpdir_short: s
     g = data_guestd
     path = f"{tmpdir_short}/keep.txt"
     write_file(g.fs, pb.WriteHeader(path=path, size=8), [b"original"])
+    # The client library refuses to send a different size (and closes early)...
     for sent in ([b"short"], [b"far too many bytes"]):
         with pytest.raises(TransferError) as e:
             write_file(g.fs, pb.WriteHeader(path=path, size=8), sent)
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "size" in e.value.message
-        assert open(path, "rb").read() == b"original"
-        assert os.listdir(tmpdir_short) == ["keep.txt"]
+    # ...and guestd refuses bytes beyond the size from a client that sends them anyway.
+    t = g.fs.OpenWrite(pb.WriteHeader(path=path, size=8))
+    with connect(t.address) as s:
+        s.sendall(t.ticket + b"replaced" + b"and more")
+        frame = b""
+        while more := s.recv(4096):
+            frame += more
+    result = pb.TransferResult.FromString(frame[4:])
+    assert result.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "size" in result.message and path in result.message
+    for _ in range(100):
+        if os.listdir(tmpdir_short) == ["keep.txt"]:
+            break
+        time.sleep(0.05)
+    assert open(path, "rb").read() == b"original"
+    assert os.listdir(tmpdir_short) == ["keep.txt"]
 
 
 def test_client_dying_mid_upload_leaves_nothing(data_guestd: Guestd, tmpdir_short: str) -> None:
