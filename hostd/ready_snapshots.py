@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from hostd.config import Config
+from hostd.errors import ResourceExhausted
+from hostd.resources import Capacity
 from hostd.vmm.base import VmSpec
 from images.manifest import TemplateManifest, TemplateNotFound
 
@@ -123,8 +125,11 @@ class ReadySnapshots:
         cgroups: Any,
         network: Any | None,
         load_template: Callable[[str], TemplateManifest],
+        capacity: Capacity | None = None,
     ) -> None:
         self.config = config
+        # The node's accounting: the maker VM counts like a sandbox while it runs.
+        self.capacity = capacity or Capacity(config)
         self.root = config.state_path / "ready"
         names = config.ready_snapshot_templates.split(",")
         self.templates = [t.strip() for t in names if t.strip()]
@@ -243,6 +248,11 @@ class ReadySnapshots:
     async def _try_make(self, shape: Shape, manifest: TemplateManifest) -> Path | None:
         try:
             return await self.make(shape, manifest)
+        except ResourceExhausted as e:  # sandboxes come first: try again at the next check
+            self._retry_at[shape.dirname] = (
+                time.monotonic() + self.config.ready_snapshot_check_seconds)
+            log.info("ready snapshot of %s waits for room: %s", shape.template, e)
+            return None
         except Exception as e:
             n = self._failures.get(shape.dirname, 0) + 1
             self._failures[shape.dirname] = n
@@ -272,6 +282,8 @@ class ReadySnapshots:
         tmp = self.root / f"{TMP_PREFIX}{shape.dirname}-{tag}"
         sid = f"{MAKER_PREFIX}{tag}"
         async with contextlib.AsyncExitStack() as stack:
+            self.capacity.reserve(sid, shape.memory_mb)
+            stack.callback(self.capacity.release, sid)
             stack.callback(shutil.rmtree, tmp, True)
             tmp.mkdir()
             cg = self.cgroups.create(sid, shape.vcpus, shape.memory_mb << 20, PIDS_MAX)

@@ -128,7 +128,8 @@ class SandboxManager:
         self.volumes: Any | None = None
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
-            self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template)
+            self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
+                                        self.capacity)
 
     # -- startup / shutdown -------------------------------------------------
 

@@ -147,3 +147,25 @@ def test_the_background_loop_survives_a_failing_pass_and_forgets_stale_retries(
     rs._failures["base-0123456789abcdef"] = 2
     asyncio.run(rs.refresh())
     assert not rs._retry_at and not rs._failures
+
+
+def test_the_maker_vm_counts_against_capacity_and_waits_when_the_node_is_full(
+    tmp_path: Path,
+) -> None:
+    """No VM is booted here: the maker stops at the capacity check, before any cgroup."""
+    import asyncio
+    import time
+
+    from hostd.resources import Capacity
+
+    cfg = Config(state_dir=str(tmp_path), ready_snapshot_templates="base", max_sandboxes=1,
+                 ready_snapshot_check_seconds=30)  # fmt: skip
+    capacity = Capacity(cfg)
+    capacity.reserve("sbx_running", 256)
+    rs = ReadySnapshots(cfg, None, None, None, lambda name: manifest(), capacity)
+    assert asyncio.run(rs.refresh()) == []
+    (shape_dir,) = rs._retry_at
+    assert 25 < rs._retry_at[shape_dir] - time.monotonic() <= 30  # the next check, no backoff
+    assert rs._failures == {}
+    assert capacity._used == {"sbx_running": 256}  # nothing reserved is left behind
+    assert [p.name for p in rs.root.iterdir()] == []
