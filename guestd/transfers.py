@@ -27,7 +27,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -35,6 +35,9 @@ from guestd.allocator import keep_bulk_buffers
 from guestd.errors import FailedPrecondition, status_of
 from guestd.files import ReadSource, Upload
 from moru_proto.guest.v1 import filesystem_pb2 as pb
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("guestd.transfers")
 TICKET_BYTES = 32
@@ -175,6 +178,8 @@ class Transfers:
 
     async def serve(self, listener: socket.socket) -> None:
         """Accepts until cancelled; cancellation ends every transfer."""
+        from concurrent.futures import ThreadPoolExecutor  # only with a listener: boot time
+
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="transfer")
