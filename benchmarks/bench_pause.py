@@ -24,31 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "hostd"))
 sys.path.insert(0, str(ROOT))
 
+from bench_persistence import line, write_floor  # noqa: E402  (one floor for both)
 from hostd_framework import Hostd, pb  # noqa: E402
-
-
-def line(name: str, value: float, floor_name: str, floor: float) -> None:
-    print(
-        f"  {name:<34} {value:8.2f} s   floor ({floor_name}) {floor:8.2f} s"
-        f"   ratio {value / floor if floor else float('nan'):.2f}x",
-        flush=True,
-    )
-
-
-def write_floor(directory: Path, nbytes: int) -> float:
-    """Writing nbytes to a new file in directory, fsynced: the least a save can cost."""
-    p = directory / "floor.bin"
-    block = os.urandom(1 << 20)
-    t0 = time.monotonic()
-    with p.open("wb") as f:
-        left = nbytes
-        while left > 0:
-            left -= f.write(block[: min(left, len(block))])
-        f.flush()
-        os.fsync(f.fileno())
-    dt = time.monotonic() - t0
-    p.unlink()
-    return dt
 
 
 def cgroup_memory(h: Hostd, sid: str) -> int:

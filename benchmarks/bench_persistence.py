@@ -167,7 +167,9 @@ def bench_hostd_ready(n: int, template: str = "base") -> None:
         paths[key] = str(dst)
     (images / "templates" / template).mkdir(parents=True)
     (images / "templates" / template / "manifest.json").write_text(
-        dataclasses.replace(m, **paths).to_json()
+        dataclasses.replace(
+            m, kernel=paths["kernel"], initramfs=paths["initramfs"], rootfs=paths["rootfs"]
+        ).to_json()
     )
     warm_h = Hostd(max_sandboxes=4, ready_snapshot_templates=template, images_dir=str(images))
     cold_h = Hostd(max_sandboxes=4, images_dir=str(images))
