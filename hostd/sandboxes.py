@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -50,6 +50,9 @@ from hostd.vmm.qemu import QemuVmm
 from hostd.vmm.snapshot import SnapshotCorrupt, SnapshotNotFound
 from images.manifest import TemplateManifest, TemplateNotFound, load_manifest
 from moru_proto.guest.v1 import guest_pb2
+
+if TYPE_CHECKING:
+    from hostd.volumes.manager import VolumeManager
 
 log = logging.getLogger("hostd.sandboxes")
 
@@ -125,7 +128,7 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self.capacity = Capacity(config)
         # hostd.volumes.VolumeManager, set by the server; None: volumes refused.
-        self.volumes: Any | None = None
+        self.volumes: VolumeManager | None = None
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
             self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
