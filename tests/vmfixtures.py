@@ -195,12 +195,16 @@ def boot_template(
     *,
     cgroups: CgroupManager | None = None,
     ready_timeout: float = 300.0,
+    manifest: TemplateManifest | None = None,
+    vmm: Callable[[], Any] = QemuVmm,
+    id_prefix: str = "sbx_t",
     **spec_kw: Any,
 ) -> BootedVm:
-    """Boots `template` until guestd answers Health; on any failure leaves nothing behind."""
-    manifest = load_manifest(template)
+    """Boots `template` (or `manifest`) with `vmm()` until guestd answers Health;
+    on any failure leaves nothing behind."""
+    manifest = manifest or load_manifest(template)
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mvf"))
-    sid = "sbx_t" + secrets.token_hex(5)
+    sid = id_prefix + secrets.token_hex(5)
     cgroup = None
     if cgroups is not None:
         cgroup = cgroups.create(
@@ -209,9 +213,9 @@ def boot_template(
             (spec_kw.get("memory_mb") or manifest.defaults.memory_mb) << 20,
         )
     spec = make_spec(manifest, tmp / "vm", sandbox_id=sid, cgroup=cgroup, **spec_kw)
-    booted = BootedVm(runner, QemuVmm().create(spec), cgroup, manifest, tmp)
+    booted = BootedVm(runner, vmm().create(spec), cgroup, manifest, tmp)
     try:
-        booted.start(lambda: QemuVmm().create(spec), ready_timeout)
+        booted.start(lambda: vmm().create(spec), ready_timeout)
     except BaseException as e:
         tail = booted.vm.console_tail(3000)
         booted.destroy()

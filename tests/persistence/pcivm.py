@@ -10,7 +10,6 @@ archives in order, later files replacing earlier ones.
 from __future__ import annotations
 
 import hashlib
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vmfixtures import BootedVm, VmRunner, make_spec
+from vmfixtures import BootedVm, VmRunner, boot_template
 
 from hostd.cgroups import CgroupManager
 from hostd.vmm.snapshot import PciQemuVmm
@@ -77,27 +76,11 @@ def boot_pci(
     ready_timeout: float = 600.0,
     **spec_kw: Any,
 ) -> BootedVm:
-    """Like vmfixtures.boot_template, with a PciQemuVm; leaves nothing behind on failure."""
+    """vmfixtures.boot_template with a PciQemuVm and an initramfs that can hot-plug."""
     manifest = load_manifest(template)
     manifest = replace(manifest, initramfs=str(pci_initramfs(manifest)))
-    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mps"))
-    sid = "sbx_p" + secrets.token_hex(5)
-    cgroup = None
-    if cgroups is not None:
-        cgroup = cgroups.create(
-            sid,
-            spec_kw.get("vcpus") or manifest.defaults.vcpus,
-            (spec_kw.get("memory_mb") or manifest.defaults.memory_mb) << 20,
-        )
-    spec = make_spec(manifest, tmp / "vm", sandbox_id=sid, cgroup=cgroup, **spec_kw)
-    booted = BootedVm(runner, PciQemuVmm().create(spec), cgroup, manifest, tmp)
-    try:
-        booted.start(lambda: PciQemuVmm().create(spec), ready_timeout)
-    except BaseException as e:
-        tail = booted.vm.console_tail(3000)
-        booted.destroy()
-        raise RuntimeError(f"booting {template} (pci) failed: {e}\n--- console ---\n{tail}") from e
-    return booted
+    return boot_template(runner, template, cgroups=cgroups, ready_timeout=ready_timeout,
+                         manifest=manifest, vmm=PciQemuVmm, id_prefix="sbx_p", **spec_kw)
 
 
 def wait_guestd(booted: BootedVm, timeout: float) -> None:
