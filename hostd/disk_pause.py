@@ -118,12 +118,15 @@ async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
             f"pausing {rec.sandbox_id} to disk failed; it keeps running: {e}"
         ) from None
     except asyncio.CancelledError:
-        # Cancelled while the device was being unplugged (during the migration,
-        # save gives the VM back itself): plug it back so the sandbox stays usable.
-        if ejected and vm.is_alive():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(snapshot.give_back(vm))
-        raise
+        if not vm.is_alive() and saved_completely(rec):
+            # Cancelled while the VM was being ended: the pause is done (the
+            # caller still gets its cancel; the record says paused to disk).
+            log.warning("%s: pause cancelled after the VM was saved and ended; it is paused",
+                        rec.sandbox_id)  # fmt: skip
+            info = snapshot.read_info(path)
+        else:
+            await _give_back_cancelled(rec, vm, ejected)
+            raise
     # Connections through the old device are dead: a new channel is opened on resume.
     if res.channel is not None:
         await res.channel.close(None)
@@ -140,6 +143,20 @@ async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
     return info
 
 
+async def _give_back_cancelled(rec: SandboxRecord, vm: QemuVm, ejected: bool) -> None:
+    """A Pause cancelled (the client went away, hostd stops) while the device was being
+    unplugged or once the snapshot was complete (during the migration, save gives
+    the VM back itself): plug it back so the sandbox stays usable."""
+    if not (ejected and vm.is_alive()):
+        return
+    log.warning("%s: pause cancelled; giving the VM back running", rec.sandbox_id)
+    # The snapshot goes first: once the VM runs on it is stale, and a hostd
+    # dying during the give-back must not restore it.
+    remove_snapshot(rec.run_dir)
+    with contextlib.suppress(Exception):
+        await asyncio.shield(snapshot.give_back(vm))
+
+
 def interrupted(rec: SandboxRecord) -> bool:
     """Whether a hostd went away in the middle of pausing this running sandbox."""
     return not rec.paused_to_disk and (Path(rec.run_dir) / PAUSING).exists()
@@ -154,9 +171,14 @@ def saved_completely(rec: SandboxRecord) -> bool:
 
 
 async def give_back(vm: Vm, rec: SandboxRecord) -> None:
-    """A VM a hostd left mid-pause (stopped, or its vsock unplugged): running again, reachable."""
-    await snapshot.give_back(cast(QemuVm, vm))
+    """A VM a hostd left mid-pause (stopped, or its vsock unplugged): running again, reachable.
+
+    Any snapshot is removed before the VM runs on (it would be stale), so a
+    hostd dying meanwhile leaves the VM to give back again, never a snapshot
+    behind its state.
+    """
     remove_snapshot(rec.run_dir)
+    await snapshot.give_back(cast(QemuVm, vm))
     (Path(rec.run_dir) / PAUSING).unlink(missing_ok=True)
 
 

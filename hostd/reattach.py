@@ -14,14 +14,14 @@ import logging
 import shutil
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hostd import disk_pause
 from hostd.events import Event, EventType, Reason
 from hostd.resources import vm_spec
 from hostd.state import State
 from hostd.store import SandboxRecord
-from hostd.vmm.base import VmError
+from hostd.vmm.base import Vm, VmError, VmSpec
 
 if TYPE_CHECKING:
     from hostd.sandboxes import Sandbox, SandboxManager
@@ -57,6 +57,11 @@ class Reattacher:
             return None
         if disk_pause.interrupted(rec):
             await self._after_interrupted_pause(rec)
+        elif rec.paused_to_disk:
+            # Pause records the row, then removes the marker: a hostd that died
+            # in between left it. Kept, it would make the next start after a
+            # Resume take the running sandbox for an interrupted pause.
+            disk_pause.pause_recorded(rec)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 res.cgroup = self._cgroup(rec)
@@ -72,7 +77,7 @@ class Reattacher:
                         log.warning("%s was paused to disk but its snapshot is missing",
                                     rec.sandbox_id)  # fmt: skip
                 else:
-                    vm = await mgr.vmm.attach(spec)
+                    vm = await self._attach(rec, spec)
                 res.vm = vm
                 # The same release order Create registers: store row, cgroup,
                 # network, VM, relay, channel (closed in reverse).
@@ -114,6 +119,8 @@ class Reattacher:
         except VmError as e:
             half = getattr(e, "vm", None)
             if half is not None:
+                if snapshot.qemu_alive(half):
+                    return  # only its vsock backend is gone: see _attach
                 with contextlib.suppress(VmError):
                     await snapshot.stop(half)
         if disk_pause.saved_completely(rec):
@@ -124,6 +131,29 @@ class Reattacher:
             rec.state = State.PAUSED
             self.mgr.store.put(rec)
         disk_pause.pause_recorded(rec)
+
+    async def _attach(self, rec: SandboxRecord, spec: VmSpec) -> Vm:
+        """The running VM of rec; for an interrupted pause, also one without its vsock backend.
+
+        A hostd that dies while giving a VM back (a Pause cancelled by its
+        client or a stop, then kill -9) can leave QEMU running and its
+        vhost-device-vsock killed, the fresh one not started yet. The VM is
+        fine (giving it back starts a fresh backend anyway): start one here
+        rather than discard the sandbox.
+        """
+        from hostd.vmm import snapshot
+
+        try:
+            return await self.mgr.vmm.attach(spec)
+        except VmError as e:
+            half = getattr(e, "vm", None)
+            if not (disk_pause.interrupted(rec) and half is not None
+                    and snapshot.qemu_alive(half)):  # fmt: skip
+                raise
+        log.warning("%s: its vsock backend is gone (hostd died giving it back); starting one",
+                    rec.sandbox_id)  # fmt: skip
+        await snapshot.restart_vsock_backend(half)
+        return cast(Vm, half)
 
     def _cgroup(self, rec: SandboxRecord) -> Any:
         """The sandbox's cgroup; re-created for one paused to disk (gone after a host reboot)."""

@@ -39,12 +39,22 @@ import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hostd.vmm.base import VmError, VmSpec
-from hostd.vmm.qemu import SPEC, VHU_SOCK, VMM_ERR, QemuVm, QemuVmm, _read_tail, spec_to_json
+from hostd.vmm.qemu import (
+    SPEC,
+    VHU_SOCK,
+    VMM_ERR,
+    AttachError,
+    QemuVm,
+    QemuVmm,
+    _read_tail,
+    spec_to_json,
+)
 from hostd.vmm.qmp import QmpClient, QmpError
 from hostd.vmm.zeropages import release_guest_zero_pages
 
@@ -163,7 +173,10 @@ class PciQemuVmm(QemuVmm):
 
     async def attach(self, spec: VmSpec) -> PciQemuVm:
         vm = PciQemuVm(self, spec)
-        vm._adopt()
+        try:
+            vm._adopt()
+        except VmError as e:
+            raise AttachError(str(e), vm) from None
         return vm
 
 
@@ -374,12 +387,18 @@ async def give_back(vm: QemuVm, eject_wait: float = 15.0) -> None:
         if await _wait_gone(c, VSOCK_DEV, eject_wait):
             # A fresh vhost-device-vsock: the old one may still serve the
             # connection of the unplugged device and never answer a new one.
-            await _restart_vsock_backend(vm)
+            await restart_vsock_backend(vm)
             chardev = await _replug_vsock(c, vm)
             await _ensure_probed(c, vm, 30.0, chardev=chardev)
 
 
-async def _restart_vsock_backend(vm: QemuVm) -> None:
+def qemu_alive(vm: QemuVm) -> bool:
+    """Whether vm's QEMU runs (its vhost-device-vsock may not)."""
+    return vm._vmm_proc is not None and vm._vmm_proc.alive()
+
+
+async def restart_vsock_backend(vm: QemuVm) -> None:
+    """A fresh vhost-device-vsock for vm (the old one killed if it still runs)."""
     if vm._vsk_proc is not None:
         vm._vsk_proc.kill()
         if not await vm._vsk_proc.wait(10.0):
@@ -438,7 +457,7 @@ async def save(
             # fresh backend, see give_back).
             with contextlib.suppress(QmpError, OSError, VmError):
                 await c.execute("cont")
-                await _restart_vsock_backend(vm)
+                await restart_vsock_backend(vm)
                 await _replug_vsock(c, vm)
             raise
     size = (await asyncio.to_thread(os.stat, tmp)).st_size
@@ -458,8 +477,26 @@ async def save(
     mtmp.write_text(info.to_json())
     os.replace(mtmp, meta_path(path))
     await asyncio.to_thread(fsync_path, path.parent)
-    await _kill(vm)
+    # The snapshot stands from here: a cancel does not cut ending the VM short
+    # (the caller then finds the VM gone and the snapshot complete).
+    await _despite_cancel(_kill(vm))
     return dataclasses.replace(info, save_seconds=time.monotonic() - t0)
+
+
+async def _despite_cancel(coro: Coroutine[Any, Any, None]) -> None:
+    """Runs coro to its end even if the caller is cancelled (then re-raises the cancel)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 # --- restore -----------------------------------------------------------------
