@@ -1,12 +1,17 @@
 """Waiting for a booting guest's guestd: its console line first, then its vsock port.
 
-vhost-device-vsock 0.3 sometimes never answers a VM whose port was dialled again
-and again while the guest booted (about one boot in five on a loaded host). So
-the port is dialled only once the console says guestd listens (or after a grace
-period without that line, for images whose guestd does not log there), and a
-device that then stays silent is reported as VsockSilent: the caller boots a
-fresh VM rather than waiting out its whole deadline. hostd's Create, its ready
-snapshot maker, the test fixtures and the benchmarks all wait this way.
+vhost-device-vsock 0.3 goes silent for good when a host connection reaches it
+while the guest driver is starting the device (guest memory mapped, rings not
+yet ready): its worker thread ends on the not-ready queue and nothing answers
+again (see QemuVm.vsock_device_dead). Dialling again and again from power-on
+hit that window in about one boot in five on a loaded host. So the port is
+dialled only once the console says guestd listens (or after a grace period
+without that line, for images whose guestd does not log there): by then the
+device has been running for seconds. A device found dead (its worker thread
+gone) or silent for VSOCK_SILENCE anyway is reported as VsockSilent: the
+caller boots a fresh VM rather than waiting out its whole deadline. hostd's
+Create, its ready snapshot maker, the test fixtures and the benchmarks all
+wait this way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class BootingVm(Protocol):
     @property
     def vsock_uds(self) -> Path: ...
     def is_alive(self) -> bool: ...
+    def vsock_device_dead(self) -> bool: ...
 
 
 class VsockSilent(Exception):
@@ -81,14 +87,26 @@ async def wait_guestd(
     """
     seen = await wait_console_line(vm, GUESTD_READY_LINE, min(deadline, time.monotonic() + grace))
     silent_by = min(deadline, time.monotonic() + silence) if seen else deadline
+
+    def usable() -> bool:  # checked before each dial
+        return vm.is_alive() and not vm.vsock_device_dead()
+
+    dead = VsockSilent(
+        "the vsock device's worker thread has ended (vhost-device-vsock 0.3 fails for "
+        "good on a host connection while its rings are not ready)"
+    )
     try:
-        await wait_ready(vm.vsock_uds, port, silent_by, alive=vm.is_alive, interval=0.1)
+        await wait_ready(vm.vsock_uds, port, silent_by, alive=usable, interval=0.1)
     except TimeoutError as e:
+        if vm.is_alive() and vm.vsock_device_dead():
+            raise dead from None
         if seen and silent_by < deadline:
             raise VsockSilent(
                 f"guestd listens (console) but the vsock device did not answer in "
                 f"{silence:.0f} s ({e})"
             ) from None
         raise
-    except OSError as e:  # VsockError: the VM is gone
+    except OSError as e:  # VsockError: the VM or its vsock device is gone
+        if vm.is_alive() and vm.vsock_device_dead():
+            raise dead from None
         raise VmExited(f"the VMM exited during boot ({e})") from None

@@ -83,6 +83,10 @@ class Vm(abc.ABC):
     def is_alive(self) -> bool:
         """Whether the VMM process still runs."""
 
+    def vsock_device_dead(self) -> bool:
+        """Whether the vsock device is known to be dead for good (never answers again)."""
+        return False
+
     @abc.abstractmethod
     async def pause(self) -> None:
         """Stops the vCPUs in place; memory stays allocated."""

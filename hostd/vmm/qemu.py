@@ -54,6 +54,8 @@ SPEC = "spec.json"
 
 _UNIX_PATH_MAX = 107
 _POLL = 0.01
+# Name of vhost-user-backend's queue worker thread inside vhost-device-vsock.
+VSOCK_WORKER_THREAD = "vring_worker"
 
 
 def spec_to_json(spec: VmSpec) -> str:
@@ -159,6 +161,19 @@ def _is_our_process(pid: int, marker: str) -> bool:
     return _proc_state(pid) not in ("", "Z", "X") and marker.encode() in cmdline
 
 
+def _thread_names(pid: int) -> list[str] | None:
+    """The names (comm) of pid's threads; None when pid is gone."""
+    names = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
+    return names
+
+
 def _read_tail(path: Path, nbytes: int = 2048) -> str:
     try:
         with path.open("rb") as f:
@@ -175,6 +190,7 @@ class QemuVm(Vm):
         self._vmm = vmm
         self._vmm_proc: _Proc | None = None
         self._vsk_proc: _Proc | None = None
+        self._vsk_worker_pid: int | None = None  # vsk pid whose worker thread was seen
         self._qmp_lock = asyncio.Lock()
         self.accel = accel_mod.resolve(spec.accel)
 
@@ -200,6 +216,35 @@ class QemuVm(Vm):
 
     def is_alive(self) -> bool:
         return self._vmm_proc is not None and self._vmm_proc.alive()
+
+    def vsock_device_dead(self) -> bool:
+        """Whether vhost-device-vsock runs without its queue worker thread: a dead device.
+
+        vhost-device-vsock 0.3 ends its only worker thread, without a word in
+        its log, when a host connection (a dial of vsock_uds) reaches it while
+        guest memory is mapped but a virtqueue is not ready: from the moment
+        the guest driver starts the device until QEMU has set up the rings,
+        and whenever QEMU stops the rings (QMP `stop`, a snapshot save). Its
+        handler then fails on the not-ready queue (QueueNotReady ->
+        IterateQueue), and vhost-user-backend ends the worker on any handler
+        error. The process and its listening socket live on, so dials connect
+        into the backlog and are never answered: the "silent" device. Nothing
+        brings the worker back; the VM needs a fresh device or a fresh boot.
+
+        Only a worker seen before counts as gone (seen at start, at attach or
+        by an earlier call), so a build that names its thread otherwise is
+        never taken for dead.
+        """
+        p = self._vsk_proc
+        if p is None or not p.alive():
+            return False
+        names = _thread_names(p.pid)
+        if names is None:
+            return False
+        if VSOCK_WORKER_THREAD in names:
+            self._vsk_worker_pid = p.pid
+            return False
+        return self._vsk_worker_pid == p.pid
 
     # --- start -----------------------------------------------------------
     def qemu_argv(self) -> list[str]:
@@ -315,6 +360,7 @@ class QemuVm(Vm):
             self._vsk_proc,
             "vhost-device-vsock sockets",
         )
+        self.vsock_device_dead()  # notes its worker thread (running before its sockets exist)
         self._vmm_proc = self._spawn("qemu", self.qemu_argv(), VMM_ERR, VMM_PID)
         await self._wait_for(self.qmp_sock.exists, self._vmm_proc, "the QMP socket")
         # The socket file appears at bind(), a moment before QEMU listens.
@@ -368,8 +414,9 @@ class QemuVm(Vm):
 
         Not QMP `stop`: with vhost-device-vsock 0.3 a QMP stop/cont cycle with
         traffic in flight leaves the vsock device dead (no connection works
-        after `cont`). A stopped process keeps the device's state intact, and
-        bytes sent meanwhile wait in the socket buffers.
+        after `cont`; see `vsock_device_dead`). A stopped process keeps the
+        device's state intact, and bytes sent meanwhile wait in the socket
+        buffers.
         """
         if not self.is_alive():
             raise VmError(f"VM {self.spec.sandbox_id} is not running")
@@ -425,6 +472,7 @@ class QemuVm(Vm):
         self._vmm_proc = found.get("qemu")
         self._vsk_proc = found.get("vhost-device-vsock")
         dead = [n for n in ("qemu", "vhost-device-vsock") if n not in found or not found[n].alive()]
+        self.vsock_device_dead()  # notes its worker thread if it still runs
         if dead:
             raise VmError(f"VM {self.spec.sandbox_id}: {', '.join(dead)} no longer running")
 

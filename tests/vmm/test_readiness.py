@@ -1,8 +1,9 @@
 """hostd.readiness against a stand-in VM: a console file and a hybrid-vsock socket.
 
-The real vhost-device-vsock's silence (about one boot in five under load) cannot
-be produced on demand, so a unix socket that accepts and never answers stands in
-for it; real boots go through the same code in every VM test.
+A unix socket that accepts and never answers stands in for a silent
+vhost-device-vsock, and a flag for its ended worker thread; the real device's
+silence is produced on demand in tests/vmm/test_vsock_silence.py, and real
+boots go through the same code in every VM test.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hostd.readiness import GUESTD_READY_LINE, VmExited, VsockSilent, wait_guest
 class StandInVm:
     dir: Path
     alive: bool = True
+    device_dead: bool = False
     console_log: Path = field(init=False)
     vsock_uds: Path = field(init=False)
 
@@ -36,6 +38,9 @@ class StandInVm:
 
     def is_alive(self) -> bool:
         return self.alive
+
+    def vsock_device_dead(self) -> bool:
+        return self.device_dead
 
     def say(self, text: str) -> None:
         with self.console_log.open("a") as f:
@@ -105,3 +110,29 @@ def test_a_dead_vm_ends_the_wait(vm: StandInVm) -> None:
     vm.alive = False
     with pytest.raises(VmExited):
         run(wait_guestd(vm, 50051, time.monotonic() + 10))
+
+
+def test_a_dead_vsock_device_is_reported_at_once_not_after_the_silence(vm: StandInVm) -> None:
+    async def main() -> None:
+        mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mute.bind(str(vm.vsock_uds))
+        mute.listen(16)  # like the real dead device: connects, never answers
+        vm.say(f"{GUESTD_READY_LINE}:50051\n")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, setattr, vm, "device_dead", True)
+        t = time.monotonic()
+        with pytest.raises(VsockSilent, match="worker thread has ended"):
+            await wait_guestd(vm, 50051, time.monotonic() + 60, silence=30.0)
+        assert time.monotonic() - t < 5  # one dial's timeout at most, not the 30 s
+        mute.close()
+
+    run(main())
+
+
+def test_a_dead_vsock_device_before_any_dial_is_not_dialled(vm: StandInVm) -> None:
+    vm.device_dead = True
+    vm.say(f"{GUESTD_READY_LINE}:50051\n")
+    t = time.monotonic()
+    with pytest.raises(VsockSilent, match="worker thread"):
+        run(wait_guestd(vm, 50051, time.monotonic() + 10))
+    assert time.monotonic() - t < 1

@@ -1,0 +1,50 @@
+"""The vhost-device-vsock 0.3 "silence", produced on demand on a real VM, and its detection.
+
+The device's worker thread ends (silently, for good) when a host connection
+reaches it while guest memory is mapped but its rings are not ready. At boot
+that window is the moment the guest driver starts the device; QMP `stop` opens
+the same window on demand (QEMU stops the rings), so one dial there is enough.
+See QemuVm.vsock_device_dead and hostd/readiness.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from vmfixtures import VmRunner, boot_template
+
+from hostd.readiness import VsockSilent, wait_guestd
+from hostd.vmm.qmp import qmp_command
+from hostd.vsock import dial_socket, wait_ready
+
+pytestmark = pytest.mark.vm
+
+
+def test_a_dial_while_the_rings_are_stopped_and_its_detection(vm_runner: VmRunner) -> None:
+    booted = boot_template(vm_runner, "base")
+    vm, port = booted.vm, booted.manifest.guestd_port
+    try:
+        assert not vm.vsock_device_dead()  # a working device has its worker thread
+
+        async def dial_while_stopped() -> None:
+            await qmp_command(vm.qmp_sock, "stop")  # QEMU stops the device's rings
+            try:
+                sock = await dial_socket(vm.vsock_uds, port, 3.0)
+                sock.close()
+            except (OSError, TimeoutError):
+                pass  # no answer while stopped; what matters is what it did to the device
+            await qmp_command(vm.qmp_sock, "cont")
+
+        vm_runner.run(dial_while_stopped())
+        if vm.vsock_device_dead():
+            # vhost-device-vsock 0.3: dead for good, and reported at once, not after 30 s.
+            t = time.monotonic()
+            with pytest.raises(VsockSilent, match="worker thread has ended"):
+                vm_runner.run(wait_guestd(vm, port, time.monotonic() + 60))
+            assert time.monotonic() - t < 5
+        else:
+            # A device without the bug must answer again after `cont`.
+            vm_runner.run(wait_ready(vm.vsock_uds, port, time.monotonic() + 30))
+    finally:
+        booted.destroy()
