@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import secrets
-import shutil
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -149,7 +147,7 @@ def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, in
     if h.append:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return path, flags, mode, uid, gid, bool(old)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}{TMP_MARK}{secrets.token_hex(4)}")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}{TMP_MARK}{os.urandom(4).hex()}")
     return tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, uid, gid, bool(old)
 
 
@@ -160,6 +158,8 @@ def _move(src: str, dst: str) -> None:
     if not os.path.isdir(parent):
         make_dirs(parent, 0, 0)
     try:
+        import shutil  # here: shutil loads zlib, bz2 and lzma, a cost at every guest boot
+
         shutil.move(src, dst)
     except OSError as exc:
         raise path_error(exc, dst) from None
@@ -169,6 +169,8 @@ def _remove(path: str, recursive: bool) -> None:
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             if recursive:
+                import shutil
+
                 shutil.rmtree(path)
                 return
             try:

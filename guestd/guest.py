@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import ipaddress
 import os
-import platform
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -58,6 +57,8 @@ def _mix_entropy(data: bytes) -> None:
 
 def check_network(net: pb.NetworkConfig) -> None:
     """INVALID_ARGUMENT naming the field for anything malformed."""
+    import ipaddress  # only restored clones get a network through Init: not at boot
+
     try:
         iface = ipaddress.ip_interface(net.address)
     except ValueError:
@@ -209,8 +210,8 @@ class GuestService(guest_pb2_grpc.GuestServicer):
         uptime = _uptime() or time.monotonic() - self.state.started_monotonic
         s = self.state
         return pb.GetInfoResponse(
-            guestd_version=__version__, kernel_release=platform.release(),
-            os_release=_os_release(), python_version=platform.python_version(),
+            guestd_version=__version__, kernel_release=os.uname().release,
+            os_release=_os_release(), python_version=sys.version.split()[0],
             uptime_seconds=uptime, sandbox_id=s.sandbox_id, template_id=s.template_id,
             initialized=s.initialized, hostname=s.hostname or socket.gethostname())
 

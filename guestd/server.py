@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +85,12 @@ def parse_listen(addr: str) -> Address:
     raise ValueError(f"--listen: expected unix:/PATH, tcp:HOST:PORT or vsock:PORT, got {addr!r}")
 
 
+def _compare_digest(a: bytes, b: bytes) -> bool:
+    import hmac  # here, not at start: it loads OpenSSL, and most guests check no token
+
+    return hmac.compare_digest(a, b)
+
+
 def _md_token(details: grpc.HandlerCallDetails) -> str:
     for key, value in details.invocation_metadata or ():
         if key == TOKEN_HEADER:
@@ -110,7 +114,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None
         token = self.state.access_token
-        denied = bool(token) and not hmac.compare_digest(
+        denied = bool(token) and not _compare_digest(
             _md_token(handler_call_details).encode(), token.encode())
         # One wrapper per registered handler and verdict, not per call.
         key = (id(handler), denied)
@@ -185,6 +189,19 @@ def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None
     return make_s(stream, **ser)
 
 
+def _private_dir() -> str:
+    """A new 0700 directory for the relay's inner sockets (tempfile.mkdtemp without
+    importing tempfile, which costs the guest's boot more than this does)."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        path = os.path.join(base, f"guestd-{os.urandom(5).hex()}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
 class Guestd:
     """The running daemon: state, services and server (one per process)."""
 
@@ -224,7 +241,7 @@ class Guestd:
     def _bind(self, addr: Address) -> None:
         if addr.kind == "vsock":
             if self._tmpdir is None:
-                self._tmpdir = tempfile.mkdtemp(prefix="guestd-")
+                self._tmpdir = _private_dir()
             inner = os.path.join(self._tmpdir, f"vsock-{addr.port}.sock")
             self.server.add_insecure_port(f"unix:{inner}")
             listener = vsock_listener(addr.port, addr.cid)

@@ -11,7 +11,6 @@ import fcntl
 import grp
 import os
 import pwd
-import shutil
 import signal
 import struct
 import subprocess
@@ -123,6 +122,16 @@ def image_env() -> dict[str, str]:
     return _image_env
 
 
+def which(name: str, path: str) -> str | None:
+    """shutil.which for a bare command name (shutil would load zlib, bz2 and lzma
+    at every guest boot)."""
+    for d in path.split(os.pathsep):
+        full = os.path.join(d, name)
+        if os.access(full, os.X_OK) and not os.path.isdir(full):
+            return full
+    return None
+
+
 def build_env(user: User, init_env: dict[str, str], env: dict[str, str]) -> dict[str, str]:
     """Image env (guestd's own) < the user's passwd defaults < Init env < process env."""
     out = image_env().copy()
@@ -175,7 +184,7 @@ def _as_user(user: User, argv: list[str]) -> list[str]:
     Not with Popen(user=..., group=...): that makes CPython fork() instead of
     vfork(), and gRPC's fork handlers then crash the child (seen: SIGSEGV)."""
     groups = ",".join(str(g) for g in user.groups)
-    setpriv = shutil.which("setpriv", path=DEFAULT_PATH)
+    setpriv = which("setpriv", DEFAULT_PATH)
     if setpriv:
         ids = [f"--reuid={user.uid}", f"--regid={user.gid}"]
         grp_args = [f"--groups={groups}"] if groups else ["--clear-groups"]
@@ -191,7 +200,7 @@ def _with_ctty(argv: list[str]) -> list[str]:
     `setsid --ctty` (Essential in Debian) does setsid + TIOCSCTTY and execs
     without forking, since the child is not a process group leader; a tiny
     Python trampoline does the same where it is missing."""
-    setsid = shutil.which("setsid", path=DEFAULT_PATH)
+    setsid = which("setsid", DEFAULT_PATH)
     if setsid:
         return [setsid, "--ctty", "--", *argv]
     return [sys.executable, "-c", _CTTY_TRAMPOLINE, *argv]
@@ -264,7 +273,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
     argv = command_line(spec)
     exe = argv[0]
     if "/" not in exe:
-        found = shutil.which(exe, path=env["PATH"])
+        found = which(exe, env["PATH"])
         if found is None:
             raise NotFound(f"argv[0]: command not found: {exe!r}")
         exe = found
