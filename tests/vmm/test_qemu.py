@@ -126,6 +126,8 @@ def test_attach_after_restart(base_vm: BootedVm) -> None:
     attached = run(QemuVmm().attach(base_vm.vm.spec))
     assert attached.pids == base_vm.vm.pids
     assert attached.is_alive()
+    assert not attached.vsock_device_dead()  # its worker thread is found again
+    assert attached._vsk_worker_pid == attached.pids[-1]
     run(attached.pause())
     run(attached.resume())
     assert run(attached.status()) == "running"
