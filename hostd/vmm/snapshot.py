@@ -390,6 +390,21 @@ async def give_back(vm: QemuVm, eject_wait: float = 15.0) -> None:
             await restart_vsock_backend(vm)
             chardev = await _replug_vsock(c, vm)
             await _ensure_probed(c, vm, 30.0, chardev=chardev)
+        else:
+            # Present: never unplugged (the guest did not eject), or plugged back
+            # by a hostd that died before the guest took it: make sure it has.
+            await _ensure_probed(c, vm, 30.0, chardev=await _device_chardev(c))
+
+
+async def _device_chardev(c: QmpClient) -> str:
+    """The chardev id the vsock device was plugged in with (a give-back may have used a new one)."""
+    try:
+        got = await c.execute(
+            "qom-get", {"path": f"/machine/peripheral/{VSOCK_DEV}", "property": "chardev"}
+        )
+    except QmpError:
+        return VSOCK_CHARDEV
+    return got if isinstance(got, str) and got else VSOCK_CHARDEV
 
 
 def qemu_alive(vm: QemuVm) -> bool:
@@ -458,7 +473,8 @@ async def save(
             with contextlib.suppress(QmpError, OSError, VmError):
                 await c.execute("cont")
                 await restart_vsock_backend(vm)
-                await _replug_vsock(c, vm)
+                chardev = await _replug_vsock(c, vm)
+                await _ensure_probed(c, vm, 30.0, chardev=chardev)
             raise
     size = (await asyncio.to_thread(os.stat, tmp)).st_size
     os.replace(tmp, path)

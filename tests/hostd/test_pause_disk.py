@@ -394,9 +394,13 @@ def test_hostd_killed_during_a_pause_leaves_a_usable_sandbox(after: float) -> No
             print(h.log_tail(20000))  # shown on failure
             raise
         print(f"killed {after} s into Pause: restarted hostd has it {pb.SandboxState.Name(state)}")
-        if state == PAUSED:
-            h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
-        assert h.run(s, "cat /root/f", timeout=120)[1] == "x\n"
+        try:
+            if state == PAUSED:
+                h.sandboxes.Resume(pb.ResumeRequest(sandbox_id=sid), metadata=h.md(), timeout=600)
+            assert h.run(s, "cat /root/f", timeout=120)[1] == "x\n"
+        except (grpc.RpcError, AssertionError):
+            print(h.log_tail(20000))  # shown on failure
+            raise
         assert not list((h.state / "sandboxes" / sid).glob("mem.snap*"))
         assert not (h.state / "sandboxes" / sid / "pausing").exists()
         h.kill(sid)
