@@ -64,6 +64,9 @@ ROOT_PORT = "moru_rp0"
 VSOCK_DEV = "moru_vsock0"
 VSOCK_CHARDEV = "vs"
 PCI_SLOT = 1
+# After QEMU reports the re-plugged device started: time for vhost-device-vsock
+# to take the ring set-up messages QEMU just sent, before anyone dials.
+VHOST_SETTLE = 0.3
 # Run in the guest (e.g. through guestd) just before save: powers the vsock
 # slot off after a short delay, so the command's own reply gets out first.
 EJECT_SCRIPT = f"(sleep 0.2; echo 0 > /sys/bus/pci/slots/{PCI_SLOT}/power) >/dev/null 2>&1 &"
@@ -297,16 +300,21 @@ def _bars_assigned(pci: list[dict[str, Any]], dev: str) -> bool | None:
 async def _ensure_probed(
     c: QmpClient, vm: QemuVm, wait: float, attempts: int = 3, chardev: str = VSOCK_CHARDEV
 ) -> None:
-    """Waits for the guest to probe the re-plugged vsock device; re-plugs it if it missed it.
+    """Waits for the guest to probe and start the re-plugged vsock device; re-plugs it if
+    it missed it.
 
     Rarely (seen under heavy host load) the guest's pciehp misses the
     hot-add after a restore; unplugging the never-enabled device is
-    immediate and a second hot-add is noticed.
+    immediate and a second hot-add is noticed. Returns only once the guest
+    driver has started the device (QEMU set up the backend's rings): a dial
+    before that ends vhost-device-vsock 0.3's worker for good
+    (QemuVm.vsock_device_dead), and the callers dial right after.
     """
     for attempt in range(attempts):
         end = time.monotonic() + wait
         while time.monotonic() < end:
-            if _bars_assigned(await c.execute("query-pci"), VSOCK_DEV):
+            if _bars_assigned(await c.execute("query-pci"), VSOCK_DEV) and await _vhost_started(c):
+                await asyncio.sleep(VHOST_SETTLE)
                 return
             await asyncio.sleep(0.05)
         if attempt + 1 == attempts:
@@ -324,6 +332,17 @@ async def _ensure_probed(
         f"VM {vm.spec.sandbox_id}: the restored guest did not take the vsock device back "
         f"(after {attempts} hot-adds); its processes were ended: retry restore from the snapshot"
     )
+
+
+async def _vhost_started(c: QmpClient) -> bool:
+    """Whether the guest driver has started the vsock device (DRIVER_OK, backend rings set)."""
+    try:
+        st = await c.execute(
+            "x-query-virtio-status", {"path": f"/machine/peripheral/{VSOCK_DEV}/virtio-backend"}
+        )
+    except QmpError:  # a QEMU without the query (< 7.2): the BARs are all there is to see
+        return True
+    return bool(st.get("vhost-started"))
 
 
 def _has_magic(path: Path) -> bool:
