@@ -15,7 +15,11 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    fresh = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "moru_proto").rglob("*") if p.is_file()}
+    fresh = {
+        p.relative_to(tmp_path): p.read_bytes()
+        for p in (tmp_path / "moru_proto").rglob("*")
+        if p.is_file()
+    }
     committed = {
         p.relative_to(ROOT): p.read_bytes()
         for p in (ROOT / "moru_proto").rglob("*")
