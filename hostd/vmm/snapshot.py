@@ -437,6 +437,11 @@ async def restart_vsock_backend(vm: QemuVm) -> None:
         vm._vsk_proc.kill()
         if not await vm._vsk_proc.wait(10.0):
             raise SnapshotError(f"VM {vm.spec.sandbox_id}: vhost-device-vsock did not exit")
+    await _spawn_vsock_backend(vm)
+
+
+async def _spawn_vsock_backend(vm: QemuVm) -> None:
+    """Starts vhost-device-vsock for vm on fresh sockets; returns once both exist."""
     s = vm.spec
     for sock in (VHU_SOCK, vm.vsock_uds.name):
         (s.run_dir / sock).unlink(missing_ok=True)
@@ -638,14 +643,8 @@ async def _start_incoming(vm: PciQemuVm, timeout: float) -> None:  # noqa: ASYNC
     vm._check_spec()
     # What `load_spec` (a later pause to disk, an operator) reads back.
     (s.run_dir / SPEC).write_text(spec_to_json(s))
-    for sock in (VHU_SOCK, vm.vsock_uds.name, vm.qmp_sock.name):
-        (s.run_dir / sock).unlink(missing_ok=True)
-    vm._vsk_proc = vm._spawn("vhost-device-vsock", vm.vsock_argv(), "vsk.err", "vsk.pid")
-    await vm._wait_for(
-        lambda: (s.run_dir / VHU_SOCK).exists() and vm.vsock_uds.exists(),
-        vm._vsk_proc,
-        "vhost-device-vsock sockets",
-    )
+    vm.qmp_sock.unlink(missing_ok=True)
+    await _spawn_vsock_backend(vm)
     vm._vmm_proc = vm._spawn("qemu", vm.qemu_argv(), VMM_ERR, "vmm.pid")
     await vm._wait_for(vm.qmp_sock.exists, vm._vmm_proc, "the QMP socket")
     end = time.monotonic() + timeout
