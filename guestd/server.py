@@ -189,6 +189,15 @@ def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None
     return make_s(stream, **ser)
 
 
+def _fresh_unix_path(addr: Address) -> str:
+    """The socket path of a unix address, its stale socket removed and its directory made."""
+    path = addr.grpc_target[len("unix:"):]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    return path
+
+
 def _private_dir() -> str:
     """A new 0700 directory for the relay's inner sockets (tempfile.mkdtemp without
     importing tempfile, which costs the guest's boot more than this does)."""
@@ -226,10 +235,7 @@ class Guestd:
         if addr.kind == "vsock":
             listener = vsock_listener(addr.port, addr.cid)
         elif addr.kind == "unix":
-            path = addr.grpc_target[len("unix:"):]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            path = _fresh_unix_path(addr)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
             listener.listen(128)
@@ -248,10 +254,7 @@ class Guestd:
             self._relays.append(asyncio.create_task(serve_relay(listener, inner)))
             return
         if addr.kind == "unix":
-            path = addr.grpc_target[len("unix:"):]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            _fresh_unix_path(addr)
         self.server.add_insecure_port(addr.grpc_target)
 
     async def run(self) -> None:
