@@ -60,6 +60,8 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
 PIDS_MAX = 1024
 BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent)
+# Why a kill ended a sandbox, as Sandbox.end says it (hostd.passthrough words it).
+END_REASONS = {Reason.USER: "killed", Reason.TIMEOUT: "timeout"}
 
 
 def new_sandbox_id() -> str:
@@ -99,6 +101,21 @@ class Sandbox:
     stage: str = ""
     # How Create started the VM: "ready_snapshot" or "cold_boot".
     create_path: str = ""
+    # The end signal: set (with a short reason) on kill, expiry, VM death and
+    # pause; hostd.passthrough ends every open guest call on it.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+
+    def end(self, reason: str) -> None:
+        """Ends every open guest call; `reason` is short ("killed", "paused", "error: why")."""
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    def reopen(self) -> None:
+        """After a resume: calls from now on watch a fresh end signal."""
+        self.ended = asyncio.Event()
+        self.end_reason = ""
 
     @property
     def id(self) -> str:
@@ -507,6 +524,7 @@ class SandboxManager:
                 return
             transition(sb.id, sb.rec.state, Action.KILL)
             sb.gone = True
+            sb.end(END_REASONS.get(reason, reason.name.lower()))
             try:
                 await sb.res.release()
             except Exception:
@@ -546,14 +564,19 @@ class SandboxManager:
             self._check_alive(sb)
             nxt = transition(sb.id, sb.rec.state, Action.PAUSE)
             assert sb.res.vm is not None and sb.res.cgroup is not None
-            if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
-                info = await disk_pause.pause(self, sb)
-                sb.rec.paused_to_disk = True
-                self.capacity.resize(sb.id, 0)
-                message = f"to disk ({info.size_bytes >> 20} MiB)"
-            else:
-                await sb.res.vm.pause()
-                await sb.res.cgroup.freeze()
+            sb.end("paused")
+            try:
+                if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
+                    info = await disk_pause.pause(self, sb)
+                    sb.rec.paused_to_disk = True
+                    self.capacity.resize(sb.id, 0)
+                    message = f"to disk ({info.size_bytes >> 20} MiB)"
+                else:
+                    await sb.res.vm.pause()
+                    await sb.res.cgroup.freeze()
+            except BaseException:
+                sb.reopen()  # still running: new calls must not end at once
+                raise
             sb.rec.paused_remaining = max(0.0, sb.rec.end_at - time.time())
             sb.rec.state = nxt
             self.store.put(sb.rec)
@@ -598,6 +621,7 @@ class SandboxManager:
             sb.rec.paused_remaining = 0.0
             sb.rec.state = nxt
             self.store.put(sb.rec)
+            sb.reopen()
         await self._sample(sb)
         self.bus.publish(
             Event(

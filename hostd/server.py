@@ -22,7 +22,7 @@ from hostd.config import Config
 from hostd.events import EventBus
 from hostd.interceptors import EdgeInterceptor
 from hostd.operations import Operations
-from hostd.passthrough import GuestPassthrough
+from hostd.passthrough import GuestPassthrough, Route
 from hostd.sandboxes import SandboxManager
 from hostd.services.sandbox import SandboxService
 from hostd.services.template import TemplateService
@@ -109,7 +109,8 @@ async def serve(
             TemplateService(config.images_path), server
         )
         add_to_server(server, volumes)
-        server.add_generic_rpc_handlers([GuestPassthrough(mgr.guest_channel)])
+        server.add_generic_rpc_handlers([GuestPassthrough(
+            lambda sid, token: Route(*mgr.guest_channel(sid, token), mgr.sandbox(sid)))])
         from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
         health = health_aio.HealthServicer()

@@ -23,6 +23,7 @@ from moru._errors import (
     NotFoundException,
     PermissionDeniedException,
     RateLimitException,
+    SandboxEndedException,
     SandboxException,
     TimeoutException,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ProcessInfo",
     "RateLimitException",
     "Sandbox",
+    "SandboxEndedException",
     "SandboxException",
     "SandboxInfo",
     "SandboxMetrics",

@@ -2,12 +2,17 @@
 # moru guest init, guestd supervisor: busybox init respawns this script; it
 # runs guestd, and when guestd dies says so on the console and starts it
 # again (quickly after a long run, with a growing pause if it keeps failing).
+# hostd's health check notices a restarted guestd and initialises it again.
 # Applets are called by name: this busybox runs them without a PATH lookup.
 export HOME=/root
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 [ -r /etc/moru/env ] && . /etc/moru/env
 port=50051
 [ -r /etc/moru/image ] && . /etc/moru/image && port=${MORU_GUESTD_PORT:-50051}
+# Self-protection (rc.sh made the groups): this loop and so guestd are exempt
+# from the OOM killer and in the agent's cgroup, out of the user processes' way.
+echo -1000 >/proc/$$/oom_score_adj
+[ -d /sys/fs/cgroup/moru-agent ] && echo $$ >/sys/fs/cgroup/moru-agent/cgroup.procs
 delay=0.1
 n=0
 while :; do

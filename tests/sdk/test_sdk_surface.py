@@ -33,6 +33,7 @@ PUBLIC = {
     "ProcessInfo",
     "RateLimitException",
     "Sandbox",
+    "SandboxEndedException",
     "SandboxException",
     "SandboxInfo",
     "SandboxMetrics",
@@ -51,6 +52,7 @@ EXCEPTIONS = {
     "NotFoundException",
     "PermissionDeniedException",
     "RateLimitException",
+    "SandboxEndedException",
     "SandboxException",
     "TimeoutException",
 }
