@@ -24,6 +24,8 @@ class EventType(enum.Enum):
     KILLED = 5
     CREATE_FAILED = 6
     GUEST_OOM = 7
+    ERROR = 8
+    REPAIRED = 9
 
 
 class Reason(enum.Enum):
@@ -34,6 +36,7 @@ class Reason(enum.Enum):
     OOM = 4
     CREATE_FAILED = 5
     HOST_RESTART = 6
+    HEALTH = 7
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from hostd.errors import (
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
+from hostd.health import HealthChecker, HealthPolicy
 from hostd.readiness import VmExited, VsockSilent, wait_guestd
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
@@ -61,7 +62,7 @@ TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
 PIDS_MAX = 1024
 BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent)
 # Why a kill ended a sandbox, as Sandbox.end says it (hostd.passthrough words it).
-END_REASONS = {Reason.USER: "killed", Reason.TIMEOUT: "timeout"}
+END_REASONS = {Reason.USER: "killed", Reason.TIMEOUT: "timeout", Reason.HEALTH: "error"}
 
 
 def new_sandbox_id() -> str:
@@ -146,6 +147,11 @@ class SandboxManager:
         self.capacity = Capacity(config)
         # hostd.volumes.VolumeManager, set by the server; None: volumes refused.
         self.volumes: VolumeManager | None = None
+        self.health = HealthChecker(
+            lambda: list(self._sandboxes.values()), store, self.bus, self.guest_env,
+            HealthPolicy(config.health_interval_seconds, config.guest_unhealthy_seconds,
+                         config.error_kill_seconds),
+        )  # fmt: skip
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
             self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
@@ -174,6 +180,7 @@ class SandboxManager:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._reap_loop())
             tg.create_task(self._sample_loop())
+            tg.create_task(self.health.run())
             if self.ready is not None:
                 tg.create_task(self.ready.run())
 
@@ -196,7 +203,7 @@ class SandboxManager:
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[SandboxRecord], str]:
-        want = set(states or [State.RUNNING, State.PAUSED])
+        want = set(states or [State.RUNNING, State.PAUSED, State.ERROR])
         meta = dict(metadata or {})
         items = [
             ((sb.rec.created_at, sb.id), sb.rec)
@@ -761,6 +768,8 @@ class SandboxManager:
                 due.append((sb, Reason.VMM_EXITED, "the VMM process exited"))
             elif sb.rec.state is State.RUNNING and now >= sb.rec.end_at:
                 due.append((sb, Reason.TIMEOUT, ""))
+            elif sb.rec.state is State.ERROR and now >= sb.rec.end_at:
+                due.append((sb, Reason.HEALTH, sb.rec.error))
         if due:
             async with asyncio.TaskGroup() as tg:
                 for sb, reason, msg in due:

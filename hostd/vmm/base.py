@@ -87,6 +87,14 @@ class Vm(abc.ABC):
         """Whether the vsock device is known to be dead for good (never answers again)."""
         return False
 
+    def vsock_backend_alive(self) -> bool:
+        """Whether the vsock device's backend process runs (True for a driver without one)."""
+        return True
+
+    async def restart_vsock_backend(self) -> None:
+        """A fresh vsock backend, the device plugged in again; VmError where it cannot be."""
+        raise VmError(f"{type(self).__name__} cannot restart its vsock backend")
+
     @abc.abstractmethod
     async def pause(self) -> None:
         """Stops the vCPUs in place; memory stays allocated."""

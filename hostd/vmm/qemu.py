@@ -217,6 +217,15 @@ class QemuVm(Vm):
     def is_alive(self) -> bool:
         return self._vmm_proc is not None and self._vmm_proc.alive()
 
+    def vsock_backend_alive(self) -> bool:
+        return self._vsk_proc is not None and self._vsk_proc.alive()
+
+    async def restart_vsock_backend(self) -> None:
+        raise VmError(
+            f"VM {self.spec.sandbox_id}: its vsock device cannot be plugged in again"
+            " (started without the PCI vsock port)"
+        )
+
     def vsock_device_dead(self) -> bool:
         """Whether vhost-device-vsock runs without its queue worker thread: a dead device.
 

@@ -167,6 +167,9 @@ class PciQemuVm(QemuVm):
     def qemu_argv(self) -> list[str]:
         return pci_argv(super().qemu_argv(), incoming=self.incoming)
 
+    async def restart_vsock_backend(self) -> None:
+        await replace_vsock_backend(self)
+
 
 class PciQemuVmm(QemuVmm):
     """QemuVmm making PciQemuVm VMs (what spec.extra["vsock_transport"] == "pci" would select)."""
@@ -438,6 +441,24 @@ async def restart_vsock_backend(vm: QemuVm) -> None:
         if not await vm._vsk_proc.wait(10.0):
             raise SnapshotError(f"VM {vm.spec.sandbox_id}: vhost-device-vsock did not exit")
     await _spawn_vsock_backend(vm)
+
+
+async def replace_vsock_backend(vm: QemuVm) -> None:
+    """A running VM's vsock device on a fresh vhost-device-vsock: unplug, restart, plug in.
+
+    For a backend that died (or lost its worker thread). The guest cannot
+    eject the device itself (guestd is unreachable), so the unplug waits for
+    pciehp (~5 s). Connections through the old device are gone; guestd's
+    listener accepts again once the guest has probed the new device.
+    """
+    if not has_pci_vsock(vm):
+        raise SnapshotError(f"VM {vm.spec.sandbox_id}: no hot-pluggable vsock device")
+    await unplug_vsock(vm, guest_ejected=False)
+    await restart_vsock_backend(vm)
+    c = await _qmp(vm)
+    async with c:
+        chardev = await _replug_vsock(c, vm)
+        await _ensure_probed(c, vm, 30.0, chardev=chardev)
 
 
 async def _spawn_vsock_backend(vm: QemuVm) -> None:
