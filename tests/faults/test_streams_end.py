@@ -40,7 +40,7 @@ class Outcome:
             try:
                 fn()
                 self.returned = True
-            except BaseException as e:  # noqa: BLE001 - recorded for the test
+            except BaseException as e:  # recorded for the test
                 self.error = e
             finally:
                 self.done.set()
