@@ -94,7 +94,7 @@ def assert_ended(o: Outcome, sandbox_id: str, reason: str, name: str = "") -> No
         want = grpc.StatusCode.ABORTED if reason == "paused" else grpc.StatusCode.NOT_FOUND
         assert e.code() == want, (e.code(), e.details())
         assert sandbox_id in (e.details() or "")
-        trailers = dict(e.trailing_metadata() or ())
+        trailers: dict[str, Any] = dict(e.trailing_metadata() or ())  # type: ignore[arg-type]
         assert trailers.get("moru-end-reason") == reason, trailers
         return
     assert isinstance(e, SandboxEndedException), repr(e)
