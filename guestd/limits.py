@@ -3,9 +3,11 @@
 The guest init (images/guest/rc.sh) makes two cgroup v2 groups:
 `moru-agent` (guestd and its restart loop, OOM-exempt, a high cpu.weight)
 and `moru-user` (memory.max and pids.max below the guest's totals). Every
-child guestd spawns is moved into `moru-user` and gets an ordinary
-oom_score_adj back (it inherits guestd's -1000). A fork bomb or a memory hog
-then hits its own group's limits and the group's OOM killer, never guestd.
+command guestd starts gets a group of its own under `moru-user` (`p<pid>`,
+at most 3/4 of the user memory and pids) and an ordinary oom_score_adj back
+(it inherits guestd's -1000). A fork bomb or a memory hog then meets its own
+group's limits and OOM killer, never guestd; and since CPU is shared between
+groups, not processes, the next command still gets its share.
 
 The move happens right after posix_spawn returns (it returns once the child
 has exec'd), before the child's program has had time to fork: in practice
@@ -16,12 +18,14 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 USER_GROUP = f"{CGROUP_ROOT}/moru-user"
 AGENT_GROUP = f"{CGROUP_ROOT}/moru-agent"
 OOM_EXEMPT = -1000
+SWEEP_EVERY = 32  # spawns between removals of emptied command groups
 
 
 def _write(path: str, value: str) -> bool:
@@ -38,16 +42,65 @@ def _write(path: str, value: str) -> bool:
         os.close(fd)
 
 
-# Looked up once: the guest init made the group before guestd started.
-_user_procs: str | None = f"{USER_GROUP}/cgroup.procs" if os.path.isdir(USER_GROUP) else None
+def _share(name: str) -> str:
+    """3/4 of moru-user's limit `name` ("max" when it has none)."""
+    try:
+        with open(f"{USER_GROUP}/{name}") as f:
+            v = f.read().strip()
+    except OSError:
+        return "max"
+    return str(int(v) * 3 // 4) if v.isdigit() else "max"
+
+
+class _UserGroups:
+    """Looked up once: the guest init made the groups before guestd started."""
+
+    def __init__(self) -> None:
+        self.on = os.path.isdir(USER_GROUP)
+        self.pids = _share("pids.max") if self.on else "max"
+        self.memory = _share("memory.max") if self.on else "max"
+        self.spawns = 0
+
+
+_groups = _UserGroups()
 
 
 def confine(pid: int) -> None:
-    """Moves a child guestd started into the user group, OOM-killable again."""
-    if _user_procs is None:
+    """Moves a child guestd started into a group of its own, OOM-killable again."""
+    g = _groups
+    if not g.on:
         return
-    _write(_user_procs, str(pid))
+    d = f"{USER_GROUP}/p{pid}"
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        pass  # left by an earlier command with this pid, its processes still running
+    except OSError:
+        d = USER_GROUP
+    if d != USER_GROUP:
+        _write(f"{d}/pids.max", g.pids)
+        _write(f"{d}/memory.max", g.memory)
+    _write(f"{d}/cgroup.procs", str(pid))
     _write(f"/proc/{pid}/oom_score_adj", "0")
+    g.spawns += 1
+    if g.spawns % SWEEP_EVERY == 0:
+        sweep()
+
+
+def release(pid: int) -> None:
+    """Removes an ended command's group unless processes it left behind still run."""
+    if _groups.on:
+        with contextlib.suppress(OSError):
+            os.rmdir(f"{USER_GROUP}/p{pid}")
+
+
+def sweep() -> None:
+    """Removes the groups whose last process has gone (rmdir refuses populated ones)."""
+    with contextlib.suppress(OSError), os.scandir(USER_GROUP) as it:
+        for e in it:
+            if e.name.startswith("p") and e.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(e.path)
 
 
 def protect_self() -> None:

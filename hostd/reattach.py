@@ -133,7 +133,7 @@ class Reattacher:
         disk_pause.pause_recorded(rec)
 
     async def _attach(self, rec: SandboxRecord, spec: VmSpec) -> Vm:
-        """The running VM of rec; for an interrupted pause, also one without its vsock backend.
+        """The running VM of rec, also one whose vsock backend died (never destroyed for that).
 
         A hostd that dies while giving a VM back (a Pause cancelled by its
         client or a stop, then kill -9) can leave QEMU running and its
@@ -147,9 +147,14 @@ class Reattacher:
             return await self.mgr.vmm.attach(spec)
         except VmError as e:
             half = getattr(e, "vm", None)
-            if not (disk_pause.interrupted(rec) and half is not None
-                    and snapshot.qemu_alive(half)):  # fmt: skip
+            if half is None or not snapshot.qemu_alive(half):
                 raise
+        if not disk_pause.interrupted(rec):
+            # QEMU and the guest live; only the backend died (a kill, a crash).
+            # The health check restarts it and plugs the device in again.
+            log.warning("%s: its vsock backend is gone; the health check will restart it",
+                        rec.sandbox_id)  # fmt: skip
+            return cast(Vm, half)
         log.warning("%s: its vsock backend is gone (hostd died giving it back); starting one",
                     rec.sandbox_id)  # fmt: skip
         await snapshot.restart_vsock_backend(half)
