@@ -51,6 +51,12 @@ class NetworkConfig:
     name_prefix: str = "moru"
     veth_prefix: str = "mv"
     run_dir: str = "/run/moru/net"
+    # Per sandbox: new connections and DNS queries per second, and bursts
+    # above that rate; packets over the limit are dropped. 0: no limit.
+    new_conn_rate: int = 200
+    new_conn_burst: int = 400
+    dns_rate: int = 50
+    dns_burst: int = 100
 
     def for_network_module(self) -> Any:
         """The networking module's own config object (which validates it)."""
