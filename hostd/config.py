@@ -96,6 +96,9 @@ class Config:
     accel: str = "auto"
     # Name of hostd's cgroup subtree; each sandbox gets <root>/<sandbox_id>.
     cgroup_root: str = "moru"
+    # CPUs kept for hostd: all sandboxes together get the host's CPUs minus
+    # this (a sandbox's quota is its vcpus, capped to that). 0: no reserve.
+    cpu_reserve_cores: float = 0.25
     # Prometheus endpoint "host:port"; empty: off.
     metrics_listen: str = ""
     # Bytes of each guest's serial console kept on disk.
@@ -159,6 +162,11 @@ class Config:
             raise ConfigError("tcp_listen: needs tls_cert and tls_key (TCP is TLS-only)")
         if self.max_sandboxes < 1:
             raise ConfigError("max_sandboxes: must be >= 1")
+        ncpu = os.cpu_count() or 1
+        if not 0 <= self.cpu_reserve_cores < ncpu:
+            raise ConfigError(
+                f"cpu_reserve_cores: {self.cpu_reserve_cores} is outside 0..{ncpu} (host CPUs)"
+            )
         if self.listen and not self.listen.startswith("unix:"):
             raise ConfigError("listen: must be unix:PATH (use tcp_listen for TCP with TLS)")
         if not self.listen and not self.tcp_listen:
