@@ -224,7 +224,7 @@ async def _close_stdin(target: GuestTarget, pid: int) -> None:
 async def start_call(target: GuestTarget, req: pb.StartRequest) -> tuple[int, Any]:
     """Starts a process; returns its pid and the open event stream (no deadline)."""
     call = target.process().Start(req, metadata=target.metadata)
-    with target.errors(f"starting {req.config.shell!r}"):
+    with target.errors(f"starting {_validate.excerpt(req.config.shell)}"):
         while True:
             ev = await call.read()
             if ev is EOF:

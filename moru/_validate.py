@@ -53,3 +53,10 @@ def states(value: str | Iterable[str] | None, known: Iterable[str]) -> list[str]
         if s not in allowed:
             raise _invalid(f"state: unknown state {s!r}; one of {', '.join(allowed)}")
     return names
+
+
+def excerpt(text: str, limit: int = 120) -> str:
+    """repr of text for a message, shortened: errors never echo a megabyte command."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text.encode(errors='replace'))} bytes)"
