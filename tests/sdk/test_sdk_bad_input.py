@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -79,21 +79,12 @@ SDK_CASES: list[SdkCase] = [
     ("set_timeout nan", lambda s: s.set_timeout(math.nan), InvalidArgumentException, "timeout"),
     ("set_timeout 10**30", lambda s: s.set_timeout(10**30), InvalidArgumentException, "timeout"),
     ("get_host -1", lambda s: s.get_host(-1), InvalidArgumentException, "port"),
-    ("get_host 70000", lambda s: s.get_host(70000), InvalidArgumentException, "port"),
-    (
-        "read a FIFO",
-        lambda s: s.files.read("/tmp/moru-bad-input.fifo"),
-        FailedPreconditionException,
-        "FIFO",
-    ),
 ]
 
 
 @pytest.fixture(scope="module")
-def sbx(shared_sandbox: Sandbox) -> Iterator[Sandbox]:
-    shared_sandbox.commands.run("rm -f /tmp/moru-bad-input.fifo; mkfifo /tmp/moru-bad-input.fifo")
-    yield shared_sandbox
-    shared_sandbox.commands.run("rm -f /tmp/moru-bad-input.fifo")
+def sbx(shared_sandbox: Sandbox) -> Sandbox:
+    return shared_sandbox
 
 
 @pytest.mark.parametrize("case", SDK_CASES, ids=[c[0] for c in SDK_CASES])
