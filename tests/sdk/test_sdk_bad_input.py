@@ -17,7 +17,6 @@ import pytest
 from hostd_fixture import API_KEY
 
 from moru import Sandbox
-from moru._errors import GUEST_UNREACHABLE, from_status
 from moru.exceptions import (
     FailedPreconditionException,
     InvalidArgumentException,
@@ -176,6 +175,9 @@ def test_raw_read_of_an_endless_device_is_refused(sbx: Sandbox) -> None:
 
 
 def test_guest_unreachable_is_not_blamed_on_hostd() -> None:
+    from hostd.passthrough import GUEST_UNREACHABLE as HOSTD_SAYS
+    from moru._errors import GUEST_UNREACHABLE, from_status
+
     e = from_status(
         grpc.StatusCode.UNAVAILABLE,
         f"{GUEST_UNREACHABLE} (its VM may have stopped): connection refused",
@@ -184,6 +186,4 @@ def test_guest_unreachable_is_not_blamed_on_hostd() -> None:
         guest=True,
     )
     assert "moru-hostd serve" not in str(e) and "guest agent" in str(e), str(e)
-    from hostd.passthrough import GUEST_UNREACHABLE as HOSTD_SAYS
-
     assert HOSTD_SAYS.startswith(GUEST_UNREACHABLE)
