@@ -58,14 +58,14 @@ SDK_CASES: list[SdkCase] = [
     ),
     ("1 MB command", lambda s: s.commands.run("x" * MB), InvalidArgumentException, "config.shell"),
     (
-        "timeout nan",
-        lambda s: s.commands.run("true", timeout=math.nan),
+        "create timeout nan",
+        lambda s: Sandbox.create(timeout=math.nan),  # type: ignore[arg-type]
         InvalidArgumentException,
         "timeout",
     ),
     (
-        "timeout inf",
-        lambda s: s.commands.run("true", timeout=math.inf),
+        "create timeout inf",
+        lambda s: Sandbox.create(timeout=math.inf),  # type: ignore[arg-type]
         InvalidArgumentException,
         "timeout",
     ),
