@@ -37,7 +37,7 @@ from hostd.state import Action, State, transition
 from hostd.store import SandboxRecord, Store
 
 if TYPE_CHECKING:
-    from hostd.sandboxes import Sandbox
+    from hostd.sandbox import Sandbox
 
 log = logging.getLogger("hostd.health")
 

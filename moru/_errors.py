@@ -140,6 +140,8 @@ _HINTS: dict[grpc.StatusCode, str] = {
 # Trailing metadata hostd adds when a call ends because its sandbox did.
 END_REASON_HEADER = "moru-end-reason"
 END_SANDBOX_HEADER = "moru-sandbox-id"
+# hostd's prefix for an unreachable guest (hostd.passthrough.GUEST_UNREACHABLE).
+GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
 
 
 def from_status(
@@ -187,6 +189,10 @@ def from_status(
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         hint = "" if guest else f" ({_HINTS[code]})"
         return FailedPreconditionException(text + hint, code=name)
+    if code == grpc.StatusCode.UNAVAILABLE and GUEST_UNREACHABLE in details:
+        return ConnectionException(
+            f"{text} (hostd is fine; check the sandbox with get_info / is_running)", code=name
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         where = f" at {address}" if address else ""
         return ConnectionException(
