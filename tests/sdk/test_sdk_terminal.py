@@ -1,0 +1,181 @@
+"""Terminals (`sandbox.pty`, `moru sandbox connect`) and file calls as a user,
+through the public SDK and CLI, in the session's shared sandbox (a real microVM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hostd_framework import wait_for
+
+from moru import (
+    AsyncSandbox,
+    CommandExitException,
+    NotFoundException,
+    PermissionDeniedException,
+    PtySize,
+    Sandbox,
+)
+
+pytestmark = pytest.mark.vm
+
+MORU = "/opt/moru/venv/bin/moru"
+
+
+class Screen:
+    """What a terminal printed so far (bytes from the on_data callback)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def __call__(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def wait(self, needle: bytes, what: str) -> None:
+        wait_for(lambda: needle in self.data, 60, 0.1, f"{what}: {needle!r} on the terminal")
+
+
+def test_pty_echo_resize_exit(shared_sandbox: Sandbox) -> None:
+    sbx = shared_sandbox
+    screen = Screen()
+    term = sbx.pty.create(PtySize(rows=24, cols=80), on_data=screen, envs={"PS1": "$ "})
+    sbx.pty.send_stdin(term.pid, b"echo hi\n")
+    screen.wait(b"\r\nhi\r\n", "echo")
+    sbx.pty.send_stdin(term.pid, b"stty size\n")
+    screen.wait(b"\r\n24 80\r\n", "initial size")
+    sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(term.pid, b"stty size\n")
+    screen.wait(b"\r\n30 100\r\n", "size after resize")
+    sbx.pty.send_stdin(term.pid, b"exit 7\n")
+    with pytest.raises(CommandExitException) as exc:
+        term.wait()
+    assert exc.value.exit_code == 7
+    # connect replays what the terminal printed; kill of an ended one is False.
+    again = sbx.pty.connect(term.pid)
+    assert b"30 100" in b"".join(c[2] for c in again if c[2])
+    assert sbx.pty.kill(term.pid) is False
+
+
+def test_pty_kill_and_async_surface(shared_sandbox: Sandbox) -> None:
+    async def main() -> None:
+        sbx = await AsyncSandbox.connect(shared_sandbox.sandbox_id)
+        screen = Screen()
+        term = await sbx.pty.create(
+            PtySize(rows=10, cols=40), on_data=screen, cwd="/tmp", user="user"
+        )
+        await sbx.pty.send_stdin(term.pid, b"echo $(id -un):$(pwd):$TERM\n")
+        await asyncio.to_thread(screen.wait, b"user:/tmp:xterm-256color", "user, cwd, TERM")
+        assert await sbx.pty.kill(term.pid) is True
+        with pytest.raises(CommandExitException):
+            await term.wait()
+
+    asyncio.run(main())
+
+
+def test_file_calls_act_as_the_user(shared_sandbox: Sandbox) -> None:
+    files = shared_sandbox.files
+    home = f"/home/user/files-{secrets.token_hex(3)}"
+    assert files.make_dir(home, user="user") is True
+    assert files.get_info(home).owner == "user"
+    entry = files.write(f"{home}/a.txt", "mine", user="user")
+    assert entry.owner == "user"
+    assert files.read(f"{home}/a.txt", user="user") == "mine"
+    assert [e.name for e in files.list(home, user="user")] == ["a.txt"]
+    assert files.exists(f"{home}/a.txt", user="user") is True
+    files.rename(f"{home}/a.txt", f"{home}/b.txt", user="user")
+    assert files.get_info(f"{home}/b.txt", user="user").owner == "user"
+
+    events: list[Any] = []
+    watch = files.watch_dir(home, on_event=events.append, user="user")
+    files.write(f"{home}/c.txt", "x", user="user")
+    wait_for(lambda: any(e.name == "c.txt" for e in events), 30, 0.1, "watch event")
+    watch.stop()
+
+    files.remove(f"{home}/b.txt", user="user")
+    assert files.exists(f"{home}/b.txt") is False
+
+    # What root may and `user` may not: each call fails as it would for them.
+    files.write("/root/secret.txt", "root only")
+    denied = [
+        lambda: files.read("/root/secret.txt", user="user"),
+        lambda: files.write("/root/new.txt", "x", user="user"),
+        lambda: files.write("/etc/hostname", "x", user="user"),
+        lambda: files.list("/root", user="user"),
+        lambda: files.get_info("/root/secret.txt", user="user"),
+        lambda: files.exists("/root/secret.txt", user="user"),
+        lambda: files.make_dir("/root/d", user="user"),
+        lambda: files.rename("/root/secret.txt", f"{home}/stolen.txt", user="user"),
+        lambda: files.remove("/root/secret.txt", user="user"),
+        lambda: files.watch_dir("/root", user="user"),
+    ]
+    for i, call in enumerate(denied):
+        with pytest.raises(PermissionDeniedException):
+            call()
+            pytest.fail(f"call {i} was allowed")
+    assert files.read("/root/secret.txt") == "root only"
+    assert files.read("/root/secret.txt", user="root") == "root only"
+    with pytest.raises(NotFoundException, match="user"):
+        files.read("/root/secret.txt", user="nosuchuser")
+    files.remove("/root/secret.txt")
+    files.remove(home)
+
+
+@pytest.fixture
+def tmux() -> Iterator[tuple[list[str], str]]:
+    """A private tmux server (own socket) for driving the CLI on a real terminal."""
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is missing: scripts/install.sh installs it")
+    base = ["tmux", "-L", f"moru-test-{secrets.token_hex(4)}"]
+    try:
+        yield base, "t"
+    finally:
+        subprocess.run([*base, "kill-server"], capture_output=True)
+
+
+def test_cli_connect_is_an_interactive_shell(
+    shared_sandbox: Sandbox, tmux: tuple[list[str], str]
+) -> None:
+    base, name = tmux
+    env = " ".join(
+        f"{k}={os.environ[k]}" for k in ("MORU_HOSTD", "MORU_API_KEY", "PYTHONPATH")
+        if k in os.environ
+    )
+    cmd = f"env {env} PS1='$ ' {MORU} sandbox connect {shared_sandbox.sandbox_id}; sleep 30"
+    subprocess.run(
+        [*base, "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd], check=True
+    )
+
+    def pane() -> str:
+        out = subprocess.run([*base, "capture-pane", "-p", "-t", name], capture_output=True)
+        return out.stdout.decode(errors="replace")
+
+    def keys(*k: str) -> None:
+        subprocess.run([*base, "send-keys", "-t", name, *k], check=True)
+
+    # The guest's bash answers (its prompt differs from the host's).
+    keys("echo in-$((6*7))-guest $(cat /etc/hostname)", "Enter")
+    wait_for(lambda: "in-42-guest" in pane(), 90, 0.2, "the guest shell's answer")
+    keys("stty size", "Enter")
+    wait_for(lambda: "30 100" in pane(), 30, 0.2, "the terminal size in the guest")
+    subprocess.run([*base, "resize-window", "-t", name, "-x", "120", "-y", "40"], check=True)
+    time.sleep(0.5)  # the resize travels as SIGWINCH -> Resize; then ask again
+    keys("clear; stty size", "Enter")
+    wait_for(lambda: "40 120" in pane(), 30, 0.2, "the new size after SIGWINCH")
+    keys("exit", "Enter")
+    # After the shell exits, the CLI returns and the local shell's `sleep` runs:
+    # the pane no longer shows the guest prompt waiting for input.
+    wait_for(
+        lambda: subprocess.run(
+            [*base, "list-panes", "-t", name, "-F", "#{pane_current_command}"],
+            capture_output=True,
+        ).stdout.strip() == b"sleep",
+        60, 0.2, "the CLI to return when the guest shell exits",
+    )
