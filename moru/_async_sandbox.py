@@ -156,7 +156,7 @@ class AsyncSandbox:
     @class_or_instance_method
     async def connect(
         self_or_cls: Any,
-        sandbox_id: str | None = None,
+        sandbox_id: str | int | None = None,  # on an instance: int means timeout (E2B)
         timeout: int | None = None,  # noqa: ASYNC109
         *,
         api_key: str | None = None,
@@ -170,8 +170,8 @@ class AsyncSandbox:
         config = _config(self_or_cls, hostd or address, api_key)
         if not isinstance(self_or_cls, type):
             sandbox_id, timeout = _instance_connect_args(self_or_cls, sandbox_id, timeout)
-        if not sandbox_id:
-            raise InvalidArgumentException("sandbox_id: required")
+        if not sandbox_id or not isinstance(sandbox_id, str):
+            raise InvalidArgumentException(f"sandbox_id: required (a string), got {sandbox_id!r}")
         stub = _stub(config)
         md, t = config.metadata(), config.request_timeout
         with translate(f"connecting to sandbox {sandbox_id}", address=config.address):

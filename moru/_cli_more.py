@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -202,7 +203,7 @@ def cmd_template_build(args: argparse.Namespace, progress: Any) -> int:
             sys.stderr.write("".join(lines[-30:]))
         print(f"moru: template build failed (exit {code})", file=sys.stderr)
         return code
-    done = [line.strip() for line in lines if ": built in" in line or "up to date" in line]
+    done = [line.strip() for line in lines if re.match(r"\S+: (built|cached) in ", line)]
     for line in done or [f"built in {time.monotonic() - t0:.1f}s"]:
         print(line.removeprefix("[moru-images] "))
     return 0

@@ -36,7 +36,7 @@ def _raw(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # keys typed ahead are kept (TCSAFLUSH drops them)
     try:
         yield
     finally:

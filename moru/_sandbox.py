@@ -97,7 +97,7 @@ class Sandbox:
     @class_or_instance_method
     def connect(
         self_or_cls: Any,
-        sandbox_id: str | None = None,
+        sandbox_id: str | int | None = None,  # on an instance: int means timeout (E2B)
         timeout: int | None = None,
         *,
         api_key: str | None = None,

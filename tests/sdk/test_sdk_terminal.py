@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +30,13 @@ pytestmark = pytest.mark.vm
 MORU = "/opt/moru/venv/bin/moru"
 
 
+def wait_for_quietly(pred: Any, timeout: float) -> bool:
+    try:
+        return bool(wait_for(pred, timeout, 0.2))
+    except TimeoutError:
+        return False
+
+
 class Screen:
     """What a terminal printed so far (bytes from the on_data callback)."""
 
@@ -39,8 +46,14 @@ class Screen:
     def __call__(self, chunk: bytes) -> None:
         self.data += chunk
 
-    def wait(self, needle: bytes, what: str) -> None:
-        wait_for(lambda: needle in self.data, 60, 0.1, f"{what}: {needle!r} on the terminal")
+    def wait_line(self, line: bytes, what: str) -> None:
+        """Until `line` appears as a whole output line (not inside the echoed
+        command: bash may put escape codes and a bare CR before it)."""
+        pat = re.compile(rb"[\r\n]" + re.escape(line) + rb"\r\n")
+        try:
+            wait_for(lambda: pat.search(self.data), 60, 0.1, what)
+        except TimeoutError:
+            raise AssertionError(f"{what}: no line {line!r} in {self.data[-2000:]!r}") from None
 
 
 def test_pty_echo_resize_exit(shared_sandbox: Sandbox) -> None:
@@ -48,12 +61,12 @@ def test_pty_echo_resize_exit(shared_sandbox: Sandbox) -> None:
     screen = Screen()
     term = sbx.pty.create(PtySize(rows=24, cols=80), on_data=screen, envs={"PS1": "$ "})
     sbx.pty.send_stdin(term.pid, b"echo hi\n")
-    screen.wait(b"\r\nhi\r\n", "echo")
+    screen.wait_line(b"hi", "echo")
     sbx.pty.send_stdin(term.pid, b"stty size\n")
-    screen.wait(b"\r\n24 80\r\n", "initial size")
+    screen.wait_line(b"24 80", "initial size")
     sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))
     sbx.pty.send_stdin(term.pid, b"stty size\n")
-    screen.wait(b"\r\n30 100\r\n", "size after resize")
+    screen.wait_line(b"30 100", "size after resize")
     sbx.pty.send_stdin(term.pid, b"exit 7\n")
     with pytest.raises(CommandExitException) as exc:
         term.wait()
@@ -72,7 +85,7 @@ def test_pty_kill_and_async_surface(shared_sandbox: Sandbox) -> None:
             PtySize(rows=10, cols=40), on_data=screen, cwd="/tmp", user="user"
         )
         await sbx.pty.send_stdin(term.pid, b"echo $(id -un):$(pwd):$TERM\n")
-        await asyncio.to_thread(screen.wait, b"user:/tmp:xterm-256color", "user, cwd, TERM")
+        await asyncio.to_thread(screen.wait_line, b"user:/tmp:xterm-256color", "user, cwd, TERM")
         assert await sbx.pty.kill(term.pid) is True
         with pytest.raises(CommandExitException):
             await term.wait()
@@ -144,11 +157,13 @@ def test_cli_connect_is_an_interactive_shell(
     shared_sandbox: Sandbox, tmux: tuple[list[str], str]
 ) -> None:
     base, name = tmux
+    guest_host = shared_sandbox.commands.run("hostname").stdout.strip()
     env = " ".join(
-        f"{k}={os.environ[k]}" for k in ("MORU_HOSTD", "MORU_API_KEY", "PYTHONPATH")
+        f"{k}={os.environ[k]}"
+        for k in ("MORU_HOSTD", "MORU_API_KEY", "PYTHONPATH")
         if k in os.environ
     )
-    cmd = f"env {env} PS1='$ ' {MORU} sandbox connect {shared_sandbox.sandbox_id}; sleep 30"
+    cmd = f"env {env} {MORU} sandbox connect {shared_sandbox.sandbox_id}; sleep 30"
     subprocess.run(
         [*base, "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd], check=True
     )
@@ -160,22 +175,41 @@ def test_cli_connect_is_an_interactive_shell(
     def keys(*k: str) -> None:
         subprocess.run([*base, "send-keys", "-t", name, *k], check=True)
 
-    # The guest's bash answers (its prompt differs from the host's).
-    keys("echo in-$((6*7))-guest $(cat /etc/hostname)", "Enter")
+    # The guest's login bash prompts with its hostname, then answers.
+    wait_for(lambda: f"@{guest_host}" in pane(), 90, 0.2, "the guest shell's prompt")
+    keys("echo in-$((6*7))-guest", "Enter")
     wait_for(lambda: "in-42-guest" in pane(), 90, 0.2, "the guest shell's answer")
+
+    def size() -> str:
+        fmt = "#{pane_height} #{pane_width}"
+        out = subprocess.run([*base, "display", "-p", "-t", name, fmt], capture_output=True)
+        return out.stdout.decode().strip()
+
     keys("stty size", "Enter")
-    wait_for(lambda: "30 100" in pane(), 30, 0.2, "the terminal size in the guest")
+    first = size()
+    wait_for(lambda: first in pane(), 30, 0.2, f"the terminal size {first} in the guest")
     subprocess.run([*base, "resize-window", "-t", name, "-x", "120", "-y", "40"], check=True)
-    time.sleep(0.5)  # the resize travels as SIGWINCH -> Resize; then ask again
-    keys("clear; stty size", "Enter")
-    wait_for(lambda: "40 120" in pane(), 30, 0.2, "the new size after SIGWINCH")
+    second = size()
+    assert second != first
+
+    def asked_again() -> bool:
+        # The resize travels as SIGWINCH -> Resize; ask until the guest sees it.
+        keys("clear; stty size", "Enter")
+        return wait_for_quietly(lambda: second in pane(), 2)
+
+    wait_for(asked_again, 60, 0, f"the new size {second} after SIGWINCH")
     keys("exit", "Enter")
     # After the shell exits, the CLI returns and the local shell's `sleep` runs:
     # the pane no longer shows the guest prompt waiting for input.
     wait_for(
-        lambda: subprocess.run(
-            [*base, "list-panes", "-t", name, "-F", "#{pane_current_command}"],
-            capture_output=True,
-        ).stdout.strip() == b"sleep",
-        60, 0.2, "the CLI to return when the guest shell exits",
+        lambda: (
+            subprocess.run(
+                [*base, "list-panes", "-t", name, "-F", "#{pane_current_command}"],
+                capture_output=True,
+            ).stdout.strip()
+            == b"sleep"
+        ),
+        60,
+        0.2,
+        "the CLI to return when the guest shell exits",
     )

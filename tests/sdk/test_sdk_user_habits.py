@@ -9,6 +9,7 @@ SDK against a real hostd with networking and real microVMs.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from moru import (
 pytestmark = pytest.mark.vm
 
 HOLD_SECONDS = 90
+MORU = "/opt/moru/venv/bin/moru"
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -204,3 +206,43 @@ def test_background_command_is_not_cut_at_60s(served: dict[str, Any]) -> None:
     assert body is not None and b"Directory listing" in body
     procs = served["sandbox"].commands.list()
     assert any("http.server 8080" in " ".join(p.args) for p in procs), procs
+
+
+def moru(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([MORU, *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def test_cli_volumes_and_template_build_errors() -> None:
+    vid = moru("volume", "create", f"cli-{secrets.token_hex(3)}", "--size-mb", "32").stdout.strip()
+    assert vid.startswith("vol_")
+    assert vid in moru("volume", "list").stdout
+    info = json.loads(moru("volume", "info", vid, "--json").stdout)
+    assert info[0]["size_mb"] == 32 and info[0]["attached_to"] is None
+    assert moru("volume", "delete", vid).stdout.strip() == f"{vid}: deleted"
+    assert moru("volume", "delete", vid, check=False).returncode == 1
+    p = moru("template", "build", "/nonexistent/recipe.toml", check=False)
+    assert p.returncode != 0 and "recipe" in (p.stdout + p.stderr).lower(), p
+
+
+def test_cli_exec_background_logs_and_kill_all(served: dict[str, Any], second: Sandbox) -> None:
+    """Last in the module: `kill --all` ends its sandboxes, `logs -f` sees it."""
+    sid = second.sandbox_id
+    pid = int(moru("sandbox", "exec", "--background", sid, "--", "sleep", "600").stdout)
+    assert pid in [p.pid for p in second.commands.list()]
+    assert "moru-init" in moru("sandbox", "logs", sid).stdout
+    follow = subprocess.Popen(
+        [MORU, "sandbox", "logs", "-f", sid], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(2)  # attached to the event stream before the kill
+        out = moru("sandbox", "kill", "--all").stdout
+        assert f"{sid}: killed" in out and f"{served['sandbox'].sandbox_id}: killed" in out
+        logs, _ = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+        follow.wait()
+    assert "sandbox killed (user)" in logs
+    assert list(Sandbox.list()) == []
