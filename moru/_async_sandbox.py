@@ -311,7 +311,9 @@ class AsyncSandbox:
         return sid
 
     async def get_host(self, port: int) -> str:
-        """The host name under which `port` of the sandbox is reachable: `{port}-{id}.{domain}`."""
+        """Where `port` of the sandbox is reachable through hostd's proxy:
+        `{port}-{id}.{domain}`, plus `:{proxy_port}` unless that is 80/443, so
+        `http://{host}/` opens as written."""
         with translate(f"getting the host of port {port}", address=self._config.address):
             resp = await _stub(self._config).GetHost(
                 pb.GetHostRequest(sandbox_id=self.sandbox_id, port=port),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import termios
@@ -26,7 +25,11 @@ from moru._models import PtySize
 
 
 def _size() -> PtySize:
-    cols, rows = shutil.get_terminal_size((80, 24))
+    """The local terminal's size (not shutil's, which prefers $COLUMNS/$LINES)."""
+    try:
+        cols, rows = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        cols, rows = 80, 24
     return PtySize(rows=rows, cols=cols)
 
 
@@ -52,7 +55,8 @@ async def _session(sandbox_id: str, hostd: str | None, api_key: str | None) -> i
             n = os.write(out, data)
             data = data[n:]
 
-    term = await sbx.pty.create(_size(), on_data=write)
+    initial = _size()
+    term = await sbx.pty.create(initial, on_data=write)
     loop = asyncio.get_running_loop()
     inp = sys.stdin.fileno()
     keys: asyncio.Queue[bytes] = asyncio.Queue()
@@ -80,6 +84,8 @@ async def _session(sandbox_id: str, hostd: str | None, api_key: str | None) -> i
 
     loop.add_reader(inp, on_key)
     loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    if _size() != initial:  # resized before the handler was in place
+        on_winch()
     sender = loop.create_task(send_keys())
     try:
         with _raw(inp):

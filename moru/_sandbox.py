@@ -150,7 +150,7 @@ class Sandbox:
         return sid
 
     def get_host(self, port: int) -> str:
-        """`{port}-{sandbox_id}.{domain}`: where hostd's proxy serves that port."""
+        """`{port}-{sandbox_id}.{domain}[:{proxy_port}]`: open it as `http://{host}/`."""
         return _loop.run(self._core.get_host(port))
 
     def get_url(self, port: int) -> str:

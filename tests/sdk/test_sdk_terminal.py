@@ -187,7 +187,7 @@ def test_cli_connect_is_an_interactive_shell(
 
     keys("stty size", "Enter")
     first = size()
-    wait_for(lambda: first in pane(), 30, 0.2, f"the terminal size {first} in the guest")
+    assert wait_for_quietly(lambda: first in pane(), 30), (first, pane())
     subprocess.run([*base, "resize-window", "-t", name, "-x", "120", "-y", "40"], check=True)
     second = size()
     assert second != first
