@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from moru import _loop
+from moru import _loop, _validate
 from moru._commands import (
     AsyncCommandHandle,
     DataCallback,
@@ -33,9 +33,12 @@ TERM_ENV = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 def _size(size: PtySize | tuple[int, int], field: str = "size") -> pb.PtySize:
     rows, cols = (size.rows, size.cols) if isinstance(size, PtySize) else size
-    if not (0 < int(rows) <= 10000 and 0 < int(cols) <= 10000):
-        raise InvalidArgumentException(f"{field}: rows and cols must be 1..10000, got {size!r}")
-    return pb.PtySize(rows=int(rows), cols=int(cols))
+    for n in (rows, cols):
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= 10000:
+            raise InvalidArgumentException(
+                f"{field}: rows and cols must be whole numbers 1..10000, got {size!r}"
+            )
+    return pb.PtySize(rows=rows, cols=cols)
 
 
 def _start_request(
@@ -49,7 +52,8 @@ def _start_request(
     config = pb.ProcessConfig(
         argv=list(cmd or SHELL), env={**TERM_ENV, **(envs or {})}, cwd=cwd or "", user=user or ""
     )
-    return pb.StartRequest(config=config, pty=_size(size), timeout_seconds=float(timeout or 0))
+    seconds = _validate.seconds(timeout, "timeout")
+    return pb.StartRequest(config=config, pty=_size(size), timeout_seconds=seconds)
 
 
 async def _resize(target: GuestTarget, pid: int, size: PtySize | tuple[int, int]) -> None:

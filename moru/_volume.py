@@ -12,7 +12,7 @@ from typing import Any
 
 from moru import _loop
 from moru._connection import ConnectionConfig, channel
-from moru._errors import NotFoundException, translate
+from moru._errors import InvalidArgumentException, NotFoundException, translate
 from moru._models import VolumeInfo
 from moru_proto.host.v1 import volume_pb2 as pb
 from moru_proto.host.v1 import volume_pb2_grpc
@@ -31,10 +31,12 @@ class AsyncVolume:
         name: str, size_mb: int = 1024, *, api_key: str | None = None, hostd: str | None = None
     ) -> VolumeInfo:
         """A new empty ext4 volume; `name` is unique on the node."""
+        if isinstance(size_mb, bool) or not isinstance(size_mb, int) or size_mb <= 0:
+            raise InvalidArgumentException(f"size_mb: expected a whole number > 0, got {size_mb!r}")
         stub, config = _call(api_key, hostd)
         with translate(f"creating volume {name!r}", address=config.address):
             info = await stub.Create(
-                pb.CreateVolumeRequest(name=name, size_mb=int(size_mb)),
+                pb.CreateVolumeRequest(name=name, size_mb=size_mb),
                 metadata=config.metadata(),
                 timeout=config.request_timeout,
             )
