@@ -96,6 +96,9 @@ async def _session(sandbox_id: str, hostd: str | None, api_key: str | None) -> i
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
+        if term.exit_code is None:  # we are leaving early: no shell left behind
+            with contextlib.suppress(Exception):
+                await sbx.pty.kill(term.pid)
         await close_channels()
     code = term.exit_code
     return 0 if code is None else code
