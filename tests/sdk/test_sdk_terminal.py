@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,11 +143,12 @@ def test_file_calls_act_as_the_user(shared_sandbox: Sandbox) -> None:
 
 
 @pytest.fixture
-def tmux() -> Iterator[tuple[list[str], str]]:
-    """A private tmux server (own socket) for driving the CLI on a real terminal."""
+def tmux(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
+    """A private tmux server (its socket in the test's temp dir) for driving the
+    CLI on a real terminal."""
     if shutil.which("tmux") is None:
         pytest.fail("tmux is missing: scripts/install.sh installs it")
-    base = ["tmux", "-L", f"moru-test-{secrets.token_hex(4)}"]
+    base = ["tmux", "-S", str(tmp_path / "tmux.sock")]
     try:
         yield base, "t"
     finally:
