@@ -11,6 +11,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,13 +70,6 @@ def cmd_logs(args: argparse.Namespace, progress: Any) -> int:
     """The guest's console (kernel, init, guestd); with -f, follows it and
     prints lifecycle events until the sandbox ends."""
     out = sys.stdout.buffer
-    seen = _console(args)
-    out.write(seen)
-    out.flush()
-    if not args.follow:
-        return 0
-    import threading
-
     ended = threading.Event()
 
     def events() -> None:
@@ -95,11 +89,16 @@ def cmd_logs(args: argparse.Namespace, progress: Any) -> int:
                     break
         ended.set()
 
-    threading.Thread(target=events, name="moru-logs-events", daemon=True).start()
-    while not ended.wait(1.0):
+    if args.follow:  # subscribed first, so no event between the two is missed
+        threading.Thread(target=events, name="moru-logs-events", daemon=True).start()
+    seen = _console(args)
+    out.write(seen)
+    out.flush()
+    while args.follow and not ended.wait(1.0):
         try:
             cur = _console(args)
         except NotFoundException:
+            ended.wait(5.0)  # gone: let the event stream print why
             break
         new = _new_part(seen, cur)
         if new:

@@ -237,7 +237,8 @@ def test_cli_exec_background_logs_and_kill_all(served: dict[str, Any], second: S
         [MORU, "sandbox", "logs", "-f", sid], stdout=subprocess.PIPE, text=True
     )
     try:
-        time.sleep(2)  # attached to the event stream before the kill
+        assert follow.stdout is not None and follow.stdout.readline()  # the console came
+        time.sleep(3)  # and the event stream, subscribed before it, is in place
         out = moru("sandbox", "kill", "--all").stdout
         assert f"{sid}: killed" in out and f"{served['sandbox'].sandbox_id}: killed" in out
         logs, _ = follow.communicate(timeout=60)
