@@ -190,6 +190,8 @@ class SandboxManager:
 
     async def _kill(self, sb: Sandbox, reason: Reason, message: str = "") -> None:
         t0 = time.monotonic()
+        if not sb.gone:  # open calls end now, not after whatever holds the lock
+            sb.end(END_REASONS.get(reason, reason.name.lower()))
         async with sb.lock:
             if sb.gone:
                 if reason is Reason.USER:
@@ -197,7 +199,6 @@ class SandboxManager:
                 return
             transition(sb.id, sb.rec.state, Action.KILL)
             sb.gone = True
-            sb.end(END_REASONS.get(reason, reason.name.lower()))
             try:
                 await sb.res.release()
             except Exception:
