@@ -99,9 +99,12 @@ class GuestClient:
             disk_total=m.disk_total,
         )
 
-    async def health(self, rpc_timeout: float = 3.0) -> guest_pb2.HealthResponse:
+    async def health(
+        self, rpc_timeout: float = 3.0, wait_for_ready: bool = False
+    ) -> guest_pb2.HealthResponse:
         """ok, and whether guestd was initialised (false: a restarted guestd)."""
         r: guest_pb2.HealthResponse = await self._stub.Health(
-            guest_pb2.HealthRequest(), metadata=self._md, timeout=rpc_timeout
+            guest_pb2.HealthRequest(), metadata=self._md, timeout=rpc_timeout,
+            wait_for_ready=wait_for_ready,
         )
         return r

@@ -114,9 +114,21 @@ class HealthChecker:
             except Exception as e:
                 await self._fail(sb, f"the vsock backend {what} and could not be restarted: {e}")
                 return
+            await self._reconnect(sb)
         self._publish(sb, EventType.REPAIRED, f"vsock backend {what}; restarted it",
                       time.monotonic() - t0)  # fmt: skip
         log.info("%s: vsock backend restarted in %.2f s", sb.id, time.monotonic() - t0)
+
+    async def _reconnect(self, sb: Sandbox) -> None:
+        """Waits until hostd's channel reaches guestd again, so the next call does not
+        fail on a reconnect backoff; a guest that stays silent is the next checks' matter."""
+        ch = sb.res.channel
+        if ch is None:
+            return
+        try:
+            await GuestClient(ch, sb.rec.access_token).health(INIT_RPC_SECONDS, wait_for_ready=True)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            log.warning("%s: guestd not reachable yet after the vsock repair: %s", sb.id, e)
 
     async def _check_guest(self, sb: Sandbox) -> None:
         ch = sb.res.channel
