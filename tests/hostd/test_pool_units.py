@@ -309,3 +309,34 @@ def test_warm_pool_config_from_file_env_and_flags(tmp_path: pytest.TempPathFacto
         load(None, environ={"MORU_WARM_POOL": "base=two"})
     with pytest.raises(ConfigError, match=r"warm_pool.base:x: VCPUS"):
         load(None, environ={"MORU_WARM_POOL": "base:x=1"})
+
+
+# -- metrics ------------------------------------------------------------------
+
+
+@sync
+async def test_pool_metrics_render() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from hostd.observability.prometheus import Metrics
+
+    f = Fakes()
+    pool = make_pool(f, target=2)
+    async with running(pool):
+        await until(lambda: ready(pool) == 2)
+        pool.claim(SHAPE)
+    cap = Capacity(Config(max_sandboxes=4, memory_budget_mb=4096))
+    mgr = SimpleNamespace(ids=list, sandbox=None, capacity=cap, pool=pool)
+    text = generate_latest(Metrics(mgr).registry).decode()  # type: ignore[arg-type]
+    lv = 'shape="base:2:512:2048",template="base"'
+    for line in (
+        f"moru_warm_pool_size{{{lv}}} 2.0",
+        f"moru_warm_pool_claims_total{{{lv}}} 1.0",
+        f"moru_warm_pool_misses_total{{{lv}}} 0.0",
+        f"moru_warm_pool_refill_seconds_count{{{lv}}}",
+        "moru_warm_pool_ready{",
+        'moru_sandbox_creates_total{path="warm_pool"} 0.0',
+    ):
+        assert line in text, line
