@@ -33,12 +33,14 @@ from hostd.errors import (
     FailedPrecondition,
     MoruError,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     sandbox_not_found,
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
+from hostd.pool import PoolShape, WarmPool
 from hostd.readiness import VmExited, VsockSilent, wait_guestd
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
@@ -97,7 +99,7 @@ class Sandbox:
     gone: bool = False
     # What Create is doing right now (named in its deadline error).
     stage: str = ""
-    # How Create started the VM: "ready_snapshot" or "cold_boot".
+    # How Create started the VM: "warm_pool", "ready_snapshot" or "cold_boot".
     create_path: str = ""
 
     @property
@@ -133,6 +135,7 @@ class SandboxManager:
         if config.ready_snapshot_templates:
             self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
                                         self.capacity)
+        self.pool: WarmPool[Sandbox] | None = self._warm_pool()
 
     # -- startup / shutdown -------------------------------------------------
 
@@ -148,7 +151,12 @@ class SandboxManager:
             self.ready.remove_partial()
 
     async def close(self) -> None:
-        """Drops hostd's handles; VMs keep running for the next hostd to re-attach."""
+        """Drops hostd's handles; VMs keep running for the next hostd to re-attach.
+
+        Warm pool members are not sandboxes yet: they are destroyed.
+        """
+        if self.pool is not None:
+            await self.pool.close()
         for sb in list(self._sandboxes.values()):
             await sb.res.detach()
 
@@ -159,6 +167,8 @@ class SandboxManager:
             tg.create_task(self._sample_loop())
             if self.ready is not None:
                 tg.create_task(self.ready.run())
+            if self.pool is not None:
+                tg.create_task(self.pool.run())
 
     # -- lookups ------------------------------------------------------------
 
@@ -232,6 +242,13 @@ class SandboxManager:
             raise FailedPrecondition(
                 "network: egress rules need networking, which is disabled on this node"
             )
+        if self.pool is not None and not opts.volume_id:
+            member = self.pool.claim(PoolShape(name, vcpus, memory_mb, disk_mb))
+            if member is not None:
+                got = await self._claim(member, opts, timeout, metadata, envs, allow_out,
+                                        deny_out, manifest.env, t0)  # fmt: skip
+                if got is not None:
+                    return got
 
         sid = new_sandbox_id()
         now = time.time()
@@ -269,7 +286,7 @@ class SandboxManager:
         async with sb.lock:
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    self.capacity.reserve(sid, memory_mb)
+                    await self._reserve(sid, memory_mb)
                     stack.callback(self.capacity.release, sid)
                     self._sandboxes[sid] = sb
                     stack.callback(self._sandboxes.pop, sid, None)
@@ -491,6 +508,146 @@ class SandboxManager:
             allow_out=list(rec.allow_out),
             deny_out=list(rec.deny_out),
         )
+
+    # -- warm pool ----------------------------------------------------------
+
+    def _warm_pool(self) -> WarmPool[Sandbox] | None:
+        """The pool `warm_pool` asks for (shapes from the templates' defaults), or None."""
+        cfg = self.config
+        targets: dict[PoolShape, int] = {}
+        for e in cfg.warm_pool_entries():
+            if e.count <= 0:
+                continue
+            try:
+                d = self._load_template(e.template).defaults
+            except TemplateNotFound:
+                log.warning("warm_pool: template %s is not built; no pool for it", e.template)
+                continue
+            shape = PoolShape(e.template, e.vcpus or d.vcpus, e.memory_mb or d.memory_mb,
+                              e.disk_mb or d.disk_mb)  # fmt: skip
+            targets[shape] = targets.get(shape, 0) + e.count
+        if not targets:
+            return None
+        return WarmPool(
+            targets,
+            prepare=self._prepare_member,
+            destroy=_destroy_member,
+            alive=_member_alive,
+            new_id=new_sandbox_id,
+            capacity=self.capacity,
+            bus=self.bus,
+            max_age=cfg.warm_pool_max_age_seconds,
+            backoff_max=cfg.warm_pool_backoff_max_seconds,
+        )
+
+    async def _prepare_member(self, shape: PoolShape, mid: str) -> Sandbox:
+        """A sandbox made as Create makes one, with a pool-only token; not listed, no TTL.
+
+        Its host-side names (cgroup, netns, run dir) use the id it will be
+        claimed under; everything the guest knows of it is replaced at claim.
+        Its store row stays `creating`, so a hostd restart discards it.
+        """
+        cfg = self.config
+        manifest = self._load_template(shape.template)
+        now = time.time()
+        rec = SandboxRecord(
+            sandbox_id=mid, template_id=shape.template, state=State.CREATING, created_at=now,
+            started_at=now, end_at=now, vcpus=shape.vcpus, memory_mb=shape.memory_mb,
+            disk_mb=shape.disk_mb, access_token=secrets.token_urlsafe(24),
+            hostname=mid.replace("_", "-"), kernel=manifest.kernel,
+            initramfs=manifest.initramfs, rootfs=manifest.rootfs,
+            run_dir=str(cfg.sandboxes_dir / mid), guestd_port=manifest.guestd_port,
+            accel=cfg.accel,
+        )  # fmt: skip
+        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history))
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.store.delete, mid)
+            try:
+                async with asyncio.timeout(cfg.create_deadline_seconds):
+                    await self._boot(sb, stack, manifest, dict(manifest.env))
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"warm pool member {mid} was not ready within"
+                    f" {cfg.create_deadline_seconds:g} s (stuck {sb.stage})" + self._console(sb)
+                ) from None
+            sb.res.stack = stack.pop_all()
+        return sb
+
+    async def _claim(
+        self,
+        sb: Sandbox,
+        opts: CreateOptions,
+        ttl: int,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        allow_out: list[str],
+        deny_out: list[str],
+        template_env: Mapping[str, str],
+        t0: float,
+    ) -> SandboxRecord | None:
+        """Makes a pool member the caller's sandbox; None (member destroyed): create as usual.
+
+        Init gives the guest its identity (id, hostname, env, a fresh token in
+        place of the pool's, entropy, clock); then the egress policy, the TTL
+        and the store row. The member's capacity reservation is the sandbox's.
+        """
+        sid, member = sb.id, sb.rec
+        new = dataclasses.replace(
+            member, metadata=metadata, envs=envs, secure=opts.secure,
+            access_token=secrets.token_urlsafe(24) if opts.secure else "",
+            traffic_token="" if opts.allow_public_traffic else secrets.token_urlsafe(24),
+            allow_internet_access=opts.allow_internet_access, allow_out=allow_out,
+            deny_out=deny_out, allow_public_traffic=opts.allow_public_traffic,
+        )  # fmt: skip
+        ok = False
+        async with sb.lock:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    stack.push_async_callback(_destroy_member, sb)
+                    stack.callback(self.capacity.release, sid)
+                    sb.rec = new
+                    self._sandboxes[sid] = sb
+                    stack.callback(self._sandboxes.pop, sid, None)
+                    async with asyncio.timeout(self.config.create_deadline_seconds):
+                        if self.network is not None and self._policy(new) != self._policy(member):
+                            sb.stage = "applying the egress policy"
+                            await self.network.update(sid, self._policy(new))
+                        sb.stage = "in Guest.Init"
+                        assert sb.res.channel is not None
+                        await GuestClient(sb.res.channel, member.access_token).init(
+                            sandbox_id=sid, template_id=new.template_id, hostname=new.hostname,
+                            env={**template_env, **envs}, access_token=new.access_token,
+                            rpc_timeout=30.0,
+                        )  # fmt: skip
+                    new.state = transition(sid, new.state, Action.READY)
+                    new.created_at = new.started_at = time.time()
+                    new.end_at = new.started_at + ttl
+                    self.store.put(new)
+                    stack.pop_all()
+                    ok = True
+            except Exception as e:
+                log.warning("%s: claiming the warm pool member failed (%s: %s); creating as usual",
+                            sid, sb.stage, e)  # fmt: skip
+                return None
+            finally:
+                sb.gone = not ok
+        sb.create_path = "warm_pool"
+        await self._sample(sb)
+        took = time.monotonic() - t0
+        self.bus.publish(Event(sid, EventType.CREATED, Reason.USER, new.template_id,
+                               sb.create_path, duration=took))  # fmt: skip
+        log.info("created %s (template %s, warm_pool) in %.3f s", sid, new.template_id, took)
+        return new
+
+    async def _reserve(self, sid: str, memory_mb: int) -> None:
+        """Node capacity for a new sandbox; warm pool members give theirs up first."""
+        while True:
+            try:
+                self.capacity.reserve(sid, memory_mb)
+                return
+            except ResourceExhausted:
+                if self.pool is None or not await self.pool.evict():
+                    raise
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -782,6 +939,17 @@ class SandboxManager:
                     host_memory_bytes=cg.memory_usage_bytes(),
                 )
         sb.metrics.append(s)
+
+
+async def _destroy_member(sb: Sandbox) -> None:
+    """Releases everything a warm pool member holds (its whole create stack)."""
+    sb.gone = True
+    await sb.res.release()
+
+
+def _member_alive(sb: Sandbox) -> bool:
+    vm = sb.res.vm
+    return vm is not None and vm.is_alive() and not vm.vsock_device_dead()
 
 
 def _net_config(net: Any) -> guest_pb2.NetworkConfig:
