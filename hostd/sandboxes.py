@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from hostd import disk_pause, paging, validation
+from hostd.cgroups import DEFAULT_CPU_WEIGHT
 from hostd.config import Config
 from hostd.errors import (
     DeadlineExceeded,
@@ -101,6 +102,9 @@ class Sandbox:
     stage: str = ""
     # How Create started the VM: "warm_pool", "ready_snapshot" or "cold_boot".
     create_path: str = ""
+    # A warm pool member: runs at the lowest CPU weight until claimed, so
+    # preparing one never takes CPU from the node's sandboxes.
+    background: bool = False
 
     @property
     def id(self) -> str:
@@ -349,6 +353,8 @@ class SandboxManager:
         sb.stage = "creating the cgroup"
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
+        if sb.background:
+            res.cgroup.set_cpu_weight(1)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
@@ -559,7 +565,7 @@ class SandboxManager:
             run_dir=str(cfg.sandboxes_dir / mid), guestd_port=manifest.guestd_port,
             accel=cfg.accel,
         )  # fmt: skip
-        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history))
+        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history), background=True)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.store.delete, mid)
             try:
@@ -608,6 +614,8 @@ class SandboxManager:
                     sb.rec = new
                     self._sandboxes[sid] = sb
                     stack.callback(self._sandboxes.pop, sid, None)
+                    sb.background = False
+                    sb.res.cgroup.set_cpu_weight(DEFAULT_CPU_WEIGHT)
                     async with asyncio.timeout(self.config.create_deadline_seconds):
                         if self.network is not None and self._policy(new) != self._policy(member):
                             sb.stage = "applying the egress policy"
