@@ -131,6 +131,7 @@ class WarmPool(Generic[M]):
             s: _Slot(ShapeStats(s, n)) for s, n in targets.items() if n > 0
         }
         self._closed = False
+        self._check = asyncio.Event()
 
     # -- the create path -----------------------------------------------------
 
@@ -149,7 +150,8 @@ class WarmPool(Generic[M]):
                 slot.stats.claims += 1
                 slot.stats.ready = len(slot.ready)
                 return r.member
-            slot.dead.append(r.member)  # the keeper destroys it (still reserved until then)
+            slot.dead.append(r.member)  # _watch destroys it (still reserved until then)
+            self._check.set()
         slot.stats.ready = 0
         slot.stats.misses += 1
         return None
@@ -183,15 +185,28 @@ class WarmPool(Generic[M]):
     # -- background ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keeps every shape filled until cancelled (one refill at a time per shape)."""
+        """Keeps every shape filled until cancelled (one refill at a time per shape).
+
+        Checking members (death, age) is its own loop: a refill takes seconds to
+        a minute, and a dead member must not hold its room or resources meanwhile.
+        """
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch(), name="warm-pool watch")
             for slot in self._slots.values():
                 tg.create_task(self._keep(slot), name=f"warm-pool {slot.stats.shape}")
+
+    async def _watch(self) -> None:
+        while True:
+            for slot in self._slots.values():
+                await self._prune(slot)
+            self._check.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHECK_SECONDS):
+                    await self._check.wait()
 
     async def _keep(self, slot: _Slot[M]) -> None:
         delay, next_try = 0.0, 0.0
         while True:
-            await self._prune(slot)
             want = len(slot.ready) < slot.stats.target and self._room(slot)
             if want and self._clock() >= next_try:
                 if await self._refill(slot):
@@ -305,6 +320,8 @@ class WarmPool(Generic[M]):
         """Destroys every member (hostd stopping); members never outlive their hostd."""
         self._closed = True
         for slot in self._slots.values():
+            while slot.dead:
+                await self._discard(slot, slot.dead.pop(), Reason.VMM_EXITED, "died while waiting")
             while slot.ready:
                 r = slot.ready.pop()
                 await self._discard(slot, r.member, Reason.HOST_RESTART, "hostd is stopping")

@@ -184,6 +184,24 @@ async def test_dead_member_is_never_handed_out() -> None:
 
 
 @sync
+async def test_a_dead_member_is_destroyed_at_once_while_a_refill_runs() -> None:
+    gate = asyncio.Event()
+    gate.set()
+    f = Fakes(gate=gate)
+    pool = make_pool(f, target=2)
+    async with running(pool):
+        await until(lambda: ready(pool) == 2)
+        gate.clear()
+        assert pool.claim(SHAPE) is f.made[0]  # starts a refill that hangs on the gate
+        await until(lambda: pool.stats()[0].preparing == 1)
+        f.made[1].alive = False
+        assert pool.claim(SHAPE) is None
+        await until(lambda: f.made[1].destroyed, within=0.5)
+        # The claimed member's room (now its sandbox's) and the refill's.
+        assert pool.capacity.count == 2
+
+
+@sync
 async def test_prune_drops_a_member_that_died_while_waiting() -> None:
     f = Fakes()
     pool = make_pool(f, target=1)
@@ -329,7 +347,7 @@ async def test_pool_metrics_render() -> None:
         pool.claim(SHAPE)
     cap = Capacity(Config(max_sandboxes=4, memory_budget_mb=4096))
     mgr = SimpleNamespace(ids=list, sandbox=None, capacity=cap, pool=pool)
-    text = generate_latest(Metrics(mgr).registry).decode()  # type: ignore[arg-type]
+    text = generate_latest(Metrics(mgr).registry).decode()
     lv = 'shape="base:2:512:2048",template="base"'
     for line in (
         f"moru_warm_pool_size{{{lv}}} 2.0",
