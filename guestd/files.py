@@ -126,6 +126,15 @@ def make_dirs(path: str, uid: int, gid: int, mode: int = 0o755) -> bool:
     return True
 
 
+PSEUDO_FS = ("/proc/", "/sys/")
+
+
+def _in_place(path: str, st: os.stat_result) -> bool:
+    """Devices, FIFOs and /proc or /sys files are written as they are: no temporary
+    sibling can be created (or renamed) there, and they have no content to keep."""
+    return not stat.S_ISREG(st.st_mode) or path.startswith(PSEUDO_FS)
+
+
 def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, int, bool]:
     """(file to open, open flags, mode, uid, gid, target existed) for a Write;
     creates missing parents owned by the writer."""
@@ -144,6 +153,8 @@ def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, in
     mode = h.mode or (stat.S_IMODE(old.st_mode) if old else 0o644)
     parent = os.path.dirname(path)
     make_dirs(parent, uid, gid)
+    if old is not None and _in_place(path, old):
+        return path, os.O_WRONLY | os.O_CLOEXEC, mode, uid, gid, True
     if h.append:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return path, flags, mode, uid, gid, bool(old)
@@ -186,6 +197,17 @@ def _remove(path: str, recursive: bool) -> None:
         raise path_error(exc, path) from None
 
 
+MAX_DEVICE_READ = 64 << 20
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 @dataclass
 class ReadSource:
     fd: int
@@ -201,6 +223,15 @@ def open_for_read(request: pb.ReadRequest) -> ReadSource:
     if request.length < 0:
         raise InvalidArgument(f"length: must be >= 0, got {request.length}")
     try:
+        st = os.stat(path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and not (
+            stat.S_ISCHR(st.st_mode) and 0 < request.length <= MAX_DEVICE_READ
+        ):
+            # a device or FIFO has no end (/dev/zero) or blocks (a FIFO with no writer)
+            raise FailedPrecondition(
+                f"path: {path} is not a regular file ({_kind(st.st_mode)}); only regular "
+                f"files are read whole; a character device needs length (1..{MAX_DEVICE_READ})"
+            )
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise path_error(exc, path) from None
@@ -226,6 +257,7 @@ class Upload:
         self.path = abs_path(header.path)
         (self._target, flags, self._mode, self._uid, self._gid,
          self._replaces) = _prepare_write(header, self.path)
+        self._in_place = not (flags & os.O_CREAT)
         try:
             self._fd = os.open(self._target, flags, self._mode)
         except OSError as exc:
@@ -254,12 +286,12 @@ class Upload:
             raise FailedPrecondition(f"size: header said {h.size} bytes, stream carried"
                                      f" {self.written}; {self.path} unchanged")
         try:
-            if not h.append or not self._replaces:
+            if not self._in_place and (not h.append or not self._replaces):
                 os.fchmod(self._fd, self._mode)
                 os.fchown(self._fd, self._uid, self._gid)
             fd, self._fd = self._fd, -1
             os.close(fd)
-            if not h.append:
+            if not h.append and not self._in_place:
                 os.rename(self._target, self.path)
         except OSError as exc:
             raise self._error(exc) from None
@@ -270,7 +302,7 @@ class Upload:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if not self._done and not self.header.append:
+        if not self._done and not self.header.append and not self._in_place:
             with contextlib.suppress(OSError):
                 os.unlink(self._target)
             self._done = True

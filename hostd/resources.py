@@ -16,10 +16,10 @@ import grpc
 from hostd.config import Config
 from hostd.errors import ResourceExhausted
 from hostd.guest import open_channel
+from hostd.rundir import RunDir
 from hostd.store import SandboxRecord
 from hostd.vmm.base import NetAttachment, Vm, VmSpec
-
-RELAY_SOCKET = "g.sock"
+from hostd.vsock import VsockRelay
 
 
 def host_memory_mb() -> int:
@@ -110,9 +110,7 @@ class Resources:
 
     async def connect(self, vm: Vm, rec: SandboxRecord, stack: contextlib.AsyncExitStack) -> None:
         """Starts the vsock relay and opens the gRPC channel to guestd through it."""
-        from hostd.vsock import VsockRelay
-
-        path = Path(rec.run_dir) / RELAY_SOCKET
+        path = RunDir(rec.run_dir).relay_sock
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a hostd that died
         self.relay = VsockRelay(path, vm.vsock_uds, rec.guestd_port)

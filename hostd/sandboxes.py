@@ -1,8 +1,10 @@
 """The sandbox lifecycle manager: where hostd's logic lives (servicers only translate).
 
-Create takes resources one by one behind an AsyncExitStack; on success the
-stack moves into the sandbox (`pop_all`) and Kill simply closes it, so every
-resource has exactly one release path, registered right after it was taken.
+Create (`hostd.create`) takes resources one by one behind an AsyncExitStack;
+on success the stack moves into the sandbox (`pop_all`) and Kill simply
+closes it, so every resource has exactly one release path, registered right
+after it was taken. Pause to disk (`hostd.disk_pause`) and re-attach after a
+restart (`hostd.reattach`) get the driver and the store, not this manager.
 Background work (reaper, VMM watcher, metrics sampler) runs in `run()` under
 the server's task group: no fire-and-forget tasks.
 """
@@ -15,100 +17,41 @@ import dataclasses
 import hmac
 import logging
 import secrets
-import shutil
-import string
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from hostd import disk_pause, paging, validation
-from hostd.cgroups import DEFAULT_CPU_WEIGHT
 from hostd.config import Config
+from hostd.create import Creator
 from hostd.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
-    MoruError,
-    NotFound,
-    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     sandbox_not_found,
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
-from hostd.pool import PoolShape, WarmPool
-from hostd.readiness import VmExited, VsockSilent, wait_guestd
+from hostd.network import ProxyTarget
+from hostd.pool import WarmPool
+from hostd.pool_members import build_pool
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
-from hostd.resources import Capacity, Resources, vm_spec
+from hostd.resources import Capacity
+from hostd.sandbox import CreateOptions, Sandbox, egress_policy, new_sandbox_id
 from hostd.state import Action, State, transition
 from hostd.store import SandboxRecord, Store
-from hostd.vmm.base import Vm, Vmm, VmSpec
-from hostd.vmm.qemu import QemuVmm
-from hostd.vmm.snapshot import SnapshotCorrupt, SnapshotNotFound
-from images.manifest import TemplateManifest, TemplateNotFound, load_manifest
-from moru_proto.guest.v1 import guest_pb2
+from hostd.vmm.base import Vmm
+from images.manifest import TemplateManifest, load_manifest
 
 if TYPE_CHECKING:
     from hostd.volumes.manager import VolumeManager
 
 log = logging.getLogger("hostd.sandboxes")
 
-ID_ALPHABET = string.ascii_lowercase + string.digits
 TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
-PIDS_MAX = 1024
-BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent)
-
-
-def new_sandbox_id() -> str:
-    return "sbx_" + "".join(secrets.choice(ID_ALPHABET) for _ in range(20))
-
-
-@dataclass
-class CreateOptions:
-    """Create's inputs after the transport layer; 0/None mean "default"."""
-
-    template: str = ""
-    timeout_seconds: int | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    envs: dict[str, str] = field(default_factory=dict)
-    allow_internet_access: bool = True
-    allow_out: list[str] = field(default_factory=list)
-    deny_out: list[str] = field(default_factory=list)
-    allow_public_traffic: bool = True
-    secure: bool = True
-    volume_id: str = ""
-    volume_mount_path: str = ""
-    vcpus: int = 0
-    memory_mb: int = 0
-    disk_mb: int = 0
-
-
-@dataclass
-class Sandbox:
-    """A sandbox hostd knows about: its durable record plus live handles."""
-
-    rec: SandboxRecord
-    res: Resources = field(default_factory=Resources)
-    metrics: deque[Sample] = field(default_factory=deque)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    gone: bool = False
-    # What Create is doing right now (named in its deadline error).
-    stage: str = ""
-    # How Create started the VM: "warm_pool", "ready_snapshot" or "cold_boot".
-    create_path: str = ""
-    # A warm pool member: runs at the lowest CPU weight until claimed, so
-    # preparing one never takes CPU from the node's sandboxes.
-    background: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.rec.sandbox_id
 
 
 class SandboxManager:
@@ -133,20 +76,36 @@ class SandboxManager:
         )
         self._sandboxes: dict[str, Sandbox] = {}
         self.capacity = Capacity(config)
-        # hostd.volumes.VolumeManager, set by the server; None: volumes refused.
-        self.volumes: VolumeManager | None = None
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
-            self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
-                                        self.capacity)
-        self.pool: WarmPool[Sandbox] | None = self._warm_pool()
+            if vmm.can_restore:
+                self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
+                                            self.capacity)
+            else:
+                log.warning("ready snapshots are off: the %s driver cannot restore VMs",
+                            vmm.name)  # fmt: skip
+        self.creator = Creator(config, store, vmm, cgroups, network, self.capacity, self.bus,
+                               self._load_template, self.ready, self._sandboxes)  # fmt: skip
+        self.pool: WarmPool[Sandbox] | None = build_pool(
+            config, self._load_template, self.creator.prepare_member, self.capacity, self.bus
+        )
+        self.creator.pool = self.pool
+
+    @property
+    def volumes(self) -> VolumeManager | None:
+        """hostd.volumes.VolumeManager, set by the server; None: volumes refused."""
+        return self.creator.volumes
+
+    @volumes.setter
+    def volumes(self, v: VolumeManager | None) -> None:
+        self.creator.volumes = v
 
     # -- startup / shutdown -------------------------------------------------
 
     async def start(self) -> None:
         """Re-attaches every stored sandbox; cleans up dead ones and orphans."""
         self.config.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        r = Reattacher(self)
+        r = Reattacher(self.config, self.store, self.vmm, self.cgroups, self.network, self.bus)
         for sb in await r.reattach_all():
             self._sandboxes[sb.id] = sb
             self.capacity.add(sb.id, 0 if sb.rec.paused_to_disk else sb.rec.memory_mb)
@@ -216,450 +175,19 @@ class SandboxManager:
 
     async def create(self, opts: CreateOptions) -> SandboxRecord:
         t0 = time.monotonic()
-        cfg = self.config
-        name = validation.template(opts.template)
-        timeout = validation.timeout(
-            opts.timeout_seconds
-            if opts.timeout_seconds is not None
-            else cfg.default_timeout_seconds,
-            cfg.max_timeout_seconds,
-        )
-        metadata = validation.metadata(
-            opts.metadata, cfg.max_metadata_entries, cfg.max_metadata_bytes
-        )
-        envs = validation.envs(opts.envs)
-        allow_out = validation.network_rules(opts.allow_out, "network.allow_out")
-        deny_out = validation.network_rules(opts.deny_out, "network.deny_out")
-        validation.volume(opts.volume_id, opts.volume_mount_path)
-        try:
-            manifest = self._load_template(name)
-        except TemplateNotFound as e:
-            raise NotFound(str(e)) from None
-        d = manifest.defaults
-        vcpus, memory_mb, disk_mb = (
-            opts.vcpus or d.vcpus,
-            opts.memory_mb or d.memory_mb,
-            opts.disk_mb or d.disk_mb,
-        )
-        validation.resources(vcpus, memory_mb, disk_mb)
-        if (allow_out or deny_out or not opts.allow_internet_access) and self.network is None:
-            raise FailedPrecondition(
-                "network: egress rules need networking, which is disabled on this node"
-            )
-        if self.pool is not None and not opts.volume_id:
-            member = self.pool.claim(PoolShape(name, vcpus, memory_mb, disk_mb))
-            if member is not None:
-                got = await self._claim(member, opts, timeout, metadata, envs, allow_out,
-                                        deny_out, manifest.env, t0)  # fmt: skip
-                if got is not None:
-                    return got
-
-        sid = new_sandbox_id()
-        now = time.time()
-        rec = SandboxRecord(
-            sandbox_id=sid,
-            template_id=name,
-            state=State.CREATING,
-            created_at=now,
-            started_at=now,
-            end_at=now + timeout,
-            vcpus=vcpus,
-            memory_mb=memory_mb,
-            disk_mb=disk_mb,
-            metadata=metadata,
-            envs=envs,
-            secure=opts.secure,
-            access_token=secrets.token_urlsafe(24) if opts.secure else "",
-            traffic_token="" if opts.allow_public_traffic else secrets.token_urlsafe(24),
-            allow_internet_access=opts.allow_internet_access,
-            allow_out=allow_out,
-            deny_out=deny_out,
-            allow_public_traffic=opts.allow_public_traffic,
-            volume_id=opts.volume_id,
-            volume_mount_path=opts.volume_mount_path,
-            hostname=sid.replace("_", "-"),
-            kernel=manifest.kernel,
-            initramfs=manifest.initramfs,
-            rootfs=manifest.rootfs,
-            run_dir=str(cfg.sandboxes_dir / sid),
-            guestd_port=manifest.guestd_port,
-            accel=cfg.accel,
-        )
-        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history))
-        env = {**manifest.env, **envs}
-        async with sb.lock:
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    await self._reserve(sid, memory_mb)
-                    stack.callback(self.capacity.release, sid)
-                    self._sandboxes[sid] = sb
-                    stack.callback(self._sandboxes.pop, sid, None)
-                    self.store.put(rec)
-                    stack.callback(self.store.delete, sid)
-                    # Errors get the console tail here, before the stack removes it.
-                    try:
-                        async with asyncio.timeout(cfg.create_deadline_seconds):
-                            await self._boot(sb, stack, manifest, env)
-                    except TimeoutError:
-                        raise DeadlineExceeded(
-                            f"sandbox {sid} was not ready within {cfg.create_deadline_seconds:g} s"
-                            f" (stuck {sb.stage})" + self._console(sb)
-                        ) from None
-                    except MoruError as e:
-                        e.message += self._console(sb)
-                        e.args = (e.message,)
-                        raise
-                    except Exception as e:
-                        log.exception("create %s failed", sid)
-                        raise Unavailable(f"create failed: {e}{self._console(sb)}") from e
-                    rec.state = transition(sid, rec.state, Action.READY)
-                    rec.started_at = time.time()
-                    rec.end_at = rec.started_at + timeout
-                    self.store.put(rec)
-                    sb.res.stack = stack.pop_all()
-            except BaseException as e:
-                sb.gone = True
-                msg = e.message if isinstance(e, MoruError) else repr(e)
-                self.bus.publish(
-                    Event(
-                        sid,
-                        EventType.CREATE_FAILED,
-                        Reason.CREATE_FAILED,
-                        name,
-                        msg,
-                        time.monotonic() - t0,
-                    )
-                )
-                raise
-        await self._sample(sb)
+        sb = await self.creator.create(opts)
+        if sb.create_path != "warm_pool":
+            # A claim returns without it (a guest round trip, 0.1-0.3 s under TCG
+            # load): the sampler takes it within metrics_interval_seconds.
+            await self._sample(sb)
+        rec = sb.rec
         self.bus.publish(
-            Event(sid, EventType.CREATED, Reason.USER, name, sb.create_path,
+            Event(sb.id, EventType.CREATED, Reason.USER, rec.template_id, sb.create_path,
                   duration=time.monotonic() - t0)
         )  # fmt: skip
-        log.info("created %s (template %s, %s) in %.2f s", sid, name, sb.create_path,
-                 time.monotonic() - t0)  # fmt: skip
+        log.info("created %s (template %s, %s) in %.2f s", sb.id, rec.template_id,
+                 sb.create_path, time.monotonic() - t0)  # fmt: skip
         return rec
-
-    async def _boot(
-        self,
-        sb: Sandbox,
-        stack: contextlib.AsyncExitStack,
-        manifest: TemplateManifest,
-        env: dict[str, str],
-    ) -> None:
-        """cgroup -> network -> VM -> relay -> guest ready -> Init, each pushed on `stack`."""
-        rec, res = sb.rec, sb.res
-        # The cgroup manager adds the VMM's own overhead to guest memory.
-        sb.stage = "creating the cgroup"
-        res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
-        stack.push_async_callback(res.cgroup.remove)
-        if sb.background:
-            res.cgroup.set_cpu_weight(1)
-        net = None
-        if self.network is not None:
-            sb.stage = "setting up the network"
-            net = await self.network.setup(rec.sandbox_id, self._policy(rec))
-            stack.push_async_callback(self.network.teardown, rec.sandbox_id)
-            rec.network = _net_dict(net)
-        rec.kernel_cmdline = " ".join(
-            p
-            for p in (
-                manifest.kernel_cmdline,
-                f"moru.hostname={rec.hostname}",
-                net.kernel_args() if net else "",
-            )
-            if p
-        )
-        self.store.put(rec)
-        spec = vm_spec(rec, res.cgroup.procs_files)
-        if rec.volume_id:
-            if self.volumes is None:
-                raise FailedPrecondition("volume_id: this hostd serves no volumes")
-            sb.stage = "attaching the volume"
-            disk = self.volumes.attach(rec.volume_id, rec.sandbox_id, rec.volume_mount_path)
-            stack.callback(self.volumes.detach, rec.volume_id, rec.sandbox_id)
-            spec = dataclasses.replace(spec, extra_disks=(disk,))
-        # Whichever VM is current is destroyed on failure (a retry replaces it).
-        stack.push_async_callback(self._destroy_current_vm, res)
-        ready = self._ready_snapshot(rec, manifest)
-        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net):
-            return
-        sb.create_path = "cold_boot"
-        for attempt in range(1, BOOT_ATTEMPTS + 1):
-            vm = self.vmm.create(spec)
-            res.vm = vm
-            t0 = time.monotonic()
-            sb.stage = "starting the VMM"
-            await vm.start()
-            t1 = time.monotonic()
-            sb.stage = "waiting for guestd on vsock"
-            try:
-                await self._wait_guest(vm, rec)
-                break
-            except VsockSilent as e:
-                if attempt == BOOT_ATTEMPTS:
-                    raise Unavailable(f"sandbox {rec.sandbox_id}: {e}") from None
-                log.warning("%s: %s; booting a fresh VM (attempt %d)", rec.sandbox_id, e,
-                            attempt + 1)
-                await vm.destroy()
-        sb.stage = "starting the vsock relay"
-        await res.connect(vm, rec, stack)
-        t2 = time.monotonic()
-        await self._init(sb, env)
-        log.info(
-            "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
-            rec.sandbox_id,
-            t1 - t0,
-            t2 - t1,
-            time.monotonic() - t2,
-        )
-
-    async def _init(self, sb: Sandbox, env: dict[str, str], net: Any = None) -> None:
-        """Guest.Init with the sandbox's identity (+ network for a restored guest), volume mount."""
-        rec, res = sb.rec, sb.res
-        assert res.channel is not None
-        sb.stage = "in Guest.Init"
-        await GuestClient(res.channel, rec.access_token).init(
-            sandbox_id=rec.sandbox_id,
-            template_id=rec.template_id,
-            hostname=rec.hostname,
-            env=env,
-            access_token=rec.access_token,
-            rpc_timeout=30.0,
-            network=_net_config(net) if net is not None else None,
-        )
-        if rec.volume_id:
-            from hostd.volumes.mount import mount_in_guest
-
-            sb.stage = "mounting the volume"
-            await mount_in_guest(res.channel, rec.volume_mount_path, access_token=rec.access_token)
-
-    def _ready_snapshot(self, rec: SandboxRecord, manifest: TemplateManifest) -> Path | None:
-        """The ready snapshot that fits this sandbox exactly, if any (extra disks: none)."""
-        if self.ready is None or rec.volume_id or not isinstance(self.vmm, QemuVmm):
-            return None
-        return self.ready.find(self.ready.shape(manifest, rec.vcpus, rec.memory_mb, rec.disk_mb))
-
-    async def _from_ready(
-        self,
-        sb: Sandbox,
-        stack: contextlib.AsyncExitStack,
-        spec: VmSpec,
-        ready: Path,
-        env: dict[str, str],
-        net: Any,
-    ) -> bool:
-        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead."""
-        from hostd.vmm.qemu import SPEC, spec_to_json
-        from hostd.vmm.snapshot import restore_ready
-        from hostd.vsock import wait_ready
-
-        assert self.ready is not None and isinstance(self.vmm, QemuVmm)
-        rec, res = sb.rec, sb.res
-        t0 = time.monotonic()
-        stack.callback(shutil.rmtree, spec.run_dir, True)  # also if cancelled mid-restore
-        try:
-            async with contextlib.AsyncExitStack() as sub:
-                async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
-                    sb.stage = "restoring the ready snapshot"
-                    with self.ready.using(ready):
-                        vm = await restore_ready(self.vmm, spec, ready)
-                    res.vm = vm
-                    (spec.run_dir / SPEC).write_text(spec_to_json(spec))
-                    sb.stage = "waiting for the restored guestd on vsock"
-                    await wait_ready(vm.vsock_uds, rec.guestd_port,
-                                     time.monotonic() + self.config.ready_snapshot_restore_seconds,
-                                     alive=vm.is_alive, interval=0.05)  # fmt: skip
-                    sb.stage = "starting the vsock relay"
-                    await res.connect(vm, rec, sub)
-                    await self._init(sb, env, net)
-                stack.push_async_exit(sub.pop_all())
-        except Exception as e:
-            log.warning("%s: create from ready snapshot %s failed after %.1f s, booting cold: %s",
-                        rec.sandbox_id, ready.name, time.monotonic() - t0, e)  # fmt: skip
-            if isinstance(e, SnapshotCorrupt | SnapshotNotFound):
-                self.ready.discard(ready, str(e).splitlines()[0])
-            await self._destroy_current_vm(res)
-            res.vm = res.relay = res.channel = None
-            await asyncio.to_thread(shutil.rmtree, spec.run_dir, True)
-            return False
-        sb.create_path = "ready_snapshot"
-        log.info("%s: restored from ready snapshot %s and initialized in %.2f s",
-                 rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
-        return True
-
-    async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
-        """Waits for guestd as hostd.readiness says; VsockSilent: boot a fresh VM."""
-        deadline = time.monotonic() + self.config.create_deadline_seconds
-        try:
-            await wait_guestd(vm, rec.guestd_port, deadline)
-        except VmExited as e:
-            raise Unavailable(f"sandbox {rec.sandbox_id}: {e}") from None
-
-    @staticmethod
-    async def _destroy_current_vm(res: Resources) -> None:
-        if res.vm is not None:
-            await res.vm.destroy()
-
-    def _console(self, sb: Sandbox) -> str:
-        vm = sb.res.vm
-        tail = vm.console_tail(2048) if vm is not None else ""
-        return f"\n--- guest console (tail) ---\n{tail}" if tail else ""
-
-    def _policy(self, rec: SandboxRecord) -> Any:
-        from hostd.network.policy import EgressPolicy
-
-        return EgressPolicy(
-            allow_internet_access=rec.allow_internet_access,
-            allow_out=list(rec.allow_out),
-            deny_out=list(rec.deny_out),
-        )
-
-    # -- warm pool ----------------------------------------------------------
-
-    def _warm_pool(self) -> WarmPool[Sandbox] | None:
-        """The pool `warm_pool` asks for (shapes from the templates' defaults), or None."""
-        cfg = self.config
-        targets: dict[PoolShape, int] = {}
-        for e in cfg.warm_pool_entries():
-            if e.count <= 0:
-                continue
-            try:
-                d = self._load_template(e.template).defaults
-            except TemplateNotFound:
-                log.warning("warm_pool: template %s is not built; no pool for it", e.template)
-                continue
-            shape = PoolShape(e.template, e.vcpus or d.vcpus, e.memory_mb or d.memory_mb,
-                              e.disk_mb or d.disk_mb)  # fmt: skip
-            targets[shape] = targets.get(shape, 0) + e.count
-        if not targets:
-            return None
-        return WarmPool(
-            targets,
-            prepare=self._prepare_member,
-            destroy=_destroy_member,
-            alive=_member_alive,
-            new_id=new_sandbox_id,
-            capacity=self.capacity,
-            bus=self.bus,
-            max_age=cfg.warm_pool_max_age_seconds,
-            backoff_max=cfg.warm_pool_backoff_max_seconds,
-        )
-
-    async def _prepare_member(self, shape: PoolShape, mid: str) -> Sandbox:
-        """A sandbox made as Create makes one, with a pool-only token; not listed, no TTL.
-
-        Its host-side names (cgroup, netns, run dir) use the id it will be
-        claimed under; everything the guest knows of it is replaced at claim.
-        Its store row stays `creating`, so a hostd restart discards it.
-        """
-        cfg = self.config
-        manifest = self._load_template(shape.template)
-        now = time.time()
-        rec = SandboxRecord(
-            sandbox_id=mid, template_id=shape.template, state=State.CREATING, created_at=now,
-            started_at=now, end_at=now, vcpus=shape.vcpus, memory_mb=shape.memory_mb,
-            disk_mb=shape.disk_mb, access_token=secrets.token_urlsafe(24),
-            hostname=mid.replace("_", "-"), kernel=manifest.kernel,
-            initramfs=manifest.initramfs, rootfs=manifest.rootfs,
-            run_dir=str(cfg.sandboxes_dir / mid), guestd_port=manifest.guestd_port,
-            accel=cfg.accel,
-        )  # fmt: skip
-        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history), background=True)
-        async with contextlib.AsyncExitStack() as stack:
-            stack.callback(self.store.delete, mid)
-            try:
-                async with asyncio.timeout(cfg.create_deadline_seconds):
-                    await self._boot(sb, stack, manifest, dict(manifest.env))
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"warm pool member {mid} was not ready within"
-                    f" {cfg.create_deadline_seconds:g} s (stuck {sb.stage})" + self._console(sb)
-                ) from None
-            sb.res.stack = stack.pop_all()
-        return sb
-
-    async def _claim(
-        self,
-        sb: Sandbox,
-        opts: CreateOptions,
-        ttl: int,
-        metadata: dict[str, str],
-        envs: dict[str, str],
-        allow_out: list[str],
-        deny_out: list[str],
-        template_env: Mapping[str, str],
-        t0: float,
-    ) -> SandboxRecord | None:
-        """Makes a pool member the caller's sandbox; None (member destroyed): create as usual.
-
-        Init gives the guest its identity (id, hostname, env, a fresh token in
-        place of the pool's, entropy, clock); then the egress policy, the TTL
-        and the store row. The member's capacity reservation is the sandbox's.
-        """
-        sid, member = sb.id, sb.rec
-        new = dataclasses.replace(
-            member, metadata=metadata, envs=envs, secure=opts.secure,
-            access_token=secrets.token_urlsafe(24) if opts.secure else "",
-            traffic_token="" if opts.allow_public_traffic else secrets.token_urlsafe(24),
-            allow_internet_access=opts.allow_internet_access, allow_out=allow_out,
-            deny_out=deny_out, allow_public_traffic=opts.allow_public_traffic,
-        )  # fmt: skip
-        ok = False
-        async with sb.lock:
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    stack.push_async_callback(_destroy_member, sb)
-                    stack.callback(self.capacity.release, sid)
-                    sb.rec = new
-                    self._sandboxes[sid] = sb
-                    stack.callback(self._sandboxes.pop, sid, None)
-                    sb.background = False
-                    sb.res.cgroup.set_cpu_weight(DEFAULT_CPU_WEIGHT)
-                    async with asyncio.timeout(self.config.create_deadline_seconds):
-                        if self.network is not None and self._policy(new) != self._policy(member):
-                            sb.stage = "applying the egress policy"
-                            await self.network.update(sid, self._policy(new))
-                        sb.stage = "in Guest.Init"
-                        assert sb.res.channel is not None
-                        t_init = time.monotonic()
-                        await GuestClient(sb.res.channel, member.access_token).init(
-                            sandbox_id=sid, template_id=new.template_id, hostname=new.hostname,
-                            env={**template_env, **envs}, access_token=new.access_token,
-                            rpc_timeout=30.0,
-                        )  # fmt: skip
-                    t_init = time.monotonic() - t_init
-                    new.state = transition(sid, new.state, Action.READY)
-                    new.created_at = new.started_at = time.time()
-                    new.end_at = new.started_at + ttl
-                    self.store.put(new)
-                    stack.pop_all()
-                    ok = True
-            except Exception as e:
-                log.warning("%s: claiming the warm pool member failed (%s: %s); creating as usual",
-                            sid, sb.stage, e)  # fmt: skip
-                return None
-            finally:
-                sb.gone = not ok
-        # No first metrics sample here (a guest round trip, 0.1-0.3 s under TCG
-        # load): the sampler takes it within metrics_interval_seconds.
-        sb.create_path = "warm_pool"
-        took = time.monotonic() - t0
-        self.bus.publish(Event(sid, EventType.CREATED, Reason.USER, new.template_id,
-                               sb.create_path, duration=took))  # fmt: skip
-        log.info("created %s (template %s, warm_pool) in %.3f s (Init %.3f s)", sid,
-                 new.template_id, took, t_init)  # fmt: skip
-        return new
-
-    async def _reserve(self, sid: str, memory_mb: int) -> None:
-        """Node capacity for a new sandbox; warm pool members give theirs up first."""
-        while True:
-            try:
-                self.capacity.reserve(sid, memory_mb)
-                return
-            except ResourceExhausted:
-                if self.pool is None or not await self.pool.evict():
-                    raise
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -716,7 +244,7 @@ class SandboxManager:
             nxt = transition(sb.id, sb.rec.state, Action.PAUSE)
             assert sb.res.vm is not None and sb.res.cgroup is not None
             if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
-                info = await disk_pause.pause(self, sb)
+                info = await disk_pause.pause(sb)
                 sb.rec.paused_to_disk = True
                 self.capacity.resize(sb.id, 0)
                 message = f"to disk ({info.size_bytes >> 20} MiB)"
@@ -752,7 +280,7 @@ class SandboxManager:
                 disk_pause.check_snapshot(sb)
                 self.capacity.resize(sb.id, sb.rec.memory_mb)
                 try:
-                    await disk_pause.resume(self, sb)
+                    await disk_pause.resume(self.vmm, sb, self.guest_env(sb.rec))
                 except BaseException:
                     self.capacity.resize(sb.id, 0)
                     raise
@@ -818,7 +346,7 @@ class SandboxManager:
                 new.allow_public_traffic = allow_public_traffic
                 if not allow_public_traffic and not new.traffic_token:
                     new.traffic_token = secrets.token_urlsafe(24)
-            await self.network.update(sb.id, self._policy(new))
+            await self.network.update(sb.id, egress_policy(new))
             sb.rec = new
             self.store.put(new)
         return sb.rec
@@ -854,8 +382,6 @@ class SandboxManager:
 
     def proxy_target(self, sandbox_id: str) -> Any:
         """For the port proxy: where a sandbox's ports are, or None (unknown/paused)."""
-        from hostd.network import ProxyTarget
-
         sb = self._sandboxes.get(sandbox_id)
         if sb is None or sb.gone or sb.rec.state is not State.RUNNING:
             return None
@@ -951,30 +477,6 @@ class SandboxManager:
                     host_memory_bytes=cg.memory_usage_bytes(),
                 )
         sb.metrics.append(s)
-
-
-async def _destroy_member(sb: Sandbox) -> None:
-    """Releases everything a warm pool member holds (its whole create stack)."""
-    sb.gone = True
-    await sb.res.release()
-
-
-def _member_alive(sb: Sandbox) -> bool:
-    vm = sb.res.vm
-    return vm is not None and vm.is_alive() and not vm.vsock_device_dead()
-
-
-def _net_config(net: Any) -> guest_pb2.NetworkConfig:
-    """What `moru.net=` (SandboxNetwork.kernel_args) gives a booting guest, for Init."""
-    return guest_pb2.NetworkConfig(
-        address=f"{net.guest_ip}/{net.prefix_len}", gateway=net.gateway, dns=net.dns, mac=net.mac
-    )
-
-
-def _net_dict(net: Any) -> dict[str, Any]:
-    """The network's own serialisation (what NetworkManager.attach takes back)."""
-    to_dict = getattr(net, "to_dict", None)
-    return dict(to_dict()) if callable(to_dict) else {}
 
 
 __all__ = ["CreateOptions", "Sandbox", "SandboxManager", "new_sandbox_id"]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+from moru import _validate
 from moru._commands import AsyncCommands
 from moru._connection import CREATE_TIMEOUT, ConnectionConfig, channel
 from moru._errors import InvalidArgumentException, NotFoundException, translate
@@ -120,7 +121,7 @@ class AsyncSandbox:
             )
         req = pb.CreateRequest(
             template=template or "base",
-            timeout_seconds=int(timeout),
+            timeout_seconds=_validate.whole_seconds(timeout, "timeout"),
             metadata=metadata or {},
             envs=envs or {},
             allow_internet_access=allow_internet_access,
@@ -161,7 +162,7 @@ class AsyncSandbox:
             if info.state == pb.SANDBOX_STATE_PAUSED:
                 req = pb.ResumeRequest(sandbox_id=sandbox_id)
                 if timeout is not None:
-                    req.timeout_seconds = int(timeout)
+                    req.timeout_seconds = _validate.whole_seconds(timeout, "timeout")
                 info = await stub.Resume(req, metadata=md, timeout=CREATE_TIMEOUT)
         if isinstance(self_or_cls, type):
             new: AsyncSandbox = self_or_cls(SandboxInfo.from_proto(info), info.access_token, config)
@@ -239,7 +240,9 @@ class AsyncSandbox:
         config = _config(self_or_cls, hostd, api_key)
         with translate(f"setting the timeout of sandbox {sid}", address=config.address):
             info = await _stub(config).SetTimeout(
-                pb.SetTimeoutRequest(sandbox_id=sid, timeout_seconds=int(timeout)),
+                pb.SetTimeoutRequest(
+                    sandbox_id=sid, timeout_seconds=_validate.whole_seconds(timeout, "timeout")
+                ),
                 metadata=config.metadata(),
                 timeout=config.request_timeout,
             )
@@ -289,7 +292,7 @@ class AsyncSandbox:
         """The host name under which `port` of the sandbox is reachable: `{port}-{id}.{domain}`."""
         with translate(f"getting the host of port {port}", address=self._config.address):
             resp = await _stub(self._config).GetHost(
-                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=port),
+                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=_validate.port(port)),
                 metadata=self._config.metadata(),
                 timeout=self._config.request_timeout,
             )
@@ -299,7 +302,7 @@ class AsyncSandbox:
         """A URL that reaches `port` of the sandbox from this machine (hostd's proxy)."""
         with translate(f"getting the URL of port {port}", address=self._config.address):
             resp = await _stub(self._config).GetHost(
-                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=port),
+                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=_validate.port(port)),
                 metadata=self._config.metadata(),
                 timeout=self._config.request_timeout,
             )
@@ -308,7 +311,7 @@ class AsyncSandbox:
     @staticmethod
     async def list(
         metadata: dict[str, str] | None = None,
-        state: list[str] | None = None,
+        state: str | list[str] | None = None,
         *,
         page_size: int = 100,
         api_key: str | None = None,
@@ -317,7 +320,7 @@ class AsyncSandbox:
         """Every running and paused sandbox (all pages), optionally only those
         whose metadata holds every given pair."""
         config = ConnectionConfig.resolve(hostd=hostd, api_key=api_key)
-        states = [STATE_VALUES[s] for s in (state or [])]
+        states = [STATE_VALUES[s] for s in _validate.states(state, STATE_VALUES)]
         token = ""
         while True:
             with translate("listing sandboxes", address=config.address):

@@ -14,6 +14,7 @@ import signal as _signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from moru import _validate
 from moru._connection import EOF
 from moru._guest import GuestTarget
 from moru._models import CommandResult, ProcessInfo
@@ -39,10 +40,9 @@ def _start_request(
     stdin: bool,
     tag: str | None = None,
 ) -> pb.StartRequest:
+    seconds = _validate.seconds(timeout, "timeout")
     config = pb.ProcessConfig(shell=cmd, env=envs or {}, cwd=cwd or "", user=user or "")
-    return pb.StartRequest(
-        config=config, stdin=stdin, timeout_seconds=float(timeout or 0), tag=tag or ""
-    )
+    return pb.StartRequest(config=config, stdin=stdin, timeout_seconds=seconds, tag=tag or "")
 
 
 def _selector(pid: int) -> pb.ProcessSelector:
@@ -224,7 +224,7 @@ async def _close_stdin(target: GuestTarget, pid: int) -> None:
 async def start_call(target: GuestTarget, req: pb.StartRequest) -> tuple[int, Any]:
     """Starts a process; returns its pid and the open event stream (no deadline)."""
     call = target.process().Start(req, metadata=target.metadata)
-    with target.errors(f"starting {req.config.shell!r}"):
+    with target.errors(f"starting {_validate.excerpt(req.config.shell)}"):
         while True:
             ev = await call.read()
             if ev is EOF:

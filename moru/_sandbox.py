@@ -151,7 +151,7 @@ class Sandbox:
     @staticmethod
     def list(
         metadata: dict[str, str] | None = None,
-        state: list[str] | None = None,
+        state: str | list[str] | None = None,
         *,
         page_size: int = 100,
         api_key: str | None = None,
