@@ -43,7 +43,7 @@ DRAIN_SECONDS = 60.0
 def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager:
     """The real backends: QEMU, cgroups, networking (when enabled)."""
     from hostd.cgroups import CgroupManager
-    from hostd.vmm.snapshot import PciQemuVmm
+    from hostd.vmm.qemu import PciQemuVmm
 
     network = None
     if config.network.enabled:
