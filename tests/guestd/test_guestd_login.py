@@ -111,6 +111,7 @@ def test_profile_output_is_not_repeated_and_failing_profile_falls_back(
     (lg.home / ".profile").write_text("echo broken; exit 3\n")
     r = collect(lg.g.process.Start(shell("echo cmd")))
     old = collect(lg.g.process.Start(argv("bash", "-l", "-c", "echo cmd")))
+    assert r.end is not None and old.end is not None
     assert (r.stdout, r.end.exit_code) == (old.stdout, old.end.exit_code) == (b"broken\n", 3)
 
 
