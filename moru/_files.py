@@ -1,7 +1,8 @@
 """`sandbox.files` for AsyncSandbox: streamed read/write, listing, watching.
 
 Reads and writes stream in CHUNK-sized messages, so a file of any size passes
-with bounded memory. Streams carry no gRPC deadline (a large upload must not
+with bounded memory; large files held in memory go over hostd's data relay
+instead when it has one (moru._transfer). Streams carry no gRPC deadline (a large upload must not
 be cut off by the client); unary calls use the connection's request_timeout.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import (
 )
 from typing import IO, Any, Literal
 
+from moru import _transfer
 from moru._connection import EOF
 from moru._errors import NotFoundException, SandboxException
 from moru._guest import GuestTarget
@@ -158,6 +160,15 @@ class AsyncFiles:
 
     async def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's content in chunks, as they arrive."""
+        gen = self._read_stream(path)
+        try:
+            async for piece in gen:
+                yield piece
+        finally:
+            await gen.aclose()
+
+    async def _read_stream(self, path: str, sized: bool = False) -> AsyncGenerator[Any, None]:
+        """read_stream; with `sized`, first the file's size (an int)."""
         call = self._target.filesystem().Read(pb.ReadRequest(path=path), metadata=self._md())
         try:
             with self._target.errors(f"reading {path}"):
@@ -165,6 +176,9 @@ class AsyncFiles:
                     msg = await call.read()
                     if msg is EOF:
                         return
+                    if sized and msg.HasField("info"):
+                        sized = False
+                        yield msg.info.size
                     if msg.data:
                         yield msg.data
         finally:
@@ -199,8 +213,21 @@ class AsyncFiles:
                 f'files.read: format must be "text", "bytes" or "stream", not {format!r}'
             )
         buf = bytearray()
-        async for piece in self.read_stream(path):
-            buf += piece
+        gen = self._read_stream(path, sized=True)
+        try:
+            first = await anext(gen, b"")  # the size (an int), then the data
+            if isinstance(first, int) and _transfer.usable(self._target, first):
+                await gen.aclose()
+                if await _transfer.read_into(self._target, pb.ReadRequest(path=path), buf):
+                    return buf.decode() if format == "text" else bytes(buf)
+                gen = self._read_stream(path)  # no data relay: the plain stream again
+            elif isinstance(first, bytes):
+                buf += first
+            async for piece in gen:
+                if isinstance(piece, bytes):
+                    buf += piece
+        finally:
+            await gen.aclose()
         return buf.decode() if format == "text" else bytes(buf)
 
     async def write(
@@ -208,6 +235,17 @@ class AsyncFiles:
     ) -> EntryInfo:
         """Writes `data` (str, bytes, a file object, or an (async) iterator of
         chunks) to `path`, streamed; parents are created; atomic replace."""
+
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(data, bytes | bytearray | memoryview):
+            view = memoryview(data).cast("B")
+            if _transfer.usable(self._target, view.nbytes):
+                header = pb.WriteHeader(path=path, user=user or "", mode=mode or 0,
+                                        size=view.nbytes)
+                done = await _transfer.write(self._target, header, view)
+                if done is not None:
+                    return EntryInfo.from_proto(done.entry)
 
         async def requests() -> AsyncIterator[pb.WriteRequest]:
             yield pb.WriteRequest(header=pb.WriteHeader(path=path, user=user or "", mode=mode or 0))
