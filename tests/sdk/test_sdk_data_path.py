@@ -43,11 +43,15 @@ def test_open_read_and_write_go_through_the_relay(hostd: Hostd,
     info, n = read_file(fs, fpb.ReadRequest(path="/tmp/relay.bin", offset=1),
                         got.extend, metadata=md)
     assert n == len(data) - 1 and bytes(got) == data[1:] and info.size == len(data)
-    # guestd's errors come back in the result frame, unchanged.
-    with pytest.raises(TransferError) as e:
+    # guestd's checks at open time come back through hostd unchanged.
+    with pytest.raises(grpc.RpcError) as e:
         write_file(fs, fpb.WriteHeader(path="/proc/nope/x", size=1), [b"x"], metadata=md)
-    assert e.value.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.FAILED_PRECONDITION)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # A short upload: the target is left untouched.
+    with pytest.raises(TransferError):
+        write_file(fs, fpb.WriteHeader(path="/tmp/relay.bin", size=10), [b"short"], metadata=md)
+    read_file(fs, fpb.ReadRequest(path="/tmp/relay.bin"), lambda v: None, metadata=md)
+    assert fs.Stat(fpb.StatRequest(path="/tmp/relay.bin"), metadata=md).entry.size == len(data)
 
 
 def test_unknown_ticket_is_closed_without_a_byte(hostd: Hostd) -> None:
