@@ -7,13 +7,15 @@ off; images from $MORU_IMAGES_DIR) with one sandbox, and stops it afterwards.
 
 Floors, measured in the same sandbox:
   * in-guest spawn of `bash -c true` (a Python loop inside the guest);
-  * the raw hybrid-vsock round trip and echo throughput to a Python echo
-    server in the guest (host side: the sandbox's vhost-device-vsock socket).
+  * the raw hybrid-vsock round trip and one-way throughput each way to a
+    Python server in the guest (host side: the sandbox's vhost-device-vsock
+    socket). One way, not a two-way echo: a many-MiB echo stalls on this
+    vsock device.
 
 Figures:
   * commands.run("true") round trip vs (bash -c true + vsock RTT): target <= 1.5x;
-  * stdout streaming of `head -c N /dev/zero`: target >= 0.8 of the echo;
-  * files.write / files.read of N MiB: target >= 0.85 of the echo;
+  * stdout streaming of `head -c N /dev/zero`: target >= 0.8 of guest->host;
+  * files.write / files.read of N MiB: target >= 0.85 of that direction;
   * p50 of the 20 MB stdout of `head -c 20000000 /dev/zero | tr '\\0' a`;
   * CPU per command of guestd (in the guest), hostd and the SDK process.
 """
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -36,10 +39,12 @@ sys.path.insert(0, str(REPO / "tests" / "hostd"))
 
 from hostd_framework import Hostd  # noqa: E402
 
-from hostd.vsock import dial, wait_ready  # noqa: E402
+from hostd.vsock import dial_socket, wait_ready  # noqa: E402
 from moru import Sandbox  # noqa: E402
 
 ECHO_PORT = 5000
+# The raw floor's guest end: "echo N" (N one-byte round trips), "sink N"
+# (reads N bytes, answers one) or "source N" (sends N bytes).
 ECHO_SERVER = f"""
 import os, socket
 s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -48,8 +53,25 @@ s.listen(16)
 while True:
     c, _ = s.accept()
     if os.fork() == 0:
-        while d := c.recv(1 << 18):
-            c.sendall(d)
+        f = c.makefile("rb")
+        cmd, n = f.readline().split()
+        n = int(n)
+        if cmd == b"echo":
+            for _ in range(n):
+                c.sendall(f.read(1))
+        elif cmd == b"sink":
+            while n > 0:
+                d = f.read1(min(n, 1 << 20))
+                if not d:
+                    break
+                n -= len(d)
+            c.sendall(b"k")
+        else:
+            buf = b"a" * (1 << 20)
+            while n > 0:
+                k = min(n, len(buf))
+                c.sendall(buf[:k])
+                n -= k
         os._exit(0)
     c.close()
 """
@@ -82,39 +104,55 @@ def cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def echo_floor(uds: Path, mb: int, rounds: int) -> tuple[float, float]:
-    """(median 1-byte round trip in s, echo throughput in MB/s) over raw hybrid vsock."""
-    r, w = await dial(uds, ECHO_PORT, 10)
+async def _dial_blocking(uds: Path) -> socket.socket:
+    sock = await dial_socket(uds, ECHO_PORT, 10)
+    sock.setblocking(True)
+    sock.settimeout(120)
+    return sock
+
+
+def vsock_floors(uds: Path, mb: int, rounds: int) -> tuple[float, float, float]:
+    """Raw hybrid vsock to the guest: (median 1-byte round trip in s, host->guest
+    MB/s, guest->host MB/s). One direction at a time: a two-way echo of many
+    MiB stalls on this vsock device (both directions fill up)."""
+    total = mb << 20
+    s = asyncio.run(_dial_blocking(uds))
     try:
+        s.sendall(f"echo {rounds}\n".encode())
         rtts = []
         for _ in range(rounds):
             t = time.perf_counter()
-            w.write(b"x")
-            await r.readexactly(1)
+            s.sendall(b"x")
+            s.recv(1)
             rtts.append(time.perf_counter() - t)
-        chunk = os.urandom(1 << 16)
-        total = (mb << 20) // len(chunk) * len(chunk)
-
-        async def send() -> None:
-            for _ in range(total // len(chunk)):
-                w.write(chunk)
-                await w.drain()
-
-        async def receive() -> None:
-            left = total
-            while left:
-                data = await r.read(min(left, 1 << 20))
-                if not data:
-                    raise ConnectionError("echo connection closed early")
-                left -= len(data)
-
-        t = time.perf_counter()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(send())
-            tg.create_task(receive())
-        return statistics.median(rtts), total / (time.perf_counter() - t) / 1e6
     finally:
-        w.close()
+        s.close()
+    s = asyncio.run(_dial_blocking(uds))
+    try:
+        chunk = os.urandom(1 << 20)
+        t = time.perf_counter()
+        s.sendall(f"sink {total}\n".encode())
+        for _ in range(mb):
+            s.sendall(chunk)
+        assert s.recv(1) == b"k"
+        up = total / (time.perf_counter() - t) / 1e6
+    finally:
+        s.close()
+    s = asyncio.run(_dial_blocking(uds))
+    try:
+        buf = bytearray(1 << 20)
+        t = time.perf_counter()
+        s.sendall(f"source {total}\n".encode())
+        left = total
+        while left:
+            n = s.recv_into(buf, min(left, len(buf)))
+            if not n:
+                raise ConnectionError("source connection closed early")
+            left -= n
+        down = total / (time.perf_counter() - t) / 1e6
+    finally:
+        s.close()
+    return statistics.median(rtts), up, down
 
 
 def line(name: str, value: str, floor: str, ratio: float, target: str) -> None:
@@ -134,9 +172,9 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
     # -- floors ---------------------------------------------------------------
     print("measuring floors")
     spawn = float(sbx.commands.run(f"python3 /tmp/spawn.py {args.runs}", timeout=600).stdout)
-    rtt, echo = asyncio.run(echo_floor(uds, mb, args.runs))
+    rtt, up, down = vsock_floors(uds, mb, args.runs)
     print(f"floors: in-guest bash -c true {spawn * 1e3:.1f} ms, vsock RTT {rtt * 1e3:.2f} ms,"
-          f" raw vsock echo {echo:.1f} MB/s")
+          f" raw vsock host->guest {up:.1f} MB/s, guest->host {down:.1f} MB/s")
 
     # -- round trip and CPU per command ----------------------------------------
     n = args.runs
@@ -158,31 +196,31 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
           f" SDK process {(after_c - before_c) / n * 1e3:.1f} ms")
 
     # -- stdout streaming ----------------------------------------------------
-    print(f"throughput ({mb} MiB) vs raw vsock echo")
+    print(f"throughput ({mb} MiB) vs raw vsock in the same direction")
     cmd = f"head -c {size} /dev/zero"
     t = median_time(lambda: sbx.commands.run(cmd, timeout=600), args.rounds, warmup=1)
-    line("stdout streaming", f"{size / t / 1e6:.1f} MB/s", f"{echo:.1f} MB/s",
-         size / t / 1e6 / echo, ">= 0.8")
+    line("stdout streaming", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
+         size / t / 1e6 / down, ">= 0.8")
 
     data = os.urandom(size)
     path = "/tmp/bench.bin"
     t = median_time(lambda: sbx.files.write(path, data), args.rounds, warmup=0)
-    line("files.write", f"{size / t / 1e6:.1f} MB/s", f"{echo:.1f} MB/s",
-         size / t / 1e6 / echo, ">= 0.85")
+    line("files.write", f"{size / t / 1e6:.1f} MB/s", f"{up:.1f} MB/s",
+         size / t / 1e6 / up, ">= 0.85")
 
     def read() -> None:
         assert len(sbx.files.read(path, format="bytes")) == size
 
     t = median_time(read, args.rounds, warmup=0)
-    line("files.read", f"{size / t / 1e6:.1f} MB/s", f"{echo:.1f} MB/s",
-         size / t / 1e6 / echo, ">= 0.85")
+    line("files.read", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
+         size / t / 1e6 / down, ">= 0.85")
 
     def twenty() -> None:
         assert len(sbx.commands.run(TWENTY_MB, timeout=600).stdout) == 20_000_000
 
     t = median_time(twenty, args.rounds, warmup=1)
     line("20 MB stdout (head | tr) p50", f"{t * 1e3:.0f} ms",
-         f"{20e6 / echo / 1e6 * 1e3:.0f} ms", t / (20e6 / echo / 1e6), "printed")
+         f"{20e6 / down / 1e6 * 1e3:.0f} ms", t / (20e6 / down / 1e6), "printed")
 
 
 def main() -> int:
