@@ -34,7 +34,7 @@ from hostd_framework import Hostd, pb  # noqa: E402
 from hostd.guest import TOKEN_HEADER, open_channel  # noqa: E402
 from hostd.readiness import wait_guestd  # noqa: E402
 from hostd.vmm.base import VmSpec  # noqa: E402
-from hostd.vmm.snapshot import PciQemuVmm  # noqa: E402
+from hostd.vmm.qemu import PciQemuVmm  # noqa: E402
 from hostd.vsock import VsockRelay  # noqa: E402
 from images.manifest import load_manifest  # noqa: E402
 from moru_proto.guest.v1 import process_pb2, process_pb2_grpc  # noqa: E402
@@ -118,8 +118,9 @@ async def round_trips_direct(vsock_uds: Path, token: str, n: int) -> tuple[float
 
 # Parts of a VM process's memory, from /proc/<pid>/smaps, as PSS (a page shared by
 # n processes counts 1/n to each, so shared library and page-cache pages are
-# counted once across all VMs). Guest RAM (the memfd memory backend, mapped
-# shared by QEMU and the vsock device) is excluded: it is the guest's memory.
+# counted once across all VMs). Guest RAM (the memory backend: a /dev/shm file,
+# or a memfd, mapped shared by QEMU and the vsock device) is excluded: it is the
+# guest's memory.
 PARTS = ("tcg code cache", "other anon (heap, kernel copy, buffers)", "file-backed", "guest RAM")
 
 
@@ -131,7 +132,7 @@ def memory_parts(pid: int) -> dict[str, int]:
         f = ln.split()
         if "-" in f[0] and len(f) >= 5 and ":" in f[3]:  # a mapping's header line
             name = f[5] if len(f) > 5 else ""
-            if "memfd:" in ln:
+            if "memfd:" in ln or (name.startswith("/dev/shm/moru-") and name.endswith(".ram")):
                 part = PARTS[3]
             elif name.startswith("/"):
                 part = PARTS[2]

@@ -12,10 +12,14 @@
    hostd keeping a ready snapshot of the template vs on a hostd without one,
    alternating, N of each, the template's default shape.
 
-VMs are started with the driver directly (hostd.vmm.snapshot.PciQemuVmm), the
+VMs are started with the driver directly (hostd.vmm.qemu.PciQemuVmm), the
 way hostd would once wired (docs/persistence.md).
 
+5. `--restore N`: a ready snapshot's restore step by step (driver restore,
+   guestd reachable, Init, first command) next to copying its RAM image.
+
 Usage: bench_persistence.py [--mem 256,512,1024] [--clones N] [--hostd N] [--only-hostd]
+       [--restore N]
 (root; images built)
 """
 
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -42,8 +48,10 @@ from guestcmd import check  # noqa: E402
 from pcivm import boot_pci, wait_guestd  # noqa: E402
 from vmfixtures import BootedVm, VmRunner, make_spec  # noqa: E402
 
-from hostd.vmm import snapshot  # noqa: E402
-from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm  # noqa: E402
+from hostd.ready_snapshots import restore_ready, save_ready  # noqa: E402
+from hostd.rundir import snapshot_ram  # noqa: E402
+from hostd.vmm.qemu import PciQemuVmm  # noqa: E402
+from hostd.vmm.qemu.hotplug import EJECT_SCRIPT  # noqa: E402
 from images.manifest import load_manifest  # noqa: E402
 from moru_proto.guest.v1 import guest_pb2  # noqa: E402
 
@@ -91,13 +99,13 @@ def bench_memory(runner: VmRunner, mem: int) -> None:
         check(vm.process, f"head -c {mem // 8}M /dev/zero | tr '\\0' x > /tmp/fill", 600)
         snap = vm.vm.spec.run_dir / "mem.snap"
         check(vm.process, EJECT_SCRIPT)
-        info = runner.run(snapshot.save(vm.vm, snap, guest_ejected=True))
+        info = runner.run(vm.vm.save(snap, guest_ejected=True))
         floor = write_floor(snap.parent, info.size_bytes)
         print(f"guest memory {mem} MiB: snapshot {info.size_bytes >> 20} MiB", flush=True)
         line("pause to disk (save)", info.save_seconds, "write+fsync same bytes", floor)
         print(f"  {'  of which vsock unplug':<34} {info.unplug_seconds:8.2f} s")
         t0 = time.monotonic()
-        vm.vm = runner.run(snapshot.restore(PciQemuVmm(), vm.vm.spec, snap))
+        vm.vm = runner.run(PciQemuVmm().restore(vm.vm.spec, snap))
         wait_guestd(vm, 300)
         line("resume (restore to guestd)", time.monotonic() - t0, "cold boot to guestd", cold)
     finally:
@@ -111,7 +119,7 @@ def bench_ready(runner: VmRunner, mem: int, clones: int) -> None:
     booted: list[BootedVm] = []
     try:
         check(template.process, EJECT_SCRIPT)
-        runner.run(snapshot.save_ready(template.vm, ready, guest_ejected=True))
+        runner.run(save_ready(template.vm, ready, guest_ejected=True))
         template.destroy()
         # Cold create: a fresh boot + Init + first command.
         t0 = time.monotonic()
@@ -128,7 +136,7 @@ def bench_ready(runner: VmRunner, mem: int, clones: int) -> None:
             spec = make_spec(template.manifest, tmp / "vm", sandbox_id=sid, memory_mb=mem, vcpus=1)
             t0 = time.monotonic()
             try:
-                vm = runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+                vm = runner.run(restore_ready(PciQemuVmm(), spec, ready))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -146,6 +154,62 @@ def bench_ready(runner: VmRunner, mem: int, clones: int) -> None:
     finally:
         for b in booted:
             b.destroy()
+        template.destroy()
+        shutil.rmtree(ready, ignore_errors=True)
+
+
+def copy_floor(ram: Path) -> float:
+    """`cp --sparse=always` of a RAM image to /dev/shm: the data a restore must move."""
+    dst = Path("/dev/shm") / f"moru-bench-{secrets.token_hex(4)}.ram"
+    t0 = time.monotonic()
+    subprocess.run(["cp", "--sparse=always", str(ram), str(dst)], check=True)
+    dt = time.monotonic() - t0
+    dst.unlink()
+    return dt
+
+
+def bench_restore(runner: VmRunner, mem: int, n: int) -> None:
+    """A ready snapshot's restore, step by step, next to the RAM copy it cannot avoid."""
+    template = boot_pci(runner, memory_mb=mem, vcpus=1)
+    ready = Path(tempfile.mkdtemp(dir="/tmp", prefix="mbrst"))
+    try:
+        check(template.process, EJECT_SCRIPT)
+        info = runner.run(save_ready(template.vm, ready, guest_ejected=True))
+        template.destroy()
+        ram = snapshot_ram(ready / "mem.snap")
+        print(f"ready snapshot ({mem} MiB guest): state {(ready / 'mem.snap').stat().st_size >> 10}"
+              f" KiB, RAM image {ram.stat().st_blocks * 512 >> 20} MiB allocated, saved in "
+              f"{info.save_seconds:.2f} s", flush=True)  # fmt: skip
+        rows: list[tuple[float, float, float, float, float]] = []
+        for _ in range(n):
+            floor = copy_floor(ram)
+            sid = "sbx_r" + secrets.token_hex(5)
+            tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mbrc"))
+            spec = make_spec(template.manifest, tmp / "vm", sandbox_id=sid, memory_mb=mem, vcpus=1)
+            t0 = time.monotonic()
+            try:
+                vm = runner.run(restore_ready(PciQemuVmm(), spec, ready))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            t1 = time.monotonic()
+            b = BootedVm(runner, vm, None, template.manifest, tmp)
+            try:
+                wait_guestd(b, 300)
+                t2 = time.monotonic()
+                init(b, sid)
+                t3 = time.monotonic()
+                check(b.process, "true")
+                rows.append((floor, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3))
+            finally:
+                b.destroy()
+        print(f"restore of the ready snapshot, {n} runs (load {os.getloadavg()[0]:.1f}):")
+        for floor, restore, reach, ini, first in rows:
+            line("driver restore (RAM, QEMU, vsock)", restore, "cp RAM image", floor)
+            print(f"  {'  then guestd reachable':<34} {reach:8.2f} s\n"
+                  f"  {'  then Init':<34} {ini:8.2f} s\n"
+                  f"  {'  then first command':<34} {first:8.2f} s", flush=True)  # fmt: skip
+    finally:
         template.destroy()
         shutil.rmtree(ready, ignore_errors=True)
 
@@ -198,7 +262,19 @@ def bench_hostd_ready(n: int, template: str = "base") -> None:
             cold.append(create_run(cold_h))
             warm.append(create_run(warm_h))
             print(f"  cold {cold[-1]:.2f} s, from ready snapshot {warm[-1]:.2f} s", flush=True)
-        assert "ready_snapshot" in warm_h.log_tail(1_000_000)
+        log = warm_h.log_tail(1_000_000)
+        assert "ready_snapshot" in log
+        # hostd's own time for each Create (its log line), without the client's round trips.
+        inside = [float(m) for m in re.findall(r"created \S+ \(template \S+, ready_snapshot\)"
+                                               r" in ([0-9.]+) s", log)]  # fmt: skip
+        steps = re.findall(r"RAM file copied in ([0-9.]+) s, QEMU up in ([0-9.]+) s, state "
+                           r"loaded in ([0-9.]+) s.*?vsock device back in ([0-9.]+) s", log, re.S)
+        if inside:
+            print(f"  hostd time per Create from the ready snapshot: "
+                  f"{', '.join(f'{x:.2f}' for x in inside)} s (target <= 0.50 s)")
+        for ram_s, qemu_s, state_s, vsock_s in steps:
+            print(f"    RAM copy {ram_s} s, QEMU start {qemu_s} s, state load {state_s} s, "
+                  f"vsock re-plug + guest probe {vsock_s} s")
         print(f"hostd Create + first command, {template} defaults, {n} each (load "
               f"{os.getloadavg()[0]:.1f}):")  # fmt: skip
         line("from ready snapshot (median)", sorted(warm)[n // 2], "cold (median)",
@@ -218,8 +294,20 @@ def main() -> int:
     ap.add_argument("--clones", type=int, default=2)
     ap.add_argument("--hostd", type=int, default=3, help="creates of each kind through hostd")
     ap.add_argument("--only-hostd", action="store_true", help="only the hostd comparison")
+    ap.add_argument("--restore", type=int, default=0,
+                    help="only: N restores of a ready snapshot, step by step (256 MiB guest)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}")
+    if args.restore:
+        # The driver logs where a restore's time goes (RAM copy, QEMU start, state, vsock).
+        logging.basicConfig(format="    %(message)s")
+        logging.getLogger("hostd.vmm.qemu.pci").setLevel(logging.INFO)
+        runner = VmRunner()
+        try:
+            bench_restore(runner, 256, args.restore)
+        finally:
+            runner.close()
+        return 0
     if args.hostd:
         bench_hostd_ready(args.hostd)
     if args.only_hostd:

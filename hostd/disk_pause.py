@@ -1,12 +1,12 @@
 """Pause to disk and resume for hostd's sandboxes (docs/persistence.md).
 
-Pause: guestd runs `snapshot.EJECT_SCRIPT` (the guest powers its vsock slot
-off), `snapshot.save` writes RAM and device state to `<run_dir>/mem.snap`
-and ends QEMU and vhost-device-vsock, then the (empty) cgroup's page cache is
-uncharged. What stays: the run dir (overlay disk, console log, snapshot), the
+Pause: guestd runs the driver's `guest_eject_script` (the guest powers its
+vsock slot off), `Vm.save` writes RAM and device state to `RunDir.snapshot`
+(and beside it) and ends the VM's processes, then the (empty) cgroup's page
+cache is uncharged. What stays: the run dir (overlay disk, console log, snapshot), the
 cgroup, the network, the relay socket and the store row (paused_to_disk).
 
-Resume: `snapshot.restore` starts fresh processes from the snapshot and plugs
+Resume: `Vmm.restore` starts fresh processes from the snapshot and plugs
 a fresh vsock device in; hostd opens a new channel through its relay, sends
 Guest.Init again (wall clock, same identity and env) and removes the snapshot.
 Connections open at pause time were reset; mounts (volumes) and processes
@@ -26,56 +26,55 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import grpc
 
 from hostd.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from hostd.guest import TOKEN_HEADER, GuestClient, open_channel
-from hostd.vmm import snapshot
-from hostd.vmm.base import Vm, VmError
-from hostd.vmm.qemu import QemuVm, QemuVmm, load_spec
+from hostd.network.manager import SandboxNetwork
+from hostd.rundir import RunDir
+from hostd.sandbox import Sandbox
+from hostd.vmm.base import (
+    NotEnoughDisk,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotInfo,
+    SnapshotNotFound,
+    Vm,
+    VmError,
+    Vmm,
+)
+from hostd.vmm.snapfile import check_disk, read_info
+from hostd.vmm.specfile import load_spec
+from hostd.volumes.mount import run_in_guest
 from moru_proto.guest.v1 import guest_pb2, guest_pb2_grpc
 
 if TYPE_CHECKING:
-    from hostd.sandboxes import Sandbox, SandboxManager
     from hostd.store import SandboxRecord
 
 log = logging.getLogger("hostd.pause")
 
-SNAPSHOT = "mem.snap"
-# In the run dir while a pause to disk is under way (see Reattacher).
-PAUSING = "pausing"
 EJECT_TIMEOUT = 15.0
 INIT_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 600.0
 
 
-def snapshot_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / SNAPSHOT
-
-
 def can_pause_to_disk(vm: Vm | None) -> bool:
-    """Whether vm runs with the hot-pluggable vsock port (hostd's PciQemuVmm) right now."""
-    return isinstance(vm, QemuVm) and snapshot.has_pci_vsock(vm)
+    """Whether vm's driver can save it right now."""
+    return vm is not None and vm.can_save
 
 
-def remove_snapshot(run_dir: str | Path) -> None:
-    path = snapshot_path(run_dir)
-    for p in (path, snapshot.meta_path(path), path.with_name(path.name + ".tmp")):
-        p.unlink(missing_ok=True)
-
-
-async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
+async def pause(sb: Sandbox) -> SnapshotInfo:
     """Saves sb's VM to disk and ends its processes; the caller updates the record."""
-    rec, res = sb.rec, sb.res
-    vm = cast(QemuVm, res.vm)
-    path = snapshot_path(rec.run_dir)
+    rec, vm, files = sb.rec, sb.res.vm, sb.files
+    assert vm is not None
+    path = files.snapshot
     try:
-        snapshot.check_disk(vm.spec, path)
-    except snapshot.NotEnoughDisk as e:
+        check_disk(vm.spec, path)
+    except NotEnoughDisk as e:
         raise ResourceExhausted(f"cannot pause {rec.sandbox_id} to disk: {e}") from None
-    marker = Path(rec.run_dir) / PAUSING
+    marker = files.pausing
     marker.touch()
     try:
         return await _pause(sb, vm, path)
@@ -86,18 +85,17 @@ async def pause(mgr: SandboxManager, sb: Sandbox) -> snapshot.SnapshotInfo:
 
 def pause_recorded(rec: SandboxRecord) -> None:
     """The row says paused to disk: a restarted hostd no longer needs the marker."""
-    (Path(rec.run_dir) / PAUSING).unlink(missing_ok=True)
+    RunDir(rec.run_dir).pausing.unlink(missing_ok=True)
 
 
-async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
+async def _pause(sb: Sandbox, vm: Vm, path: Path) -> SnapshotInfo:
     rec, res = sb.rec, sb.res
     ejected = False
-    if res.channel is not None:
-        from hostd.volumes.mount import run_in_guest
-
+    script = vm.guest_eject_script
+    if res.channel is not None and script:
         try:
             code, out = await run_in_guest(
-                res.channel, snapshot.EJECT_SCRIPT, access_token=rec.access_token,
+                res.channel, script, access_token=rec.access_token,
                 timeout=EJECT_TIMEOUT,
             )  # fmt: skip
             ejected = code == 0
@@ -107,12 +105,12 @@ async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
             log.warning("%s: guestd did not eject vsock (%s); unplugging from the host",
                         rec.sandbox_id, e.details())  # fmt: skip
     try:
-        info = await snapshot.save(vm, path, guest_ejected=ejected)
-    except snapshot.NotEnoughDisk as e:  # the disk filled up since the check
+        info = await vm.save(path, guest_ejected=ejected)
+    except NotEnoughDisk as e:  # the disk filled up since the check
         if ejected:
-            await snapshot.give_back(vm)
+            await vm.give_back()
         raise ResourceExhausted(f"cannot pause {rec.sandbox_id} to disk: {e}") from None
-    except snapshot.SnapshotError as e:
+    except SnapshotError as e:
         # save gave the VM back running with its vsock device (or never took it).
         raise Unavailable(
             f"pausing {rec.sandbox_id} to disk failed; it keeps running: {e}"
@@ -123,7 +121,7 @@ async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
             # caller still gets its cancel; the record says paused to disk).
             log.warning("%s: pause cancelled after the VM was saved and ended; it is paused",
                         rec.sandbox_id)  # fmt: skip
-            info = snapshot.read_info(path)
+            info = read_info(path)
         else:
             await _give_back_cancelled(rec, vm, ejected)
             raise
@@ -143,7 +141,7 @@ async def _pause(sb: Sandbox, vm: QemuVm, path: Path) -> snapshot.SnapshotInfo:
     return info
 
 
-async def _give_back_cancelled(rec: SandboxRecord, vm: QemuVm, ejected: bool) -> None:
+async def _give_back_cancelled(rec: SandboxRecord, vm: Vm, ejected: bool) -> None:
     """A Pause cancelled (the client went away, hostd stops) while the device was being
     unplugged or once the snapshot was complete (during the migration, save gives
     the VM back itself): plug it back so the sandbox stays usable."""
@@ -152,20 +150,20 @@ async def _give_back_cancelled(rec: SandboxRecord, vm: QemuVm, ejected: bool) ->
     log.warning("%s: pause cancelled; giving the VM back running", rec.sandbox_id)
     # The snapshot goes first: once the VM runs on it is stale, and a hostd
     # dying during the give-back must not restore it.
-    remove_snapshot(rec.run_dir)
+    RunDir(rec.run_dir).remove_snapshot()
     with contextlib.suppress(Exception):
-        await asyncio.shield(snapshot.give_back(vm))
+        await asyncio.shield(vm.give_back())
 
 
 def interrupted(rec: SandboxRecord) -> bool:
     """Whether a hostd went away in the middle of pausing this running sandbox."""
-    return not rec.paused_to_disk and (Path(rec.run_dir) / PAUSING).exists()
+    return not rec.paused_to_disk and RunDir(rec.run_dir).pausing.exists()
 
 
 def saved_completely(rec: SandboxRecord) -> bool:
     try:
-        snapshot.read_info(snapshot_path(rec.run_dir))
-    except (snapshot.SnapshotError, OSError):
+        read_info(RunDir(rec.run_dir).snapshot)
+    except (SnapshotError, OSError):
         return False
     return True
 
@@ -177,37 +175,39 @@ async def give_back(vm: Vm, rec: SandboxRecord) -> None:
     hostd dying meanwhile leaves the VM to give back again, never a snapshot
     behind its state.
     """
-    remove_snapshot(rec.run_dir)
-    await snapshot.give_back(cast(QemuVm, vm))
-    (Path(rec.run_dir) / PAUSING).unlink(missing_ok=True)
+    files = RunDir(rec.run_dir)
+    files.remove_snapshot()
+    await vm.give_back()
+    files.pausing.unlink(missing_ok=True)
 
 
 def check_snapshot(sb: Sandbox) -> None:
     """NotFound / FailedPrecondition when sb's snapshot cannot be restored (cheap checks)."""
     sid = sb.id
     try:
-        snapshot.read_info(snapshot_path(sb.rec.run_dir))
-    except snapshot.SnapshotNotFound as e:
+        read_info(sb.files.snapshot)
+    except SnapshotNotFound as e:
         raise NotFound(
             f"sandbox {sid} was paused to disk but its snapshot is gone ({e}): its memory and "
             "running processes cannot be restored; kill it (its disk is still in its run dir)"
         ) from None
-    except snapshot.SnapshotCorrupt as e:
+    except SnapshotCorrupt as e:
         raise FailedPrecondition(
             f"sandbox {sid} cannot be resumed, its snapshot is damaged: {e}; its memory and "
             "running processes are lost; kill it"
         ) from None
 
 
-async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
-    """Restores sb's VM from its snapshot, reconnects and re-sends Init; removes the snapshot.
+async def resume(vmm: Vmm, sb: Sandbox, env: dict[str, str]) -> None:
+    """Restores sb's VM from its snapshot, reconnects and re-sends Init (with env); removes
+    the snapshot.
 
     On failure the sandbox is left paused (snapshot kept, no processes).
     """
     rec, res = sb.rec, sb.res
     sid = sb.id
     check_snapshot(sb)
-    path = snapshot_path(rec.run_dir)
+    path = sb.files.snapshot
     try:
         spec = load_spec(Path(rec.run_dir))
     except VmError as e:
@@ -216,8 +216,6 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
     spec = dataclasses.replace(spec, cgroup_procs_files=tuple(res.cgroup.procs_files))
     network = None
     if rec.network:
-        from hostd.network.manager import SandboxNetwork
-
         net = SandboxNetwork.from_dict(rec.network)
         if spec.net != net.attachment():
             # Re-created since the pause (host reboot): the restored guest still
@@ -229,12 +227,10 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
             )  # fmt: skip
     t0 = time.monotonic()
     try:
-        vm = await snapshot.restore(
-            cast(QemuVmm, mgr.vmm), spec, path, timeout=RESTORE_TIMEOUT
-        )
-    except snapshot.SnapshotNotFound as e:
+        vm = await vmm.restore(spec, path, timeout=RESTORE_TIMEOUT)
+    except SnapshotNotFound as e:
         raise NotFound(f"sandbox {sid}: {e}") from None
-    except snapshot.SnapshotCorrupt as e:
+    except SnapshotCorrupt as e:
         raise FailedPrecondition(
             f"sandbox {sid} cannot be resumed, its snapshot did not load: {e}"
         ) from None
@@ -253,7 +249,7 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
             sandbox_id=sid,
             template_id=rec.template_id,
             hostname=rec.hostname,
-            env=mgr.guest_env(rec),
+            env=env,
             access_token=rec.access_token,
             rpc_timeout=INIT_TIMEOUT,
             network=network,
@@ -265,7 +261,7 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
     except BaseException as e:
         await channel.close(None)
         with contextlib.suppress(VmError):
-            await snapshot.stop(vm)
+            await vm.stop()
         if isinstance(e, grpc.aio.AioRpcError):
             raise Unavailable(
                 f"resuming {sid}: guestd did not answer after restore ({e.details()});"
@@ -277,4 +273,4 @@ async def resume(mgr: SandboxManager, sb: Sandbox) -> None:
         await res.channel.close(None)
     res.channel = channel
     res.stack.push_async_callback(channel.close, None)
-    remove_snapshot(rec.run_dir)
+    sb.files.remove_snapshot()

@@ -24,6 +24,10 @@ class EventType(enum.Enum):
     KILLED = 5
     CREATE_FAILED = 6
     GUEST_OOM = 7
+    # Warm pool (hostd/pool.py); sandbox_id is the member's (its id once claimed).
+    POOL_MEMBER_READY = 8
+    POOL_MEMBER_REMOVED = 9
+    POOL_REFILL_FAILED = 10
 
 
 class Reason(enum.Enum):
@@ -34,6 +38,7 @@ class Reason(enum.Enum):
     OOM = 4
     CREATE_FAILED = 5
     HOST_RESTART = 6
+    NODE_FULL = 7
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Ready snapshots: a booted guest, saved while its guestd waits for Init, per template shape.
 
-Create restores one (`hostd.vmm.snapshot.restore_ready`) instead of booting
+Create restores one (`ReadySnapshots.restore`) instead of booting
 when the request has exactly the shape it was made with; Init then gives the
 clone its identity (id, hostname, env, token, clock, entropy, network).
 
@@ -13,7 +13,7 @@ old snapshot; those are removed by the background loop.
 
 Layout, under `<state_dir>/ready/`::
 
-    <template>-<key>/         complete: mem.snap, mem.snap.json, ovl.qcow2, ready.json
+    <template>-<key>/         complete: mem.snap(.json, .ram), ovl.qcow2, ready.json
     .tmp-<template>-<key>-<r>/   being made (the maker VM's run dir inside)
 
 A snapshot is made in a `.tmp-` directory and renamed into place only once
@@ -44,17 +44,27 @@ from typing import Any
 
 from hostd.config import Config
 from hostd.errors import ResourceExhausted
+from hostd.guest import open_channel
+from hostd.network.policy import EgressPolicy
+from hostd.readiness import VmExited, wait_guestd
 from hostd.resources import Capacity
-from hostd.vmm.base import VmSpec
+from hostd.rundir import RunDir, partial
+from hostd.vmm.base import SnapshotCorrupt, SnapshotInfo, Vm, Vmm, VmSpec
+from hostd.vmm.snapfile import fsync_path, read_info
+from hostd.vsock import VsockRelay
 from images.manifest import TemplateManifest, TemplateNotFound
+from moru_proto.guest.v1 import process_pb2, process_pb2_grpc
 
 log = logging.getLogger("hostd.ready")
 
-FORMAT = 1
+FORMAT = 2  # 2: RAM in its own file (a restore copies it instead of streaming it)
 META = "ready.json"
+SNAPSHOT = "mem.snap"  # + mem.snap.json, mem.snap.ram (hostd.rundir names them)
+OVERLAY = "ovl.qcow2"
 TMP_PREFIX = ".tmp-"
 # Cgroup/network names of maker VMs (orphans after a crash are removed as any).
 MAKER_PREFIX = "sbx_ready"
+MAKER_RUN_DIR = "vm"  # inside the .tmp- directory
 PIDS_MAX = 1024
 
 
@@ -121,7 +131,7 @@ class ReadySnapshots:
     def __init__(
         self,
         config: Config,
-        vmm: Any,
+        vmm: Vmm,
         cgroups: Any,
         network: Any | None,
         load_template: Callable[[str], TemplateManifest],
@@ -183,6 +193,7 @@ class ReadySnapshots:
         for d in self.root.iterdir():
             if d.name.startswith(TMP_PREFIX):
                 log.warning("removing a ready snapshot that was not finished: %s", d)
+                RunDir(d / MAKER_RUN_DIR).remove()  # the maker VM's RAM file is outside it
                 shutil.rmtree(d, ignore_errors=True)
 
     def prune(self, keep: set[str]) -> list[str]:
@@ -268,9 +279,6 @@ class ReadySnapshots:
 
     async def make(self, shape: Shape, manifest: TemplateManifest) -> Path:
         """Boots the template with shape, waits for guestd, saves it; returns the snapshot dir."""
-        from hostd.network.policy import EgressPolicy
-        from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVm, fsync_path, save_ready
-
         if initramfs_has_virtio_pci(Path(shape.initramfs)) is False:
             raise RuntimeError(
                 f"template {shape.template}'s initramfs has no virtio_pci module, which a ready "
@@ -300,7 +308,7 @@ class ReadySnapshots:
                 kernel=Path(shape.kernel),
                 initramfs=Path(shape.initramfs),
                 rootfs=Path(shape.rootfs),
-                run_dir=tmp / "vm",
+                run_dir=tmp / MAKER_RUN_DIR,
                 vcpus=shape.vcpus,
                 memory_mb=shape.memory_mb,
                 disk_mb=shape.disk_mb,
@@ -309,16 +317,21 @@ class ReadySnapshots:
                 accel=shape.accel,
                 cgroup_procs_files=tuple(cg.procs_files),
             )
-            vm = PciQemuVm(self.vmm, spec)
+            vm = self.vmm.create(spec)
             stack.push_async_callback(vm.destroy)
             await vm.start()
             await self._wait_guestd(vm, shape)
             booted = time.monotonic() - t0
+            if not vm.can_save:
+                raise RuntimeError(f"the {self.vmm.name} driver cannot save this VM")
             # The guest powers its vsock slot off itself: QMP device_del waits for
             # pciehp's 5 s attention delay, which a loaded guest can stretch past 20 s.
-            await _run_in_guest(vm, shape.guestd_port, tmp / "g.sock", EJECT_SCRIPT)
+            ejected = bool(vm.guest_eject_script)
+            if ejected:
+                await _run_in_guest(vm, shape.guestd_port, tmp / "g.sock",
+                                    vm.guest_eject_script)  # fmt: skip
             out = tmp / "snap"
-            info = await save_ready(vm, out, guest_ejected=True)
+            info = await save_ready(vm, out, guest_ejected=ejected)
             meta = {
                 "format": FORMAT,
                 "shape": asdict(shape),
@@ -345,10 +358,12 @@ class ReadySnapshots:
         )  # fmt: skip
         return final
 
-    async def _wait_guestd(self, vm: Any, shape: Shape) -> None:
-        """guestd's line on the console, then its vsock port (hostd.readiness, as Create)."""
-        from hostd.readiness import VmExited, wait_guestd
+    async def restore(self, spec: VmSpec, ready: Path) -> Vm:
+        """A new VM from the ready snapshot in `ready` (see `restore_ready`)."""
+        return await restore_ready(self.vmm, spec, ready)
 
+    async def _wait_guestd(self, vm: Vm, shape: Shape) -> None:
+        """guestd's line on the console, then its vsock port (hostd.readiness, as Create)."""
         limit = self.config.ready_snapshot_boot_seconds
         try:
             await wait_guestd(vm, shape.guestd_port, time.monotonic() + limit, grace=limit)
@@ -360,12 +375,42 @@ class ReadySnapshots:
             ) from None
 
 
-async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> None:
-    """Runs `/bin/sh -c script` through guestd (not initialized yet: no token)."""
-    from hostd.guest import open_channel
-    from hostd.vsock import VsockRelay
-    from moru_proto.guest.v1 import process_pb2, process_pb2_grpc
+async def save_ready(vm: Vm, dest: Path, *, guest_ejected: bool = False) -> SnapshotInfo:
+    """Saves a booted VM whose guestd waits for Init as a template's ready snapshot.
 
+    dest gets the snapshot (`mem.snap` and its companions) and the VM's disk
+    overlay; the VM's processes are gone afterwards and its run_dir is left
+    to the caller to remove.
+    """
+    await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+    info = await vm.save(dest / SNAPSHOT, guest_ejected=guest_ejected)
+    tmp = partial(dest / OVERLAY)
+    await asyncio.to_thread(shutil.copyfile, RunDir(vm.spec.run_dir).overlay, tmp)
+    os.replace(tmp, dest / OVERLAY)
+    return info
+
+
+async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> Vm:
+    """A new VM (spec.run_dir is its own) started from the ready snapshot in `ready`.
+
+    The snapshot's files are only read, so many sandboxes can start from it
+    at once; each gets a copy of the snapshot's overlay (small: the
+    template's rootfs stays the shared backing file). The caller then sends
+    Guest.Init with the sandbox's identity, env, fresh entropy and the wall
+    clock. spec.kernel_cmdline does not reach the guest (it booted long ago).
+    """
+    snap = ready / SNAPSHOT
+    read_info(snap)
+    overlay = ready / OVERLAY
+    if not overlay.is_file():
+        raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
+    await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
+    return await vmm.restore(spec, snap)
+
+
+async def _run_in_guest(vm: Vm, port: int, relay_path: Path, script: str) -> None:
+    """Runs `/bin/sh -c script` through guestd (not initialized yet: no token)."""
     relay = VsockRelay(relay_path, vm.vsock_uds, port)
     await relay.start()
     try:
@@ -388,11 +433,9 @@ async def _run_in_guest(vm: Any, port: int, relay_path: Path, script: str) -> No
 
 
 def _fsync_tree(path: Path) -> None:
-    from hostd.vmm.snapshot import fsync_path
-
     for f in path.iterdir():
         fsync_path(f)
     fsync_path(path)
 
 
-__all__ = ["ReadySnapshots", "Shape", "shape_of"]
+__all__ = ["ReadySnapshots", "Shape", "restore_ready", "save_ready", "shape_of"]

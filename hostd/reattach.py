@@ -9,43 +9,55 @@ removed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from hostd import disk_pause
-from hostd.events import Event, EventType, Reason
+from hostd.config import Config
+from hostd.events import Event, EventBus, EventType, Reason
 from hostd.resources import vm_spec
+from hostd.rundir import RunDir
+from hostd.sandbox import PIDS_MAX, Sandbox, egress_policy
 from hostd.state import State
-from hostd.store import SandboxRecord
-from hostd.vmm.base import Vm, VmError, VmSpec
-
-if TYPE_CHECKING:
-    from hostd.sandboxes import Sandbox, SandboxManager
+from hostd.store import SandboxRecord, Store
+from hostd.vmm.base import AttachError, Vm, VmError, Vmm, VmSpec
 
 log = logging.getLogger("hostd.reattach")
 
 
 class Reattacher:
-    def __init__(self, mgr: SandboxManager) -> None:
-        self.mgr = mgr
+    """Finds stored sandboxes again; holds the driver, the store and the host resources."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        vmm: Vmm,
+        cgroups: Any,
+        network: Any | None,
+        bus: EventBus,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.vmm = vmm
+        self.cgroups = cgroups
+        self.network = network
+        self.bus = bus
 
     async def reattach_all(self) -> list[Sandbox]:
         out = []
-        for rec in self.mgr.store.all():
+        for rec in self.store.all():
             sb = await self._reattach(rec)
             if sb is not None:
                 out.append(sb)
         return out
 
     async def _reattach(self, rec: SandboxRecord) -> Sandbox | None:
-        from hostd.sandboxes import Sandbox
-
-        mgr = self.mgr
-        sb = Sandbox(rec=rec, metrics=deque(maxlen=mgr.config.metrics_history))
+        sb = Sandbox(rec=rec, metrics=deque(maxlen=self.config.metrics_history))
         res = sb.res
         if rec.state is State.CREATING:
             await self._discard(
@@ -65,15 +77,15 @@ class Reattacher:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 res.cgroup = self._cgroup(rec)
-                if mgr.network is not None and rec.network:
+                if self.network is not None and rec.network:
                     await self._network(rec)
                 spec = vm_spec(rec, res.cgroup.procs_files)
                 if rec.paused_to_disk:
                     # No processes: a VM handle never started, whose destroy (at
                     # kill) removes the run dir and so the snapshot. A missing
                     # snapshot is reported by Resume; the sandbox stays listed.
-                    vm = mgr.vmm.create(spec)
-                    if not disk_pause.snapshot_path(rec.run_dir).is_file():
+                    vm = self.vmm.create(spec)
+                    if not RunDir(rec.run_dir).snapshot.is_file():
                         log.warning("%s was paused to disk but its snapshot is missing",
                                     rec.sandbox_id)  # fmt: skip
                 else:
@@ -81,10 +93,10 @@ class Reattacher:
                 res.vm = vm
                 # The same release order Create registers: store row, cgroup,
                 # network, VM, relay, channel (closed in reverse).
-                stack.callback(mgr.store.delete, rec.sandbox_id)
+                stack.callback(self.store.delete, rec.sandbox_id)
                 stack.push_async_callback(res.cgroup.remove)
-                if mgr.network is not None and rec.network:
-                    stack.push_async_callback(mgr.network.teardown, rec.sandbox_id)
+                if self.network is not None and rec.network:
+                    stack.push_async_callback(self.network.teardown, rec.sandbox_id)
                 stack.push_async_callback(vm.destroy)
                 await res.connect(vm, rec, stack)
                 if disk_pause.interrupted(rec):
@@ -111,25 +123,21 @@ class Reattacher:
         in again). VM gone and the snapshot complete: the save had finished, so
         the row becomes paused to disk. Otherwise the usual clean-up follows.
         """
-        from hostd.vmm import snapshot
-
         try:
-            await self.mgr.vmm.attach(vm_spec(rec, ()))
+            await self.vmm.attach(vm_spec(rec, ()))
             return
-        except VmError as e:
-            half = getattr(e, "vm", None)
-            if half is not None:
-                if snapshot.qemu_alive(half):
-                    return  # only its vsock backend is gone: see _attach
-                with contextlib.suppress(VmError):
-                    await snapshot.stop(half)
+        except AttachError as e:
+            if e.vm.is_alive():
+                return  # only its vsock backend is gone: see _attach
+            with contextlib.suppress(VmError):
+                await e.vm.stop()
         if disk_pause.saved_completely(rec):
             log.warning("%s: hostd went away after saving it to disk; it is paused",
                         rec.sandbox_id)  # fmt: skip
             rec.paused_remaining = max(0.0, rec.end_at - time.time())
             rec.paused_to_disk = True
             rec.state = State.PAUSED
-            self.mgr.store.put(rec)
+            self.store.put(rec)
         disk_pause.pause_recorded(rec)
 
     async def _attach(self, rec: SandboxRecord, spec: VmSpec) -> Vm:
@@ -138,28 +146,21 @@ class Reattacher:
         A hostd that dies while giving a VM back (a Pause cancelled by its
         client or a stop, then kill -9) can leave QEMU running and its
         vhost-device-vsock killed, the fresh one not started yet. The VM is
-        fine (giving it back starts a fresh backend anyway): start one here
-        rather than discard the sandbox.
+        fine: giving it back (`Vm.give_back`, which `_reattach` does next)
+        starts a fresh backend and plugs a device in over it.
         """
-        from hostd.vmm import snapshot
-
         try:
-            return await self.mgr.vmm.attach(spec)
-        except VmError as e:
-            half = getattr(e, "vm", None)
-            if not (disk_pause.interrupted(rec) and half is not None
-                    and snapshot.qemu_alive(half)):  # fmt: skip
+            return await self.vmm.attach(spec)
+        except AttachError as e:
+            if not (disk_pause.interrupted(rec) and e.vm.is_alive()):
                 raise
-        log.warning("%s: its vsock backend is gone (hostd died giving it back); starting one",
-                    rec.sandbox_id)  # fmt: skip
-        await snapshot.restart_vsock_backend(half)
-        return cast(Vm, half)
+            log.warning("%s: its vsock backend is gone (hostd died giving it back)",
+                        rec.sandbox_id)  # fmt: skip
+            return e.vm
 
     def _cgroup(self, rec: SandboxRecord) -> Any:
         """The sandbox's cgroup; re-created for one paused to disk (gone after a host reboot)."""
-        from hostd.sandboxes import PIDS_MAX
-
-        cgroups = self.mgr.cgroups
+        cgroups = self.cgroups
         try:
             return cgroups.open(rec.sandbox_id)
         except (RuntimeError, OSError):
@@ -173,7 +174,7 @@ class Reattacher:
         The re-created network may have another address: Resume gives it to the
         guest through Init (disk_pause.resume).
         """
-        network = self.mgr.network
+        network = self.network
         assert network is not None
         try:
             await network.attach(rec.sandbox_id, rec.network)
@@ -182,55 +183,55 @@ class Reattacher:
                 raise
             log.warning("%s: re-creating the network of a sandbox paused to disk (%s)",
                         rec.sandbox_id, e)  # fmt: skip
-            net = await network.setup(rec.sandbox_id, self.mgr._policy(rec))
+            net = await network.setup(rec.sandbox_id, egress_policy(rec))
             rec.network = dict(net.to_dict())
-            self.mgr.store.put(rec)
+            self.store.put(rec)
 
     async def _discard(self, rec: SandboxRecord, typ: EventType, reason: Reason, msg: str) -> None:
         """Best-effort removal of whatever a half-created sandbox left."""
-        mgr = self.mgr
         with contextlib.suppress(Exception):
             spec = vm_spec(rec, ())
+            vm: Vm
             try:
-                vm = await mgr.vmm.attach(spec)
-            except VmError as e:
-                # QemuVmm's AttachError keeps what still runs in `.vm`.
-                vm = getattr(e, "vm", None) or mgr.vmm.create(spec)
+                vm = await self.vmm.attach(spec)
+            except AttachError as e:
+                vm = e.vm  # what still runs
+            except VmError:
+                vm = self.vmm.create(spec)
             await vm.destroy()
-        if mgr.network is not None:
+        if self.network is not None:
             with contextlib.suppress(Exception):
-                await mgr.network.teardown(rec.sandbox_id)
+                await self.network.teardown(rec.sandbox_id)
         await self._remove_cgroup(rec.sandbox_id)
-        shutil.rmtree(rec.run_dir, ignore_errors=True)
-        mgr.store.delete(rec.sandbox_id)
-        mgr.bus.publish(Event(rec.sandbox_id, typ, reason, rec.template_id, msg))
+        await asyncio.to_thread(RunDir(rec.run_dir).remove)
+        self.store.delete(rec.sandbox_id)
+        self.bus.publish(Event(rec.sandbox_id, typ, reason, rec.template_id, msg))
 
     async def _remove_cgroup(self, sandbox_id: str) -> None:
         """Kills what is left in a sandbox's cgroup and removes it (CgroupManager does both)."""
         try:
-            cg = self.mgr.cgroups.open(sandbox_id)
+            cg = self.cgroups.open(sandbox_id)
             await cg.remove()
         except (RuntimeError, OSError) as e:
             log.warning("could not remove the cgroup of %s: %s", sandbox_id, e)
 
     async def remove_orphans(self, known: set[str]) -> None:
-        mgr = self.mgr
-        if mgr.network is not None:
+        if self.network is not None:
             try:
-                removed = await mgr.network.cleanup_orphans(known)
+                removed = await self.network.cleanup_orphans(known)
             except Exception:
                 log.exception("cleaning up orphan sandbox networks failed")
             else:
                 if removed:
                     log.warning("removed orphan sandbox networks %s", removed)
         with contextlib.suppress(OSError):
-            for sid in mgr.cgroups.list_ids():
+            for sid in self.cgroups.list_ids():
                 if sid not in known:
                     log.warning("removing orphan cgroup %s", sid)
                     await self._remove_cgroup(sid)
-        base = mgr.config.sandboxes_dir
+        base = self.config.sandboxes_dir
         if base.is_dir():
             for d in base.iterdir():
                 if d.name not in known:
                     log.warning("removing orphan run dir %s", d)
-                    shutil.rmtree(d, ignore_errors=True)
+                    await asyncio.to_thread(RunDir(d).remove)

@@ -16,10 +16,10 @@ import grpc
 from hostd.config import Config
 from hostd.errors import ResourceExhausted
 from hostd.guest import open_channel
+from hostd.rundir import RunDir
 from hostd.store import SandboxRecord
 from hostd.vmm.base import NetAttachment, Vm, VmSpec
-
-RELAY_SOCKET = "g.sock"
+from hostd.vsock import VsockRelay
 
 
 def host_memory_mb() -> int:
@@ -37,6 +37,10 @@ class Capacity:
         self.max_sandboxes = config.max_sandboxes
         self.memory_budget_mb = config.memory_budget_mb or int(host_memory_mb() * 0.8)
         self._used: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._used)
 
     @property
     def memory_used_mb(self) -> int:
@@ -106,9 +110,7 @@ class Resources:
 
     async def connect(self, vm: Vm, rec: SandboxRecord, stack: contextlib.AsyncExitStack) -> None:
         """Starts the vsock relay and opens the gRPC channel to guestd through it."""
-        from hostd.vsock import VsockRelay
-
-        path = Path(rec.run_dir) / RELAY_SOCKET
+        path = RunDir(rec.run_dir).relay_sock
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a hostd that died
         self.relay = VsockRelay(path, vm.vsock_uds, rec.guestd_port)

@@ -44,7 +44,7 @@ DRAIN_SECONDS = 60.0
 def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager:
     """The real backends: QEMU, cgroups, networking (when enabled)."""
     from hostd.cgroups import CgroupManager
-    from hostd.vmm.snapshot import PciQemuVmm
+    from hostd.vmm.qemu import PciQemuVmm
 
     network = None
     if config.network.enabled:
@@ -56,7 +56,7 @@ def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager
         Store(config.db_path),
         # vsock on a hot-pluggable PCIe port, so every sandbox can be paused to disk.
         PciQemuVmm(),
-        CgroupManager(config.cgroup_root),
+        CgroupManager(config.cgroup_root, cpu_reserve=config.cpu_reserve_cores),
         network,
         bus,
     )

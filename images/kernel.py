@@ -23,7 +23,7 @@ REQUIRED_MODULES = (
     "virtio_ring",
     "virtio_mmio",
     # PCI transport: hostd puts the vsock device on a hot-pluggable PCIe port
-    # so a sandbox can be paused to disk (hostd/vmm/snapshot.py).
+    # so a sandbox can be paused to disk (hostd/vmm/qemu/pci.py).
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",

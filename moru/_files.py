@@ -150,7 +150,9 @@ class AsyncWatchHandle:
 
 
 class AsyncFiles:
-    """Files in one sandbox (`sandbox.files`). Paths are absolute."""
+    """Files in one sandbox (`sandbox.files`). Paths are absolute. Every call
+    takes `user` (name or uid): guestd then acts with that user's rights, so
+    what they may not do fails with PermissionDeniedException. Default: root."""
 
     def __init__(self, target: GuestTarget) -> None:
         self._target = target
@@ -158,18 +160,22 @@ class AsyncFiles:
     def _md(self) -> tuple[tuple[str, str], ...]:
         return self._target.metadata
 
-    async def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+    async def read_stream(self, path: str, user: str | None = None) -> AsyncGenerator[bytes, None]:
         """The file's content in chunks, as they arrive."""
-        gen = self._read_stream(path)
+        gen = self._read_stream(path, user)
         try:
             async for piece in gen:
                 yield piece
         finally:
             await gen.aclose()
 
-    async def _read_stream(self, path: str, sized: bool = False) -> AsyncGenerator[Any, None]:
+    async def _read_stream(
+        self, path: str, user: str | None, sized: bool = False
+    ) -> AsyncGenerator[Any, None]:
         """read_stream; with `sized`, first the file's size (an int)."""
-        call = self._target.filesystem().Read(pb.ReadRequest(path=path), metadata=self._md())
+        call = self._target.filesystem().Read(
+            pb.ReadRequest(path=path, user=user or ""), metadata=self._md()
+        )
         try:
             with self._target.errors(f"reading {path}"):
                 while True:
@@ -184,9 +190,9 @@ class AsyncFiles:
         finally:
             call.cancel()
 
-    async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
+    async def _open_stream(self, path: str, user: str | None = None) -> AsyncIterator[bytes]:
         """read_stream, but fails now (not at first iteration) for a missing file."""
-        gen = self.read_stream(path)
+        gen = self.read_stream(path, user)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -205,22 +211,24 @@ class AsyncFiles:
 
     async def read(self, path: str, format: ReadFormat = "text", user: str | None = None) -> Any:
         """The file's content: str ("text"), bytes ("bytes") or an async
-        iterator of bytes chunks ("stream", for files too large for memory)."""
+        iterator of bytes chunks ("stream", for files too large for memory).
+        With `user`, the file is read with that user's rights."""
         if format == "stream":
-            return await self._open_stream(path)
+            return await self._open_stream(path, user)
         if format not in ("text", "bytes"):
             raise ValueError(
                 f'files.read: format must be "text", "bytes" or "stream", not {format!r}'
             )
         buf = bytearray()
-        gen = self._read_stream(path, sized=True)
+        gen = self._read_stream(path, user, sized=True)
         try:
             first = await anext(gen, b"")  # the size (an int), then the data
             if isinstance(first, int) and _transfer.usable(self._target, first):
                 await gen.aclose()
-                if await _transfer.read_into(self._target, pb.ReadRequest(path=path), buf):
+                req = pb.ReadRequest(path=path, user=user or "")
+                if await _transfer.read_into(self._target, req, buf):
                     return buf.decode() if format == "text" else bytes(buf)
-                gen = self._read_stream(path)  # no data relay: the plain stream again
+                gen = self._read_stream(path, user)  # no data relay: the plain stream again
             elif isinstance(first, bytes):
                 buf += first
             async for piece in gen:
@@ -234,7 +242,8 @@ class AsyncFiles:
         self, path: str, data: WriteData, user: str | None = None, mode: int | None = None
     ) -> EntryInfo:
         """Writes `data` (str, bytes, a file object, or an (async) iterator of
-        chunks) to `path`, streamed; parents are created; atomic replace."""
+        chunks) to `path`, streamed; parents are created; atomic replace.
+        With `user`, written with that user's rights and owned by them."""
 
         if isinstance(data, str):
             data = data.encode()
@@ -256,44 +265,48 @@ class AsyncFiles:
             resp = await self._target.filesystem().Write(requests(), metadata=self._md())
         return EntryInfo.from_proto(resp.entry)
 
-    async def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
+    async def list(self, path: str, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
         """Entries under a directory, `depth` levels deep."""
         with self._target.errors(f"listing {path}"):
             resp = await self._target.filesystem().ListDir(
-                pb.ListDirRequest(path=path, depth=depth),
+                pb.ListDirRequest(path=path, depth=depth, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
         return [EntryInfo.from_proto(e) for e in resp.entries]
 
-    async def get_info(self, path: str) -> EntryInfo:
+    async def get_info(self, path: str, user: str | None = None) -> EntryInfo:
         """Type, size, mode, owner and mtime of a path."""
         with self._target.errors(f"stat {path}"):
             resp = await self._target.filesystem().Stat(
-                pb.StatRequest(path=path), metadata=self._md(), timeout=self._target.timeout
+                pb.StatRequest(path=path, user=user or ""),
+                metadata=self._md(),
+                timeout=self._target.timeout,
             )
         return EntryInfo.from_proto(resp.entry)
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: str, user: str | None = None) -> bool:
+        """False when `path` does not exist (PermissionDeniedException when
+        `user` may not look)."""
         try:
-            await self.get_info(path)
+            await self.get_info(path, user)
         except NotFoundException:
             return False
         return True
 
-    async def remove(self, path: str) -> None:
+    async def remove(self, path: str, user: str | None = None) -> None:
         """Removes a file, or a directory with its contents."""
         with self._target.errors(f"removing {path}"):
             await self._target.filesystem().Remove(
-                pb.RemoveRequest(path=path, recursive=True),
+                pb.RemoveRequest(path=path, recursive=True, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
 
-    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+    async def rename(self, old_path: str, new_path: str, user: str | None = None) -> EntryInfo:
         with self._target.errors(f"renaming {old_path} to {new_path}"):
             resp = await self._target.filesystem().Move(
-                pb.MoveRequest(source=old_path, destination=new_path),
+                pb.MoveRequest(source=old_path, destination=new_path, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
@@ -310,12 +323,16 @@ class AsyncFiles:
         return bool(resp.created)
 
     async def watch_dir(
-        self, path: str, on_event: EventCallback | None = None, recursive: bool = False
+        self,
+        path: str,
+        on_event: EventCallback | None = None,
+        recursive: bool = False,
+        user: str | None = None,
     ) -> AsyncWatchHandle:
         """Watches a directory; returns once the watch is in place, so every
         change made after this call is reported."""
         call = self._target.filesystem().Watch(
-            pb.WatchRequest(path=path, recursive=recursive), metadata=self._md()
+            pb.WatchRequest(path=path, recursive=recursive, user=user or ""), metadata=self._md()
         )
         with self._target.errors(f"watching {path}"):
             while True:

@@ -41,7 +41,8 @@ from hostd.readiness import (
     wait_console_line,
     wait_guestd,
 )
-from hostd.vmm.qemu import QemuVm, QemuVmm, _thread_names
+from hostd.vmm.qemu import QemuVm, QemuVmm
+from hostd.vmm.qemu.process import thread_names as _thread_names
 from hostd.vmm.qmp import qmp_command
 from hostd.vsock import dial_socket
 from images.manifest import load_manifest

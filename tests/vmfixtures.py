@@ -30,8 +30,8 @@ import pytest
 import uvloop
 
 from hostd.cgroups import CgroupManager, SandboxCgroup
+from hostd.create import BOOT_ATTEMPTS
 from hostd.readiness import VsockSilent, wait_guestd
-from hostd.sandboxes import BOOT_ATTEMPTS
 from hostd.vmm.base import VmSpec
 from hostd.vmm.qemu import QemuVm, QemuVmm
 from hostd.vsock import VsockRelay

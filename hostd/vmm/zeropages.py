@@ -1,14 +1,15 @@
 """Give back the all-zero pages of a restored guest's memory.
 
-QEMU's incoming migration checks every guest page it is sent as zero by
-reading it (ram_handle_compressed), and a read fault on a shared memfd
-allocates. So a VM restored from a snapshot has all its RAM resident (a
-512 MiB guest: 512 MiB), though a fresh guest touched a fraction of it (about
-155 MiB after a cold boot). While the restored VM is still stopped (before
-`cont`, and before the vhost-user vsock backend maps the memory again), the
-pages that are all zero are punched out of the memfd: a later guest access
-gets a fresh zero page, the same content. The guest is not running, so no
-page can change between the check and the punch.
+QEMU's incoming migration of a full RAM stream (a snapshot of format 1)
+checks every guest page it is sent as zero by reading it
+(ram_handle_compressed), and a read fault on shared memory allocates. So a
+VM restored that way has all its RAM resident, though a fresh guest touched
+a fraction of it. While the restored VM is still stopped (before `cont`, and
+before the vhost-user vsock backend maps the memory again), the pages that
+are all zero are punched out of the RAM file: a later guest access gets a
+fresh zero page, the same content. The guest is not running, so no page can
+change between the check and the punch. (Format 2 copies RAM as a sparse
+file and never needs this.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from pathlib import Path
 
 PAGE = 4096
 CHUNK = 2 << 20  # read and judge 2 MiB at a time; zero pages inside mixed chunks too
@@ -66,28 +66,3 @@ def release_zero_pages(fd: int) -> int:
         offset += len(data)
     end_run(offset)
     return released
-
-
-def guest_memfd(qemu_pid: int) -> Path | None:
-    """The /proc path of QEMU's guest-RAM memfd (memory-backend-memfd id=mem)."""
-    fds = Path(f"/proc/{qemu_pid}/fd")
-    for fd in fds.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("/memfd:memory-backend-memfd"):
-            return fd
-    return None
-
-
-def release_guest_zero_pages(qemu_pid: int) -> int:
-    """release_zero_pages on a stopped QEMU's guest RAM; 0 when it has no memfd."""
-    path = guest_memfd(qemu_pid)
-    if path is None:
-        return 0
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return release_zero_pages(fd)
-    finally:
-        os.close(fd)

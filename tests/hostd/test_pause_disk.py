@@ -27,7 +27,10 @@ import pytest
 from conftest import require_images
 from hostd_framework import EventWatcher, Hostd, our_pids, pb, running_hostd, wait_for
 
-from hostd.vmm import snapshot
+from hostd.rundir import snapshot_meta
+from hostd.vmm.base import SnapshotInfo
+from hostd.vmm.qemu.hotplug import EJECT_SCRIPT
+from hostd.vmm.snapfile import QEMU_MAGIC, read_info
 
 pytestmark = pytest.mark.vm
 
@@ -420,14 +423,14 @@ def test_hostd_killed_while_giving_a_vm_back_leaves_it_running() -> None:
         sid = s.sandbox_id
         run_dir = h.state / "sandboxes" / sid
         assert h.run(s, "echo x > /root/f; echo ok")[1] == "ok\n"
-        assert h.run(s, snapshot.EJECT_SCRIPT + " echo ejecting")[1] == "ejecting\n"
+        assert h.run(s, EJECT_SCRIPT + " echo ejecting")[1] == "ejecting\n"
         h.kill9()
         (run_dir / "pausing").touch()
         snap = run_dir / "mem.snap"
-        snap.write_bytes(snapshot.QEMU_MAGIC + bytes(60))
-        info = snapshot.SnapshotInfo(snap, 64, s.memory_mb, s.cpu_count, time.time(), 0.1, 1.0)
-        snapshot.meta_path(snap).write_text(info.to_json())
-        assert snapshot.read_info(snap) == info  # complete, as far as hostd can tell
+        snap.write_bytes(QEMU_MAGIC + bytes(60))
+        info = SnapshotInfo(snap, 64, s.memory_mb, s.cpu_count, time.time(), 0.1, 1.0, format=1)
+        snapshot_meta(snap).write_text(info.to_json())
+        assert read_info(snap) == info  # complete, as far as hostd can tell
         vsk = int((run_dir / "vsk.pid").read_text())
         os.kill(vsk, signal.SIGKILL)
         wait_for(lambda: vsk not in vm_pids(h, sid), 10, 0.1, "vhost-device-vsock to exit")

@@ -21,7 +21,7 @@ from typing import Any
 from vmfixtures import BootedVm, VmRunner, boot_template
 
 from hostd.cgroups import CgroupManager
-from hostd.vmm.snapshot import PciQemuVmm
+from hostd.vmm.qemu import PciQemuVmm
 from hostd.vsock import wait_ready
 from images.manifest import TemplateManifest, load_manifest
 

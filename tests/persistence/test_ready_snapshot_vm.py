@@ -15,8 +15,9 @@ from pcivm import boot_pci, wait_guestd
 from vmfixtures import BootedVm, VmRunner, make_spec
 
 from hostd.cgroups import CgroupManager
-from hostd.vmm import snapshot
-from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm
+from hostd.ready_snapshots import restore_ready, save_ready
+from hostd.vmm.qemu import PciQemuVmm
+from hostd.vmm.qemu.hotplug import EJECT_SCRIPT
 from moru_proto.guest.v1 import guest_pb2
 
 pytestmark = pytest.mark.vm
@@ -68,7 +69,7 @@ def test_sandboxes_from_a_ready_snapshot_are_distinct_and_fast(
         cold = template.boot_seconds
         # The ready snapshot: booted, guestd waiting for Init.
         check(template.process, EJECT_SCRIPT)
-        info = vm_runner.run(snapshot.save_ready(template.vm, ready, guest_ejected=True))
+        info = vm_runner.run(save_ready(template.vm, ready, guest_ejected=True))
         print(
             f"ready snapshot saved in {info.save_seconds:.2f}s (unplug {info.unplug_seconds:.2f}s)"
         )
@@ -84,7 +85,7 @@ def test_sandboxes_from_a_ready_snapshot_are_distinct_and_fast(
             time.sleep(max(0.0, saved_at + SNAPSHOT_AGE - time.monotonic()))
             t0 = time.monotonic()
             try:
-                vm = vm_runner.run(snapshot.restore_ready(PciQemuVmm(), spec, ready))
+                vm = vm_runner.run(restore_ready(PciQemuVmm(), spec, ready))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # restore killed what it started
                 raise

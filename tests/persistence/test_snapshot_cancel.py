@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from hostd.vmm import snapshot
+from hostd.vmm.base import SnapshotError
+from hostd.vmm.snapfile import despite_cancel
 
 
 def test_despite_cancel_finishes_the_work_then_reraises_the_cancel() -> None:
@@ -17,7 +18,7 @@ def test_despite_cancel_finishes_the_work_then_reraises_the_cancel() -> None:
         done.append("ended")
 
     async def caller() -> None:
-        await snapshot._despite_cancel(end_vm())
+        await despite_cancel(end_vm())
         done.append("caller went on")  # must not happen: it was cancelled
 
     async def main() -> None:
@@ -35,7 +36,7 @@ def test_despite_cancel_finishes_the_work_then_reraises_the_cancel() -> None:
 
 def test_despite_cancel_passes_errors_on() -> None:
     async def fails() -> None:
-        raise snapshot.SnapshotError("QEMU did not exit")
+        raise SnapshotError("QEMU did not exit")
 
-    with pytest.raises(snapshot.SnapshotError, match="did not exit"):
-        asyncio.run(snapshot._despite_cancel(fails()))
+    with pytest.raises(SnapshotError, match="did not exit"):
+        asyncio.run(despite_cancel(fails()))

@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 from vmfixtures import VmRunner, make_spec
 
-from hostd.vmm import snapshot
-from hostd.vmm.base import VmSpec
-from hostd.vmm.snapshot import PciQemuVmm, SnapshotInfo, meta_path, pci_argv
+from hostd.rundir import snapshot_meta as meta_path
+from hostd.rundir import snapshot_ram
+from hostd.vmm import base as snapshot
+from hostd.vmm.base import SnapshotInfo, VmSpec
+from hostd.vmm.qemu import PciQemuVmm
+from hostd.vmm.qemu.hotplug import bars_assigned
+from hostd.vmm.qemu.pci import pci_argv
 from images.manifest import load_manifest
 
 
@@ -34,7 +38,8 @@ def _spec(d: Path, memory_mb: int = 256) -> VmSpec:
 
 def _write(path: Path, data: bytes, memory_mb: int = 256, size: int | None = None) -> None:
     path.write_bytes(data)
-    info = SnapshotInfo(path, len(data) if size is None else size, memory_mb, 1, 0.0, 0.0, 0.0)
+    info = SnapshotInfo(path, len(data) if size is None else size, memory_mb, 1, 0.0, 0.0, 0.0,
+                        format=1)
     meta_path(path).write_text(info.to_json())
 
 
@@ -50,15 +55,34 @@ def test_pci_argv_moves_vsock_to_a_pcie_root_port() -> None:
     assert devs[1] == "vhost-user-vsock-pci,chardev=vs,id=moru_vsock0,bus=moru_rp0"
     assert "vhost-user-vsock-device,chardev=vs" not in out and out[-1] == "-nodefaults"
     assert pci_argv(out) == out
-    inc = pci_argv(argv, incoming=Path("/s/mem snap"))
-    assert pci_argv(out, incoming=Path("/s/mem snap")) == inc
+    inc = pci_argv(argv, incoming=True)
+    assert pci_argv(out, incoming=True) == inc
     assert "-chardev" not in inc and not any("vsock-pci" in a for a in inc)
-    assert inc[-2:] == ["-incoming", "exec:cat '/s/mem snap'"]
+    assert inc[-2:] == ["-incoming", "defer"]  # the state is loaded over QMP
 
 
 def test_restore_unknown_snapshot(d: Path, vm_runner: VmRunner) -> None:
     with pytest.raises(snapshot.SnapshotNotFound, match="no snapshot"):
-        vm_runner.run(snapshot.restore(PciQemuVmm(), _spec(d), d / "nope.snap"))
+        vm_runner.run(PciQemuVmm().restore(_spec(d), d / "nope.snap"))
+
+
+@pytest.mark.parametrize(("ram", "match"), [(None, "no RAM image"), (1 << 20, "the guest had"),
+                                            (256 << 20, "bytes, 108 were written")])
+def test_restore_refuses_a_format2_snapshot_with_damaged_files(
+    d: Path, vm_runner: VmRunner, ram: int | None, match: str
+) -> None:
+    snap = d / "mem.snap"
+    snap.write_bytes(b"QEVM\0\0\0\3" + b"x" * 100)
+    info = SnapshotInfo(snap, 4096, 256, 1, 0.0, 0.0, 0.0, state_bytes=snap.stat().st_size)
+    meta_path(snap).write_text(info.to_json())
+    if ram is not None:
+        with snapshot_ram(snap).open("wb") as f:
+            f.truncate(ram)
+    if ram == 256 << 20:  # RAM image fine, device state grown since it was written
+        with snap.open("ab") as f:
+            f.write(b"x")
+    with pytest.raises(snapshot.SnapshotCorrupt, match=match):
+        vm_runner.run(PciQemuVmm().restore(_spec(d), snap))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +111,7 @@ def test_restore_corrupt_snapshot(
     else:
         _write(snap, data)
     with pytest.raises(snapshot.SnapshotCorrupt, match=match):
-        vm_runner.run(snapshot.restore(PciQemuVmm(), _spec(d), snap))
+        vm_runner.run(PciQemuVmm().restore(_spec(d), snap))
 
 
 def test_save_refuses_without_disk_space_and_leaves_nothing(vm_runner: VmRunner) -> None:
@@ -97,7 +121,7 @@ def test_save_refuses_without_disk_space_and_leaves_nothing(vm_runner: VmRunner)
     try:
         vm = PciQemuVmm().create(_spec(mnt))  # never started: save must fail before QMP
         with pytest.raises(snapshot.NotEnoughDisk, match="MiB free"):
-            vm_runner.run(snapshot.save(vm, mnt / "mem.snap"))
+            vm_runner.run(vm.save(mnt / "mem.snap"))
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
@@ -115,7 +139,7 @@ def test_restore_of_a_damaged_stream_fails_cleanly_in_qemu(d: Path, vm_runner: V
     snap = spec.run_dir / "mem.snap"
     _write(snap, b"QEVM\0\0\0\3" + os.urandom(4096))
     with pytest.raises(snapshot.SnapshotCorrupt, match=r"loading snapshot|restoring") as e:
-        vm_runner.run(snapshot.restore(PciQemuVmm(), spec, snap), 120)
+        vm_runner.run(PciQemuVmm().restore(spec, snap), 120)
     print(e.value)
     assert snap.exists() and (spec.run_dir / "ovl.qcow2").exists()
     for pidfile in ("vmm.pid", "vsk.pid"):
@@ -125,14 +149,12 @@ def test_restore_of_a_damaged_stream_fails_cleanly_in_qemu(d: Path, vm_runner: V
 
 def test_probe_check_reads_bar_addresses_from_query_pci() -> None:
     """The restored guest probed the vsock device when its BARs have addresses."""
-    from hostd.vmm.snapshot import _bars_assigned
-
     def pci(address: int) -> list[dict[str, object]]:
         dev = {"qdev_id": "moru_vsock0", "regions": [{"bar": 1, "address": 3221225472},
                                                      {"bar": 4, "address": address}]}  # fmt: skip
         return [{"devices": [{"qdev_id": "moru_rp0", "pci_bridge": {"devices": [dev]}}]}]
 
-    assert _bars_assigned(pci(824633720832), "moru_vsock0") is True
-    assert _bars_assigned(pci((1 << 64) - 1), "moru_vsock0") is False
-    assert _bars_assigned(pci(0), "moru_vsock0") is False
-    assert _bars_assigned([{"devices": []}], "moru_vsock0") is None
+    assert bars_assigned(pci(824633720832), "moru_vsock0") is True
+    assert bars_assigned(pci((1 << 64) - 1), "moru_vsock0") is False
+    assert bars_assigned(pci(0), "moru_vsock0") is False
+    assert bars_assigned([{"devices": []}], "moru_vsock0") is None

@@ -13,9 +13,10 @@ from pcivm import boot_pci, wait_guestd
 from vmfixtures import VmRunner
 
 from hostd.cgroups import CgroupManager
-from hostd.vmm import snapshot
-from hostd.vmm.qemu import load_spec
-from hostd.vmm.snapshot import EJECT_SCRIPT, PciQemuVmm
+from hostd.rundir import snapshot_ram
+from hostd.vmm.qemu import PciQemuVmm
+from hostd.vmm.qemu.hotplug import EJECT_SCRIPT
+from hostd.vmm.specfile import load_spec
 
 pytestmark = pytest.mark.vm
 
@@ -30,10 +31,10 @@ COUNTER = (
 RESTORE_ELSEWHERE = """
 import asyncio, sys
 from pathlib import Path
-from hostd.vmm import snapshot
-from hostd.vmm.qemu import load_spec
+from hostd.vmm.qemu import PciQemuVmm
+from hostd.vmm.specfile import load_spec
 run_dir = Path(sys.argv[1])
-asyncio.run(snapshot.restore(snapshot.PciQemuVmm(), load_spec(run_dir), run_dir / "mem.snap"))
+asyncio.run(PciQemuVmm().restore(load_spec(run_dir), run_dir / "mem.snap"))
 """
 
 
@@ -79,9 +80,13 @@ def test_pause_to_disk_keeps_a_counting_process_and_frees_memory(
         snap = vm.vm.spec.run_dir / "mem.snap"
 
         check(vm.process, EJECT_SCRIPT)
-        info = vm_runner.run(snapshot.save(vm.vm, snap, guest_ejected=True))
-        assert info.path == snap and snap.stat().st_size == info.size_bytes
-        assert not Path(str(snap) + ".tmp").exists()
+        info = vm_runner.run(vm.vm.save(snap, guest_ejected=True))
+        assert info.path == snap and info.format == 2
+        # Device state in the stream, RAM beside it as a sparse file of the guest's size.
+        ram = snapshot_ram(snap)
+        assert ram.stat().st_size == 256 << 20 and snap.stat().st_size < 4 << 20
+        assert info.size_bytes == (snap.stat().st_blocks + ram.stat().st_blocks) * 512
+        assert not Path(str(snap) + ".tmp").exists() and not vm.vm.files.ram.exists()
         # The VM's processes are gone and the cgroup holds (almost) no memory.
         assert pids and not any(_alive(p) for p in pids)
         assert vm.cgroup.pids() == set()
@@ -92,7 +97,7 @@ def test_pause_to_disk_keeps_a_counting_process_and_frees_memory(
               f"{info.size_bytes >> 20} MiB")  # fmt: skip
 
         t0 = time.monotonic()
-        vm.vm = vm_runner.run(snapshot.restore(PciQemuVmm(), vm.vm.spec, snap))
+        vm.vm = vm_runner.run(PciQemuVmm().restore(vm.vm.spec, snap))
         wait_guestd(vm, 120)
         print(f"restore to guestd answering: {time.monotonic() - t0:.2f}s")
         assert check(vm.process, "cat /root/before") == "kept\n"
@@ -103,7 +108,7 @@ def test_pause_to_disk_keeps_a_counting_process_and_frees_memory(
         assert c3 > c2, "the counting process stopped after restore"
         # Again, through device_del this time, and restored by another process from
         # the files alone (as a restarted hostd would), then adopted here by pid files.
-        info2 = vm_runner.run(snapshot.save(vm.vm, snap))
+        info2 = vm_runner.run(vm.vm.save(snap))
         assert info2.unplug_seconds < 20
         run_dir = vm.vm.spec.run_dir
         subprocess.run([sys.executable, "-c", RESTORE_ELSEWHERE, str(run_dir)], check=True,

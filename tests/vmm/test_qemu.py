@@ -19,7 +19,8 @@ from vmfixtures import BootedVm, VmRunner, make_spec
 from hostd.cgroups import CgroupManager
 from hostd.vmm import accel
 from hostd.vmm.base import NetAttachment, VmError
-from hostd.vmm.qemu import AttachError, QemuVm, QemuVmm, load_spec
+from hostd.vmm.qemu import AttachError, QemuVm, QemuVmm
+from hostd.vmm.specfile import load_spec
 from hostd.vsock import VsockError, dial
 from images.manifest import TemplateManifest, load_manifest
 from moru_proto.guest.v1 import guest_pb2

@@ -63,6 +63,13 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_CREATE_FAILED: _EventType.ValueType  # 6
     EVENT_TYPE_GUEST_OOM: _EventType.ValueType  # 7
     """A process inside the guest was killed by the guest's OOM killer."""
+    EVENT_TYPE_POOL_MEMBER_READY: _EventType.ValueType  # 8
+    """Warm pool: a member became ready, was removed (died, recycled by age,
+    evicted for a real sandbox, hostd stopping), or preparing one failed.
+    sandbox_id is the member's, which a claim keeps as the sandbox's id.
+    """
+    EVENT_TYPE_POOL_MEMBER_REMOVED: _EventType.ValueType  # 9
+    EVENT_TYPE_POOL_REFILL_FAILED: _EventType.ValueType  # 10
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -75,6 +82,13 @@ EVENT_TYPE_KILLED: EventType.ValueType  # 5
 EVENT_TYPE_CREATE_FAILED: EventType.ValueType  # 6
 EVENT_TYPE_GUEST_OOM: EventType.ValueType  # 7
 """A process inside the guest was killed by the guest's OOM killer."""
+EVENT_TYPE_POOL_MEMBER_READY: EventType.ValueType  # 8
+"""Warm pool: a member became ready, was removed (died, recycled by age,
+evicted for a real sandbox, hostd stopping), or preparing one failed.
+sandbox_id is the member's, which a claim keeps as the sandbox's id.
+"""
+EVENT_TYPE_POOL_MEMBER_REMOVED: EventType.ValueType  # 9
+EVENT_TYPE_POOL_REFILL_FAILED: EventType.ValueType  # 10
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _EventReason:
@@ -90,6 +104,8 @@ class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReas
     EVENT_REASON_OOM: _EventReason.ValueType  # 4
     EVENT_REASON_CREATE_FAILED: _EventReason.ValueType  # 5
     EVENT_REASON_HOST_RESTART: _EventReason.ValueType  # 6
+    EVENT_REASON_NODE_FULL: _EventReason.ValueType  # 7
+    """A warm pool member gave its room to a sandbox on a full node."""
 
 class EventReason(_EventReason, metaclass=_EventReasonEnumTypeWrapper): ...
 
@@ -100,6 +116,8 @@ EVENT_REASON_VMM_EXITED: EventReason.ValueType  # 3
 EVENT_REASON_OOM: EventReason.ValueType  # 4
 EVENT_REASON_CREATE_FAILED: EventReason.ValueType  # 5
 EVENT_REASON_HOST_RESTART: EventReason.ValueType  # 6
+EVENT_REASON_NODE_FULL: EventReason.ValueType  # 7
+"""A warm pool member gave its room to a sandbox on a full node."""
 Global___EventReason: _TypeAlias = EventReason  # noqa: Y015
 
 @_typing.final
@@ -659,9 +677,12 @@ class GetHostResponse(_message.Message):
     HOST_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     host: _builtins.str
-    """`{port}-{sandbox_id}.{domain}`, without scheme."""
+    """`{port}-{sandbox_id}.{domain}`, without scheme, followed by
+    `:{proxy_port}` when the proxy does not listen on 80 or 443, so that
+    `http://{host}/` reaches the port as written.
+    """
     url: _builtins.str
-    """A URL that reaches it from this machine, e.g. http://host:proxy_port."""
+    """A URL that reaches it from this machine: `http://{host}`."""
     def __init__(
         self,
         *,

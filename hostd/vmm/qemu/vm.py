@@ -1,214 +1,70 @@
 """QEMU microvm driver: one QEMU process plus one vhost-device-vsock process per VM.
 
-Everything a VM owns lives in its run_dir (short names: AF_UNIX paths are
-limited to 108 bytes):
-
-    ovl.qcow2    copy-on-write overlay over the template's raw rootfs
-    vhu.sock     vhost-user control socket between QEMU and the vsock device
-    v.sock       hybrid-vsock socket hostd dials (`CONNECT <port>\\n`)
-    qmp.sock     QMP monitor
-    console.log  guest serial console (appended)
-    vmm.pid vsk.pid   pids, for `attach` after a hostd restart
-    vmm.err vsk.err   the processes' stderr
-    spec.json    the VmSpec, for operators and `load_spec`
-
-Both processes start in their own session, so a hostd crash leaves them
-running, and join the sandbox's cgroups in a pre-exec hook, so no instant of
-their life is outside the cgroup.
+Everything a VM owns lives in its run_dir (`hostd.rundir.RunDir` names the
+files). Both processes start in their own session, so a hostd crash leaves
+them running, and join the sandbox's cgroups in a pre-exec hook, so no
+instant of their life is outside the cgroup.
 
 Pause is SIGSTOP of both processes, not QMP `stop`: vhost-device-vsock 0.3
 does not survive QMP stop/cont with traffic in flight (see `QemuVm.pause`).
 QMP serves the start check and `status`; destroy is SIGKILL (the overlay
 is thrown away, so there is nothing to flush).
+
+This is the virtio-mmio device set, which cannot be saved (a vhost-user
+device blocks migration and mmio devices cannot be unplugged); hostd runs
+the PCI variant (`hostd.vmm.qemu.pci`), which can.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hostd.rundir import RunDir
 from hostd.vmm import accel as accel_mod
-from hostd.vmm.base import NetAttachment, Vm, VmError, Vmm, VmSpec
+from hostd.vmm.base import AttachError, Vm, VmError, Vmm, VmSpec
+from hostd.vmm.qemu.process import (
+    POLL,
+    Proc,
+    join_cgroups,
+    read_tail,
+    thread_names,
+)
 from hostd.vmm.qmp import QmpError, qmp_command
+from hostd.vmm.specfile import write_spec
 
-OVERLAY = "ovl.qcow2"
-VHU_SOCK = "vhu.sock"
-VSOCK_UDS = "v.sock"
-QMP_SOCK = "qmp.sock"
-CONSOLE = "console.log"
-VMM_PID = "vmm.pid"
-VSK_PID = "vsk.pid"
-VMM_ERR = "vmm.err"
-VSK_ERR = "vsk.err"
-SPEC = "spec.json"
-
-_UNIX_PATH_MAX = 107
-_POLL = 0.01
 # Name of vhost-user-backend's queue worker thread inside vhost-device-vsock.
 VSOCK_WORKER_THREAD = "vring_worker"
-
-
-def spec_to_json(spec: VmSpec) -> str:
-    def conv(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, tuple | list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return json.dumps(conv(asdict(spec)), indent=2, sort_keys=True)
-
-
-def spec_from_json(text: str) -> VmSpec:
-    d = json.loads(text)
-    for k in ("kernel", "initramfs", "rootfs", "run_dir"):
-        d[k] = Path(d[k])
-    d["extra_disks"] = tuple(Path(p) for p in d.get("extra_disks", ()))
-    d["cgroup_procs_files"] = tuple(Path(p) for p in d.get("cgroup_procs_files", ()))
-    if d.get("net"):
-        d["net"] = NetAttachment(**d["net"])
-    return VmSpec(**d)
-
-
-def load_spec(run_dir: Path) -> VmSpec:
-    """The spec a VM was started with (raises VmError when run_dir has none)."""
-    try:
-        return spec_from_json((run_dir / SPEC).read_text())
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise VmError(f"no usable {SPEC} in {run_dir}: {e}") from e
-
-
-def _join_cgroups(procs_files: tuple[Path, ...]) -> Callable[[], None]:
-    """A pre-exec hook that moves the child into every cgroup before it execs."""
-    paths = [str(p) for p in procs_files]
-
-    def hook() -> None:
-        pid = str(os.getpid()).encode()
-        for p in paths:
-            fd = os.open(p, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-
-    return hook
-
-
-class _Proc:
-    """A VM process: our child (popen set) or one found again after a restart."""
-
-    def __init__(self, name: str, pid: int, marker: str, popen: subprocess.Popen[bytes] | None):
-        self.name = name
-        self.pid = pid
-        self.marker = marker  # a string its command line must contain (the run_dir)
-        self.popen = popen
-
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return _is_our_process(self.pid, self.marker)
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def stopped(self) -> bool:
-        """Whether it is stopped by a signal (paused)."""
-        return _proc_state(self.pid) in ("T", "t")
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Waits (polling: after a restart it is not our child) until it is gone."""
-        end = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > end:
-                return False
-            await asyncio.sleep(_POLL)
-        return True
-
-
-def _proc_state(pid: int) -> str:
-    """The state letter of /proc/<pid>/stat ("" when gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _is_our_process(pid: int, marker: str) -> bool:
-    """Whether pid runs (not a zombie) with marker in its command line."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return _proc_state(pid) not in ("", "Z", "X") and marker.encode() in cmdline
-
-
-def _thread_names(pid: int) -> list[str] | None:
-    """The names (comm) of pid's threads; None when pid is gone."""
-    names = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
-    return names
-
-
-def _read_tail(path: Path, nbytes: int = 2048) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - nbytes))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 class QemuVm(Vm):
     def __init__(self, vmm: QemuVmm, spec: VmSpec) -> None:
         self.spec = spec
         self._vmm = vmm
-        self._vmm_proc: _Proc | None = None
-        self._vsk_proc: _Proc | None = None
+        self.files = RunDir(spec.run_dir)
+        self._vmm_proc: Proc | None = None
+        self._vsk_proc: Proc | None = None
         self._vsk_worker_pid: int | None = None  # vsk pid whose worker thread was seen
         self._qmp_lock = asyncio.Lock()
         self.accel = accel_mod.resolve(spec.accel)
 
     # --- paths -----------------------------------------------------------
-    def _p(self, name: str) -> Path:
-        return self.spec.run_dir / name
-
     @property
     def vsock_uds(self) -> Path:
-        return self._p(VSOCK_UDS)
+        return self.files.vsock_uds
 
     @property
     def console_log(self) -> Path:
-        return self._p(CONSOLE)
+        return self.files.console_log
 
     @property
     def qmp_sock(self) -> Path:
-        return self._p(QMP_SOCK)
+        return self.files.qmp_sock
 
     @property
     def pids(self) -> list[int]:
@@ -216,6 +72,9 @@ class QemuVm(Vm):
 
     def is_alive(self) -> bool:
         return self._vmm_proc is not None and self._vmm_proc.alive()
+
+    def vsock_backend_alive(self) -> bool:
+        return self._vsk_proc is not None and self._vsk_proc.alive()
 
     def vsock_device_dead(self) -> bool:
         """Whether vhost-device-vsock runs without its queue worker thread: a dead device.
@@ -238,7 +97,7 @@ class QemuVm(Vm):
         p = self._vsk_proc
         if p is None or not p.alive():
             return False
-        names = _thread_names(p.pid)
+        names = thread_names(p.pid)
         if names is None:
             return False
         if VSOCK_WORKER_THREAD in names:
@@ -247,6 +106,10 @@ class QemuVm(Vm):
         return self._vsk_worker_pid == p.pid
 
     # --- start -----------------------------------------------------------
+    def memory_backend(self, size: str) -> str:
+        """The `-object` of guest RAM: a shared memfd (vhost-user maps it too)."""
+        return f"memory-backend-memfd,id=mem,size={size},share=on"
+
     def qemu_argv(self) -> list[str]:
         s = self.spec
         mem = f"{s.memory_mb}M"
@@ -261,7 +124,7 @@ class QemuVm(Vm):
             *accel_mod.qemu_args(self.accel),
             "-smp", str(s.vcpus),
             "-m", mem,
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-object", self.memory_backend(mem),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-chardev", f"file,id=con,path={self.console_log},append=on",
             "-serial", "chardev:con",
@@ -269,7 +132,7 @@ class QemuVm(Vm):
             "-kernel", str(s.kernel),
             "-initrd", str(s.initramfs),
             "-append", cmdline,
-            "-drive", f"id=root,file={self._p(OVERLAY)},format=qcow2,if=none,"
+            "-drive", f"id=root,file={self.files.overlay},format=qcow2,if=none,"
                       "cache=unsafe,discard=unmap,detect-zeroes=unmap",
             "-device", "virtio-blk-device,drive=root",
         ]  # fmt: skip
@@ -279,7 +142,7 @@ class QemuVm(Vm):
                 "-device", f"virtio-blk-device,drive=d{i}",
             ]  # fmt: skip
         argv += [
-            "-chardev", f"socket,id=vs,path={self._p(VHU_SOCK)}",
+            "-chardev", f"socket,id=vs,path={self.files.vhost_user_sock}",
             "-device", "vhost-user-vsock-device,chardev=vs",
         ]  # fmt: skip
         if s.net is not None:
@@ -294,12 +157,12 @@ class QemuVm(Vm):
         return [
             self._vmm.vsock_device,
             "--guest-cid", str(self.spec.guest_cid),
-            "--socket", str(self._p(VHU_SOCK)),
+            "--socket", str(self.files.vhost_user_sock),
             "--uds-path", str(self.vsock_uds),
         ]  # fmt: skip
 
-    def _spawn(self, name: str, argv: list[str], err_file: str, pid_file: str) -> _Proc:
-        with self._p(err_file).open("ab") as err:
+    def _spawn(self, name: str, argv: list[str], err_file: Path, pid_file: Path) -> Proc:
+        with err_file.open("ab") as err:
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -309,25 +172,26 @@ class QemuVm(Vm):
                     cwd=self.spec.run_dir,
                     start_new_session=True,
                     close_fds=True,
-                    preexec_fn=_join_cgroups(self.spec.cgroup_procs_files),
+                    preexec_fn=join_cgroups(self.spec.cgroup_procs_files),
                 )
             except (OSError, subprocess.SubprocessError) as e:
                 raise VmError(f"cannot start {name} ({argv[0]}): {e}") from e
-        self._p(pid_file).write_text(str(popen.pid))
-        return _Proc(name, popen.pid, str(self.spec.run_dir), popen)
+        pid_file.write_text(str(popen.pid))
+        return Proc(name, popen.pid, str(self.spec.run_dir), popen)
 
-    def _failure(self, what: str) -> VmError:
+    def failure(self, what: str) -> VmError:
+        """A VmError naming what failed, with both processes' stderr and the console tail."""
+        f = self.files
         return VmError(
-            f"{what}\n--- {VMM_ERR} ---\n{_read_tail(self._p(VMM_ERR))}"
-            f"\n--- {VSK_ERR} ---\n{_read_tail(self._p(VSK_ERR))}"
+            f"{what}\n--- {f.vmm_err.name} ---\n{read_tail(f.vmm_err)}"
+            f"\n--- {f.vsock_err.name} ---\n{read_tail(f.vsock_err)}"
             f"\n--- console tail ---\n{self.console_tail(4096)}"
         )
 
-    def _check_spec(self) -> None:
+    def check_spec(self) -> None:
         s = self.spec
-        for sock in (VHU_SOCK, VSOCK_UDS, QMP_SOCK):
-            if len(str(s.run_dir / sock)) > _UNIX_PATH_MAX:
-                raise VmError(f"run_dir {s.run_dir} is too long for unix sockets (108 bytes)")
+        if not self.files.sockets_fit():
+            raise VmError(f"run_dir {s.run_dir} is too long for unix sockets (108 bytes)")
         for label, path in (("kernel", s.kernel), ("initramfs", s.initramfs), ("rootfs", s.rootfs)):
             if not path.is_file():
                 raise VmError(f"{label} {path} does not exist")
@@ -347,56 +211,71 @@ class QemuVm(Vm):
             raise VmError(f"starting VM {self.spec.sandbox_id}: {e}") from e
 
     async def _start(self) -> None:
-        s = self.spec
+        s, f = self.spec, self.files
         s.run_dir.mkdir(parents=True, exist_ok=True)
-        (s.run_dir / SPEC).write_text(spec_to_json(s))
-        self._check_spec()
-        for stale in (VHU_SOCK, VSOCK_UDS, QMP_SOCK, VMM_PID, VSK_PID):
-            self._p(stale).unlink(missing_ok=True)  # left by an earlier run: we wait for these
+        write_spec(s)
+        self.check_spec()
+        for stale in (f.qmp_sock, f.vmm_pid, f.vsock_pid, f.ram):
+            stale.unlink(missing_ok=True)  # left by an earlier run: we wait for these
         await self._create_overlay()
-        self._vsk_proc = self._spawn("vhost-device-vsock", self.vsock_argv(), VSK_ERR, VSK_PID)
+        await self.start_vsock_backend()
+        status = await self.start_qemu()
+        if not status.get("running"):
+            raise self.failure(f"QEMU is not running after start: {status}")
+
+    async def start_vsock_backend(self) -> None:
+        """Starts vhost-device-vsock on fresh sockets; returns once both exist."""
+        f = self.files
+        for sock in (f.vhost_user_sock, f.vsock_uds):
+            sock.unlink(missing_ok=True)
+        self._vsk_proc = self._spawn(
+            "vhost-device-vsock", self.vsock_argv(), f.vsock_err, f.vsock_pid
+        )
         await self._wait_for(
-            lambda: self._p(VHU_SOCK).exists() and self.vsock_uds.exists(),
+            lambda: f.vhost_user_sock.exists() and f.vsock_uds.exists(),
             self._vsk_proc,
             "vhost-device-vsock sockets",
         )
         self.vsock_device_dead()  # notes its worker thread (running before its sockets exist)
-        self._vmm_proc = self._spawn("qemu", self.qemu_argv(), VMM_ERR, VMM_PID)
-        await self._wait_for(self.qmp_sock.exists, self._vmm_proc, "the QMP socket")
+
+    async def start_qemu(self) -> dict[str, Any]:
+        """Starts QEMU; returns its `query-status` once its monitor answers."""
+        f = self.files
+        f.qmp_sock.unlink(missing_ok=True)
+        self._vmm_proc = self._spawn("qemu", self.qemu_argv(), f.vmm_err, f.vmm_pid)
+        await self._wait_for(f.qmp_sock.exists, self._vmm_proc, "the QMP socket")
         # The socket file appears at bind(), a moment before QEMU listens.
         end = time.monotonic() + self._vmm.start_timeout
         while True:
             try:
-                status = await self._qmp("query-status")
-                break
+                status: dict[str, Any] = await self._qmp("query-status")
+                return status
             except QmpError as e:
                 if not self._vmm_proc.alive():
-                    raise self._failure("qemu exited before its monitor answered") from e
+                    raise self.failure("qemu exited before its monitor answered") from e
                 if time.monotonic() > end:
-                    raise self._failure(f"QEMU's monitor did not answer: {e}") from e
-                await asyncio.sleep(_POLL)
-        if not status.get("running"):
-            raise self._failure(f"QEMU is not running after start: {status}")
+                    raise self.failure(f"QEMU's monitor did not answer: {e}") from e
+                await asyncio.sleep(POLL)
 
     async def _create_overlay(self) -> None:
         s = self.spec
         proc = await asyncio.create_subprocess_exec(
             self._vmm.qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw",
-            "-b", str(s.rootfs), str(self._p(OVERLAY)), f"{s.disk_mb}M",
+            "-b", str(s.rootfs), str(self.files.overlay), f"{s.disk_mb}M",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await proc.communicate()
         if proc.returncode != 0:
             raise VmError(f"qemu-img create failed: {out.decode(errors='replace').strip()}")
 
-    async def _wait_for(self, cond: Callable[[], bool], proc: _Proc, what: str) -> None:
+    async def _wait_for(self, cond: Callable[[], bool], proc: Proc, what: str) -> None:
         end = time.monotonic() + self._vmm.start_timeout
         while not cond():
             if not proc.alive():
-                raise self._failure(f"{proc.name} exited while waiting for {what}")
+                raise self.failure(f"{proc.name} exited while waiting for {what}")
             if time.monotonic() > end:
-                raise self._failure(f"timed out waiting for {what}")
-            await asyncio.sleep(_POLL)
+                raise self.failure(f"timed out waiting for {what}")
+            await asyncio.sleep(POLL)
 
     async def _qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         async with self._qmp_lock:
@@ -448,7 +327,9 @@ class QemuVm(Vm):
         except QmpError as e:
             raise VmError(f"querying VM {self.spec.sandbox_id}: {e}") from e
 
-    async def destroy(self) -> None:
+    async def stop(self) -> None:
+        """Kills both processes and waits for them, and frees the guest RAM; run_dir (disk,
+        snapshot) stays."""
         procs = [p for p in (self._vmm_proc, self._vsk_proc) if p is not None]
         for p in procs:
             p.kill()
@@ -457,17 +338,35 @@ class QemuVm(Vm):
             raise VmError(
                 f"VM {self.spec.sandbox_id}: {', '.join(stuck)} did not exit after SIGKILL"
             )
-        await asyncio.to_thread(shutil.rmtree, self.spec.run_dir, True)
+        self._vmm_proc = self._vsk_proc = None
+        self.files.ram.unlink(missing_ok=True)
+
+    async def stop_vsock_backend(self) -> None:
+        if self._vsk_proc is not None:
+            self._vsk_proc.kill()
+            if not await self._vsk_proc.wait(10.0):
+                raise VmError(f"VM {self.spec.sandbox_id}: vhost-device-vsock did not exit")
+
+    async def destroy(self) -> None:
+        await self.stop()
+        await asyncio.to_thread(self.files.remove)
+
+    @property
+    def vmm_pid(self) -> int | None:
+        """QEMU's pid while it runs."""
+        p = self._vmm_proc
+        return p.pid if p is not None and p.alive() else None
 
     def _adopt(self) -> None:
         marker = str(self.spec.run_dir)
-        found: dict[str, _Proc] = {}
-        for name, pid_file in (("qemu", VMM_PID), ("vhost-device-vsock", VSK_PID)):
+        found: dict[str, Proc] = {}
+        for name, pid_file in (("qemu", self.files.vmm_pid), ("vhost-device-vsock",
+                                                              self.files.vsock_pid)):
             try:
-                pid = int(self._p(pid_file).read_text())
+                pid = int(pid_file.read_text())
             except (OSError, ValueError):
                 continue
-            found[name] = _Proc(name, pid, marker, None)
+            found[name] = Proc(name, pid, marker, None)
         # Keep whatever still runs so destroy() can kill it, then judge.
         self._vmm_proc = found.get("qemu")
         self._vsk_proc = found.get("vhost-device-vsock")
@@ -498,18 +397,10 @@ class QemuVmm(Vmm):
         return QemuVm(self, spec)
 
     async def attach(self, spec: VmSpec) -> QemuVm:
-        """The running VM of spec; raises VmError (processes kept for destroy) otherwise."""
-        vm = QemuVm(self, spec)
+        """The running VM of spec; raises AttachError (processes kept for destroy) otherwise."""
+        vm = self.create(spec)
         try:
             vm._adopt()
         except VmError as e:
             raise AttachError(str(e), vm) from None
         return vm
-
-
-class AttachError(VmError):
-    """attach found the VM dead or half dead; `.vm` can still be destroyed."""
-
-    def __init__(self, message: str, vm: QemuVm) -> None:
-        super().__init__(message)
-        self.vm = vm

@@ -1,0 +1,108 @@
+"""The host processes of a QEMU VM (QEMU, vhost-device-vsock): spawn, find again, signal, wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+POLL = 0.01
+
+
+def join_cgroups(procs_files: tuple[Path, ...]) -> Callable[[], None]:
+    """A pre-exec hook that moves the child into every cgroup before it execs."""
+    paths = [str(p) for p in procs_files]
+
+    def hook() -> None:
+        pid = str(os.getpid()).encode()
+        for p in paths:
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+
+    return hook
+
+
+class Proc:
+    """A VM process: our child (popen set) or one found again after a restart."""
+
+    def __init__(self, name: str, pid: int, marker: str, popen: subprocess.Popen[bytes] | None):
+        self.name = name
+        self.pid = pid
+        self.marker = marker  # a string its command line must contain (the run_dir)
+        self.popen = popen
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return is_our_process(self.pid, self.marker)
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def stopped(self) -> bool:
+        """Whether it is stopped by a signal (paused)."""
+        return proc_state(self.pid) in ("T", "t")
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Waits (polling: after a restart it is not our child) until it is gone."""
+        end = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(POLL)
+        return True
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("" when gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def is_our_process(pid: int, marker: str) -> bool:
+    """Whether pid runs (not a zombie) with marker in its command line."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return proc_state(pid) not in ("", "Z", "X") and marker.encode() in cmdline
+
+
+def thread_names(pid: int) -> list[str] | None:
+    """The names (comm) of pid's threads; None when pid is gone."""
+    names = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
+    return names
+
+
+def read_tail(path: Path, nbytes: int = 2048) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
