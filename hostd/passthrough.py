@@ -7,6 +7,8 @@ from metadata `sandbox-id`; its access token is checked here and passed on,
 because guestd checks it too. Call shapes (unary/streaming either way) come
 from the proto descriptors. When the client goes away, the upstream call is
 cancelled with it. moru.guest.v1.Guest is not exposed: hostd owns Init.
+Filesystem OpenRead/OpenWrite name guestd's data listener inside the guest:
+with a DataRelay their answers are rewritten to point at it (hostd.data_relay).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from hostd.data_relay import DataRelay
 from hostd.errors import InvalidArgument
 from hostd.guest import TOKEN_HEADER
 from moru_proto.guest.v1 import filesystem_pb2, process_pb2
@@ -30,10 +33,9 @@ SERVICES = (
     filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"],
 )
 
-# Not forwarded: their tickets name guestd's data listener, which is inside the
-# guest (vsock) and not reachable by hostd's clients; Read and Write carry the
-# same data through hostd.
-NOT_FORWARDED = frozenset({
+# Their tickets name guestd's data listener, which is inside the guest (vsock):
+# forwarded only with a DataRelay; without one, Read and Write carry the same data.
+DATA_METHODS = frozenset({
     "/moru.guest.v1.Filesystem/OpenRead",
     "/moru.guest.v1.Filesystem/OpenWrite",
 })
@@ -62,14 +64,17 @@ async def _not_forwarded(request: bytes, context: grpc.aio.ServicerContext[Any, 
 
 
 class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, data: DataRelay | None = None) -> None:
         self._resolve = resolve
+        self._data = data
         self._shapes = _shapes()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
-        if method in NOT_FORWARDED:
-            return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+        if method in DATA_METHODS:
+            if self._data is None:
+                return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+            return grpc.unary_unary_rpc_method_handler(self._uu(method, self._data))
         shape = self._shapes.get(method)
         if shape is None:
             return None
@@ -85,25 +90,30 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def _target(
         self, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...], float | None]:
+        return self._target_of(context)[1:]
+
+    def _target_of(
+        self, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[str, grpc.aio.Channel, tuple[tuple[str, str], ...], float | None]:
         md = _md(context)
         sid = md.get(SANDBOX_HEADER, "")
         if not sid:
             raise InvalidArgument(SANDBOX_HEADER, "guest calls need the sandbox id in metadata")
         channel, token = self._resolve(sid, md.get(TOKEN_HEADER, ""))
         out_md = ((TOKEN_HEADER, token),) if token else ()
-        return channel, out_md, context.time_remaining()
+        return sid, channel, out_md, context.time_remaining()
 
     # Each factory returns the behaviour for one call shape. Upstream errors
     # are passed on with their own code and details.
 
-    def _uu(self, method: str) -> Callable[..., Any]:
+    def _uu(self, method: str, data: DataRelay | None = None) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            channel, md, timeout = self._target(context)
+            sid, channel, md, timeout = self._target_of(context)
             try:
                 resp: bytes = await channel.unary_unary(method, None, None)(
                     request, metadata=md, timeout=timeout
                 )
-                return resp
+                return resp if data is None else data.issue(sid, resp)
             except grpc.aio.AioRpcError as e:
                 await _abort(context, e)
                 raise

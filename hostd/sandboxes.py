@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -371,6 +372,14 @@ class SandboxManager:
         if sb.res.channel is None:
             raise Unavailable(f"sandbox {sandbox_id} has no guest connection")
         return sb.res.channel, sb.rec.access_token
+
+    def vsock_uds(self, sandbox_id: str) -> Path:
+        """The hybrid-vsock socket of a running sandbox's VM (for hostd.data_relay)."""
+        sb = self._get(sandbox_id)
+        transition(sb.id, sb.rec.state, Action.GUEST_CALL)
+        if sb.res.vm is None:
+            raise Unavailable(f"sandbox {sandbox_id} has no VM")
+        return Path(sb.res.vm.vsock_uds)
 
     def metrics(self, sandbox_id: str, start: float | None, end: float | None) -> list[Sample]:
         sb = self._get(sandbox_id)

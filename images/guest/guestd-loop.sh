@@ -7,13 +7,15 @@ export HOME=/root
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 [ -r /etc/moru/env ] && . /etc/moru/env
 port=50051
-[ -r /etc/moru/image ] && . /etc/moru/image && port=${MORU_GUESTD_PORT:-50051}
+data_port=50052  # guestd's data listener (bulk file transfers), relayed by hostd
+[ -r /etc/moru/image ] && . /etc/moru/image && port=${MORU_GUESTD_PORT:-50051} \
+    && data_port=${MORU_GUESTD_DATA_PORT:-50052}
 delay=0.1
 n=0
 while :; do
     read -r start _ </proc/uptime
     [ "$n" = 0 ] && echo "moru-init: starting guestd at uptime ${start}s" >/dev/console
-    /opt/moru/bin/guestd --listen "vsock:$port" --guest
+    /opt/moru/bin/guestd --listen "vsock:$port" --data-listen "vsock:$data_port" --guest
     rc=$?
     read -r end _ </proc/uptime
     n=$((n + 1))
