@@ -41,9 +41,8 @@ if (!first) {
 const { hostd, api_key: apiKey } = JSON.parse(first)
 console.error(`scripts/test.mjs: test hostd at ${hostd}`)
 
-// One file at a time: each shares its sandboxes between its own tests, and
-// the machine's VM budget is small.
-const runner = spawn(process.execPath, ['--test', '--test-concurrency=1', ...files], {
+// The VM tests are one file (vm.test.ts) so they share booted sandboxes.
+const runner = spawn(process.execPath, ['--test', ...files], {
   cwd: pkg,
   env: { ...process.env, MORU_HOSTD: hostd, MORU_API_KEY: apiKey },
   stdio: 'inherit',
