@@ -159,7 +159,7 @@ export function features(): void {
   test('errors: one class per gRPC status, all SandboxError', async () => {
     const s = await base()
     const cases: [() => Promise<unknown>, new (...a: never[]) => Error, string][] = [
-      [() => Sandbox.connect('sbx_doesnotexist'), NotFoundError, 'NOT_FOUND'],
+      [() => Sandbox.connect('sbx_aaaaaaaaaaaaaaaaaaaa'), NotFoundError, 'NOT_FOUND'],
       [() => Sandbox.create('my-template'), NotFoundError, 'NOT_FOUND'],
       [() => s.files.read('/no/such/file'), NotFoundError, 'NOT_FOUND'],
       [() => s.files.read('relative/path'), InvalidArgumentError, 'INVALID_ARGUMENT'],
