@@ -16,14 +16,14 @@ import { ConnectionConfig } from '@moru-ai/core'
 export function specExamples(): void {
   test('spec: create, default template', async () => {
     const { vars } = await runExample(SNIPPETS.createDefault.code)
-    const sbx = remember('base', vars.sandbox)
+    const sbx = await remember('base', vars.sandbox)
     assert.equal((await sbx.getInfo()).templateId, 'base')
     assert.equal((await sbx.commands.run('echo ok')).stdout, 'ok\n')
   })
 
   test('spec: create, specific template', async () => {
     const { vars } = await runExample(SNIPPETS.createTemplate.code)
-    const sbx = remember('python', vars.sandbox)
+    const sbx = await remember('python', vars.sandbox)
     assert.equal((await sbx.getInfo()).templateId, 'python')
     assert.equal((await sbx.commands.run("python3 -c 'print(6*7)'")).stdout, '42\n')
   })
@@ -38,11 +38,11 @@ export function specExamples(): void {
     volumes.close()
     const { vars } = await runExample(SNIPPETS.createOptions.code.replace('vol_abc123', vol.volumeId),
     )
-    const sbx = remember('options', vars.sandbox)
-    const info = await sbx.getInfo()
+    const info = await vars.sandbox.getInfo()
     assert.deepEqual(info.metadata, { project: 'my-agent' })
     const life = (info.endAt.getTime() - info.startedAt.getTime()) / 1000
     assert.ok(life >= 590 && life <= 610, `lifetime ${life} s`)
+    const sbx = await remember('options', vars.sandbox)
     assert.equal(info.secure, true)
     assert.deepEqual(info.network?.allowOut, ['api.openai.com'])
     assert.equal((await sbx.commands.run('echo $API_KEY')).stdout, 'secret\n')
@@ -60,7 +60,7 @@ export function specExamples(): void {
 
   test('spec: sandbox information', async () => {
     const { vars, logs } = await runExample(SNIPPETS.info.code)
-    const sbx = remember('info', vars.sandbox)
+    const sbx = await remember('info', vars.sandbox)
     assert.deepEqual(logs, [sbx.sandboxId, 'Template: base', 'State: running'])
     const info = vars.info
     assert.ok(info.startedAt instanceof Date && info.endAt > info.startedAt)
@@ -69,9 +69,9 @@ export function specExamples(): void {
 
   test('spec: timeout management', async () => {
     const { vars } = await runExample(SNIPPETS.timeout.code)
-    const sbx = remember('timeout', vars.sandbox)
-    const left = ((await sbx.getInfo()).endAt.getTime() - Date.now()) / 1000
+    const left = ((await vars.sandbox.getInfo()).endAt.getTime() - Date.now()) / 1000
     assert.ok(left > 1700 && left <= 1800, `${left} s left`)
+    await remember('timeout', vars.sandbox)
   })
 
   test('spec: list sandboxes', async () => {

@@ -10,9 +10,16 @@ export type AnySandbox = Sandbox
 
 export const made: Record<string, AnySandbox> = {}
 
-export function remember(name: string, s: unknown): AnySandbox {
-  made[name] = s as AnySandbox
-  return made[name]
+/**
+ * Keeps an example's sandbox for later tests, alive for an hour: the
+ * examples' own lifetimes (5 min by default) could end it before a later
+ * test on a slow, loaded machine.
+ */
+export async function remember(name: string, s: unknown): Promise<AnySandbox> {
+  const sbx = s as AnySandbox
+  made[name] = sbx
+  await sbx.setTimeout(3_600_000)
+  return sbx
 }
 
 export async function killAll(): Promise<void> {
