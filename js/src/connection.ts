@@ -71,19 +71,6 @@ export class ConnectionConfig {
     )
   }
 
-  /** This config with the options a call gave (for calls by id on an instance). */
-  with(opts: ConnectionOpts = {}): ConnectionConfig {
-    if (!opts.hostd && opts.apiKey === undefined && opts.requestTimeoutMs === undefined) return this
-    const base = opts.hostd ? ConnectionConfig.resolve({ hostd: opts.hostd, tls: opts.tls }) : this
-    return new ConnectionConfig(
-      base.address,
-      opts.apiKey ?? this.apiKey,
-      base.tls,
-      base.rootCertificates,
-      opts.requestTimeoutMs ?? this.requestTimeoutMs,
-    )
-  }
-
   /** Call metadata: the API key, and for guest calls the sandbox and its token. */
   metadata(sandboxId?: string, accessToken?: string): Metadata {
     const md = new Metadata()

@@ -19,7 +19,30 @@ export { Files, WatchHandle } from './files.js'
 export type { WriteData, WatchCallback } from './files.js'
 export { ConnectionConfig, closeClients, DEFAULT_HOSTD } from './connection.js'
 export type { ConnectionOpts } from './connection.js'
-export * from './errors.js'
+export {
+  SandboxError,
+  NotFoundError,
+  TimeoutError,
+  AuthenticationError,
+  PermissionDeniedError,
+  InvalidArgumentError,
+  NotEnoughSpaceError,
+  RateLimitError,
+  FailedPreconditionError,
+  ConnectionError,
+  CommandExitError,
+  SandboxException,
+  NotFoundException,
+  TimeoutException,
+  AuthenticationException,
+  PermissionDeniedException,
+  InvalidArgumentException,
+  NotEnoughSpaceException,
+  RateLimitException,
+  FailedPreconditionException,
+  ConnectionException,
+  CommandExitException,
+} from './errors.js'
 export type {
   CommandResult,
   EntryInfo,

@@ -195,7 +195,7 @@ export class Sandbox {
 
   /** templateId, state, startedAt/endAt, cpuCount, memoryMB, metadata, ... */
   async getInfo(): Promise<SandboxInfo> {
-    this.info = await Sandbox.getInfo(this.sandboxId, { hostd: this.config.address, apiKey: this.config.apiKey, tls: this.config.tls })
+    this.info = await Sandbox.getInfo(this.sandboxId, this.sameHostd())
     return this.info
   }
 
