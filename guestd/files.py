@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from guestd.allocator import keep_bulk_buffers
+from guestd.as_user import acting_as, run_as
 from guestd.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -126,6 +127,15 @@ def make_dirs(path: str, uid: int, gid: int, mode: int = 0o755) -> bool:
     return True
 
 
+PSEUDO_FS = ("/proc/", "/sys/")
+
+
+def _in_place(path: str, st: os.stat_result) -> bool:
+    """Devices, FIFOs and /proc or /sys files are written as they are: no temporary
+    sibling can be created (or renamed) there, and they have no content to keep."""
+    return not stat.S_ISREG(st.st_mode) or path.startswith(PSEUDO_FS)
+
+
 def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, int, bool]:
     """(file to open, open flags, mode, uid, gid, target existed) for a Write;
     creates missing parents owned by the writer."""
@@ -144,6 +154,8 @@ def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, in
     mode = h.mode or (stat.S_IMODE(old.st_mode) if old else 0o644)
     parent = os.path.dirname(path)
     make_dirs(parent, uid, gid)
+    if old is not None and _in_place(path, old):
+        return path, os.O_WRONLY | os.O_CLOEXEC, mode, uid, gid, True
     if h.append:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return path, flags, mode, uid, gid, bool(old)
@@ -151,12 +163,17 @@ def _prepare_write(h: pb.WriteHeader, path: str) -> tuple[str, int, int, int, in
     return tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, uid, gid, bool(old)
 
 
-def _move(src: str, dst: str) -> None:
-    if not os.path.lexists(src):
-        raise NotFound(f"source: no such file or directory {src}")
+def _move(src: str, dst: str, user: str) -> None:
+    try:
+        os.lstat(src)
+    except FileNotFoundError:
+        raise NotFound(f"source: no such file or directory {src}") from None
+    except OSError as exc:
+        raise path_error(exc, src) from None
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent):
-        make_dirs(parent, 0, 0)
+        owner = resolve_user(user)
+        make_dirs(parent, owner.uid, owner.gid)
     try:
         import shutil  # here: shutil loads zlib, bz2 and lzma, a cost at every guest boot
 
@@ -186,6 +203,17 @@ def _remove(path: str, recursive: bool) -> None:
         raise path_error(exc, path) from None
 
 
+MAX_DEVICE_READ = 64 << 20
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 @dataclass
 class ReadSource:
     fd: int
@@ -201,7 +229,17 @@ def open_for_read(request: pb.ReadRequest) -> ReadSource:
     if request.length < 0:
         raise InvalidArgument(f"length: must be >= 0, got {request.length}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with acting_as(request.user):
+            st = os.stat(path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and not (
+                stat.S_ISCHR(st.st_mode) and 0 < request.length <= MAX_DEVICE_READ
+            ):
+                # a device or FIFO has no end (/dev/zero) or blocks (a FIFO with no writer)
+                raise FailedPrecondition(
+                    f"path: {path} is not a regular file ({_kind(st.st_mode)}); only regular "
+                    f"files are read whole; a character device needs length (1..{MAX_DEVICE_READ})"
+                )
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise path_error(exc, path) from None
     try:
@@ -224,12 +262,14 @@ class Upload:
     def __init__(self, header: pb.WriteHeader) -> None:
         self.header = header
         self.path = abs_path(header.path)
-        (self._target, flags, self._mode, self._uid, self._gid,
-         self._replaces) = _prepare_write(header, self.path)
-        try:
-            self._fd = os.open(self._target, flags, self._mode)
-        except OSError as exc:
-            raise path_error(exc, self.path) from None
+        with acting_as(header.user):  # created and renamed with the writer's rights
+            (self._target, flags, self._mode, self._uid, self._gid,
+             self._replaces) = _prepare_write(header, self.path)
+            self._in_place = not (flags & os.O_CREAT)
+            try:
+                self._fd = os.open(self._target, flags, self._mode)
+            except OSError as exc:
+                raise path_error(exc, self.path) from None
         self.written = 0
         self._done = False
 
@@ -254,13 +294,14 @@ class Upload:
             raise FailedPrecondition(f"size: header said {h.size} bytes, stream carried"
                                      f" {self.written}; {self.path} unchanged")
         try:
-            if not h.append or not self._replaces:
-                os.fchmod(self._fd, self._mode)
-                os.fchown(self._fd, self._uid, self._gid)
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-            if not h.append:
-                os.rename(self._target, self.path)
+            with acting_as(h.user):
+                if not self._in_place and (not h.append or not self._replaces):
+                    os.fchmod(self._fd, self._mode)
+                    os.fchown(self._fd, self._uid, self._gid)
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+                if not h.append and not self._in_place:
+                    os.rename(self._target, self.path)
         except OSError as exc:
             raise self._error(exc) from None
         self._done = True
@@ -270,8 +311,8 @@ class Upload:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if not self._done and not self.header.append:
-            with contextlib.suppress(OSError):
+        if not self._done and not self.header.append and not self._in_place:
+            with contextlib.suppress(OSError), acting_as(self.header.user):
                 os.unlink(self._target)
             self._done = True
 
@@ -347,12 +388,15 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
 
     async def Stat(self, request: pb.StatRequest, context: Ctx,
                    ) -> pb.StatResponse:
-        return pb.StatResponse(entry=entry_of(abs_path(request.path)))
+        path = abs_path(request.path)
+        with acting_as(request.user):
+            return pb.StatResponse(entry=entry_of(path))
 
     async def ListDir(self, request: pb.ListDirRequest, context: Ctx,
                       ) -> pb.ListDirResponse:
         root = abs_path(request.path)
-        require_dir(root)
+        with acting_as(request.user):
+            require_dir(root)
         depth = max(1, request.depth)
         out: list[pb.EntryInfo] = []
 
@@ -372,21 +416,22 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
                 if level < depth and e.is_dir(follow_symlinks=False):
                     walk(e.path, level + 1)
 
-        await asyncio.to_thread(walk, root, 1)
+        await run_as(request.user, walk, root, 1)
         return pb.ListDirResponse(entries=out)
 
     async def MakeDir(self, request: pb.MakeDirRequest, context: Ctx,
                       ) -> pb.MakeDirResponse:
         path = abs_path(request.path)
         user = resolve_user(request.user)
-        created = make_dirs(path, user.uid, user.gid, request.mode or 0o755)
+        with acting_as(request.user):
+            created = make_dirs(path, user.uid, user.gid, request.mode or 0o755)
         return pb.MakeDirResponse(entry=entry_of(path), created=created)
 
     async def Move(self, request: pb.MoveRequest, context: Ctx,
                    ) -> pb.MoveResponse:
         src = abs_path(request.source, "source")
         dst = abs_path(request.destination, "destination")
-        await asyncio.to_thread(_move, src, dst)
+        await run_as(request.user, _move, src, dst, request.user)
         return pb.MoveResponse(entry=entry_of(dst))
 
     async def Remove(self, request: pb.RemoveRequest, context: Ctx,
@@ -394,7 +439,7 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
         path = abs_path(request.path)
         if path == "/":
             raise InvalidArgument("path: refusing to remove /")
-        await asyncio.to_thread(_remove, path, request.recursive)
+        await run_as(request.user, _remove, path, request.recursive)
         return pb.RemoveResponse()
 
     async def Watch(self, request: pb.WatchRequest, context: Ctx,
@@ -402,5 +447,5 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
         from guestd.watch import watch
 
         path = abs_path(request.path)
-        async for ev in watch(path, request.recursive, self.keepalive):
+        async for ev in watch(path, request.recursive, self.keepalive, request.user):
             yield ev

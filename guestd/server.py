@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from guestd.errors import status_of
+from guestd.errors import InvalidArgument, status_of
 from guestd.files import FilesystemService, write_request_of
 from guestd.guest import GuestService
 from guestd.metrics import Metrics
@@ -151,10 +151,48 @@ def _send_bytes_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any
     return ser
 
 
+class _Undecodable:
+    """A request whose bytes are not the method's message (grpc would say UNKNOWN)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if decode is None:
+        return None
+    inner = decode
+
+    def d(raw: bytes) -> Any:
+        try:
+            return inner(raw)
+        except Exception as e:  # any decode failure is the client's
+            return _Undecodable(e)
+
+    return d
+
+
+def _decoded(req: Any) -> Any:
+    if isinstance(req, _Undecodable):
+        raise InvalidArgument(f"request: not a valid protobuf message for this method "
+                              f"({type(req.error).__name__})")
+    return req
+
+
+async def _decoded_stream(reqs: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for r in reqs:
+        yield _decoded(r)
+
+
 def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None) -> Handler:
-    ser: dict[str, Any] = {"request_deserializer": decode or h.request_deserializer,
+    ser: dict[str, Any] = {"request_deserializer": _lenient(decode or h.request_deserializer),
                            "response_serializer": _send_bytes_as_is(h.response_serializer)}
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+    streamed_req = bool(h.stream_unary or h.stream_stream)
+
+    def checked(req: Any) -> Any:
+        return _decoded_stream(req) if streamed_req else _decoded(req)
+
     if h.unary_unary or h.stream_unary:
         fn: Any = h.unary_unary or h.stream_unary
 
@@ -162,7 +200,7 @@ def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None
             if denied:
                 await _deny(ctx)
             try:
-                return await fn(req, ctx)
+                return await fn(checked(req), ctx)
             except passthrough:
                 raise
             except Exception as exc:
@@ -177,7 +215,7 @@ def _wrap(h: Handler, denied: bool, decode: Callable[[bytes], Any] | None = None
         if denied:
             await _deny(ctx)
         try:
-            async for item in sfn(req, ctx):
+            async for item in sfn(checked(req), ctx):
                 yield item
         except passthrough:
             raise

@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 
+from guestd.as_user import acting_as
 from guestd.errors import NotFound, path_error
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
@@ -61,10 +62,12 @@ def _kind(mask: int) -> pb.EventType.ValueType:
 
 
 class _Inotify:
-    def __init__(self, root: str, recursive: bool) -> None:
+    def __init__(self, root: str, recursive: bool, user: str = "") -> None:
         from guestd.files import require_dir
 
-        require_dir(root)
+        self.user = user  # directories are watched with this user's rights
+        with acting_as(user):
+            require_dir(root)
         self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify")
         self.root = root
         self.recursive = recursive
@@ -77,7 +80,8 @@ class _Inotify:
 
     def add(self, path: str) -> None:
         try:
-            wd = _check(_libc.inotify_add_watch(self.fd, os.fsencode(path), MASK), path)
+            with acting_as(self.user):
+                wd = _check(_libc.inotify_add_watch(self.fd, os.fsencode(path), MASK), path)
         except NotFound:
             if path == self.root:
                 raise
@@ -115,9 +119,11 @@ class _Inotify:
         os.close(self.fd)
 
 
-async def watch(path: str, recursive: bool, keepalive: float) -> AsyncIterator[pb.WatchEvent]:
+async def watch(
+    path: str, recursive: bool, keepalive: float, user: str = ""
+) -> AsyncIterator[pb.WatchEvent]:
     """Started, then filesystem events (and keepalives) until the client goes away."""
-    ino = _Inotify(path, recursive)
+    ino = _Inotify(path, recursive, user)
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     loop.add_reader(ino.fd, ready.set)

@@ -15,6 +15,11 @@ Both cgroup versions are supported, detected at start:
 
 The memory limit is guest memory plus the VMM's own overhead, so a guest
 that fills its memory is OOM-killed inside the guest, not on the host.
+
+CPU: each sandbox's quota is its vcpus; with a reserve for hostd
+(`cpu_reserve`, hostd's `cpu_reserve_cores`), the root group's quota is the
+host's CPUs minus the reserve, so all sandboxes together (and any one of
+them) leave hostd that much, and one sandbox's quota is capped to it too.
 """
 
 from __future__ import annotations
@@ -293,8 +298,16 @@ class CgroupManager:
         version: int | None = None,
         vmm_overhead_bytes: int = DEFAULT_VMM_OVERHEAD,
         self_cgroup: Path = Path("/proc/self/cgroup"),
+        cpu_reserve: float = 0.0,
+        host_cpus: int | None = None,
     ) -> None:
         self.root_name = root_name
+        ncpu = host_cpus or os.cpu_count() or 1
+        if not 0 <= cpu_reserve < ncpu:
+            raise CgroupError(f"cpu_reserve: {cpu_reserve} is outside 0..{ncpu} (host CPUs)")
+        # All sandboxes together (the root group) get what the reserve leaves;
+        # None: no cap on the root group (reserve 0).
+        self.sandbox_cpus: float | None = ncpu - cpu_reserve if cpu_reserve else None
         self.fs_root = fs_root
         self.version = version or detect_version(fs_root)
         self.vmm_overhead_bytes = vmm_overhead_bytes
@@ -344,11 +357,22 @@ class CgroupManager:
             self._v2_enable(self.base)
             root.mkdir(exist_ok=True)
         self._v2_enable(root)
+        _write(root / "cpu.max", f"{self._root_quota()} {CPU_PERIOD_US}")
         return root
 
     # --- API ------------------------------------------------------------
     def memory_limit(self, memory_bytes: int) -> int:
         return memory_bytes + self.vmm_overhead_bytes
+
+    def cpu_quota(self, vcpus: int) -> int:
+        """A sandbox's CFS quota (µs per period): its vcpus, within what the reserve leaves."""
+        cpus = float(vcpus) if self.sandbox_cpus is None else min(vcpus, self.sandbox_cpus)
+        return max(int(cpus * CPU_PERIOD_US), 1000)
+
+    def _root_quota(self) -> str:
+        if self.sandbox_cpus is None:
+            return "max"
+        return str(int(self.sandbox_cpus * CPU_PERIOD_US))
 
     def create(
         self,
@@ -361,7 +385,7 @@ class CgroupManager:
         if not sandbox_id or "/" in sandbox_id or sandbox_id.startswith("."):
             raise CgroupError(f"invalid sandbox id for a cgroup name: {sandbox_id!r}")
         limit = self.memory_limit(memory_bytes)
-        quota = vcpus * CPU_PERIOD_US
+        quota = self.cpu_quota(vcpus)
         cg: SandboxCgroup
         try:
             if self.version == 1:
@@ -374,6 +398,19 @@ class CgroupManager:
             raise CgroupError(f"creating cgroup for {sandbox_id}: {e}") from e
         return cg
 
+    def _v1_root_cpu(self, root: Path) -> None:
+        """The root group's quota: all sandboxes together leave the reserve to hostd.
+
+        v1 refuses a parent quota below a child's, so children made by an older
+        hostd without the reserve keep the old value until they are gone.
+        """
+        quota = -1 if self.sandbox_cpus is None else int(self._root_quota())
+        if int(_read(root / "cpu.cfs_quota_us")) == quota:
+            return
+        with contextlib.suppress(CgroupError):
+            _write(root / "cpu.cfs_period_us", CPU_PERIOD_US)
+            _write(root / "cpu.cfs_quota_us", quota)
+
     def _create_v1(self, sandbox_id: str, quota: int, limit: int, pids_max: int) -> V1Cgroup:
         root = Node(str(self.fs_root).encode())
         dirs: dict[str, Path] = {}
@@ -383,6 +420,8 @@ class CgroupManager:
             for ctrl in V1_CONTROLLERS:
                 ctrl_node = Node(ctrl.encode(), parent=root)
                 group = ctrl_node.create_cgroup(self.root_name)  # tolerates EEXIST
+                if ctrl == "cpu":
+                    self._v1_root_cpu(Path(os.fsdecode(group.full_path)))
                 path = Path(os.fsdecode(group.full_path)) / sandbox_id
                 if path.resolve() in {d.resolve() for d in dirs.values()}:
                     dirs[ctrl] = path  # co-mounted (cpu,cpuacct): same directory

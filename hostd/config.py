@@ -51,6 +51,12 @@ class NetworkConfig:
     name_prefix: str = "moru"
     veth_prefix: str = "mv"
     run_dir: str = "/run/moru/net"
+    # Per sandbox: new connections and DNS queries per second, and bursts
+    # above that rate; packets over the limit are dropped. 0: no limit.
+    new_conn_rate: int = 200
+    new_conn_burst: int = 400
+    dns_rate: int = 50
+    dns_burst: int = 100
 
     def for_network_module(self) -> Any:
         """The networking module's own config object (which validates it)."""
@@ -90,6 +96,9 @@ class Config:
     accel: str = "auto"
     # Name of hostd's cgroup subtree; each sandbox gets <root>/<sandbox_id>.
     cgroup_root: str = "moru"
+    # CPUs kept for hostd: all sandboxes together get the host's CPUs minus
+    # this (a sandbox's quota is its vcpus, capped to that). 0: no reserve.
+    cpu_reserve_cores: float = 0.25
     # Prometheus endpoint "host:port"; empty: off.
     metrics_listen: str = ""
     # Bytes of each guest's serial console kept on disk.
@@ -153,6 +162,11 @@ class Config:
             raise ConfigError("tcp_listen: needs tls_cert and tls_key (TCP is TLS-only)")
         if self.max_sandboxes < 1:
             raise ConfigError("max_sandboxes: must be >= 1")
+        ncpu = os.cpu_count() or 1
+        if not 0 <= self.cpu_reserve_cores < ncpu:
+            raise ConfigError(
+                f"cpu_reserve_cores: {self.cpu_reserve_cores} is outside 0..{ncpu} (host CPUs)"
+            )
         if self.listen and not self.listen.startswith("unix:"):
             raise ConfigError("listen: must be unix:PATH (use tcp_listen for TCP with TLS)")
         if not self.listen and not self.tcp_listen:

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from hostd.errors import MoruError
+from hostd.errors import InvalidArgument, MoruError
 
 log = logging.getLogger("hostd.rpc")
 
@@ -18,10 +18,51 @@ log = logging.getLogger("hostd.rpc")
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 
+class _Undecodable:
+    """A request whose bytes are not the method's message (grpc itself would say UNKNOWN)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if decode is None:  # the passthrough: bytes stay bytes (guestd decodes and checks)
+        return None
+    inner = decode
+
+    def d(raw: bytes) -> Any:
+        try:
+            return inner(raw)
+        except Exception as e:  # any decode failure is the client's
+            return _Undecodable(e)
+
+    return d
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            "request",
+            f"not a valid protobuf message for this method ({type(request.error).__name__})",
+        )
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for r in requests:
+        yield _decoded(r)
+
+
 def _wrap(
-    behavior: Callable[..., Any], streaming_response: bool, check: Callable[[Any], None]
+    behavior: Callable[..., Any],
+    streaming_response: bool,
+    check: Callable[[Any], None],
+    streaming_request: bool = False,
 ) -> Callable[..., Any]:
     """Wraps one handler behaviour so MoruErrors (and auth failures) abort the call."""
+
+    def decoded(request: Any) -> Any:
+        return _decoded_stream(request) if streaming_request else _decoded(request)
 
     if streaming_response:
 
@@ -30,7 +71,7 @@ def _wrap(
         ) -> AsyncIterator[Any]:
             try:
                 check(context)
-                result = behavior(request, context)
+                result = behavior(decoded(request), context)
                 async for item in result:
                     yield item
             except MoruError as e:
@@ -41,7 +82,7 @@ def _wrap(
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             check(context)
-            result = behavior(request, context)
+            result = behavior(decoded(request), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -88,23 +129,23 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap(handler.unary_unary, False, check),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap(handler.unary_stream, True, check),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, False, check),
-                request_deserializer=handler.request_deserializer,
+                _wrap(handler.stream_unary, False, check, streaming_request=True),
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap(handler.stream_stream, True, check),
-            request_deserializer=handler.request_deserializer,
+            _wrap(handler.stream_stream, True, check, streaming_request=True),
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

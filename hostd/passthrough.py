@@ -22,6 +22,9 @@ from hostd.guest import TOKEN_HEADER
 from moru_proto.guest.v1 import filesystem_pb2, process_pb2
 
 SANDBOX_HEADER = "sandbox-id"
+# Starts the details of an UNAVAILABLE that hostd passes on from the guest (the SDK
+# tells it apart from hostd itself being unreachable).
+GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent (its VM may have stopped)"
 SERVICES = (
     process_pb2.DESCRIPTOR.services_by_name["Process"],
     filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"],
@@ -161,4 +164,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], e: grpc.aio.AioRpc
     code = e.code()
     if code == grpc.StatusCode.CANCELLED:
         raise asyncio.CancelledError
-    await context.abort(code, e.details() or "")
+    details = e.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # hostd answered; the hop behind it failed: say so, or clients blame hostd
+        details = f"{GUEST_UNREACHABLE}: {details}"
+    await context.abort(code, details)

@@ -699,9 +699,12 @@ class SandboxManager:
         validation.port(port)
         sb = self._get(sandbox_id)
         net = self.config.network
-        host = f"{port}-{sb.id}.{net.proxy_domain}"
+        name = f"{port}-{sb.id}.{net.proxy_domain}"
         proxy_port = net.proxy_listen.rsplit(":", 1)[-1]
-        return host, f"http://{host}:{proxy_port}"
+        # `http://{host}/` must work as written, so a non-default proxy port is
+        # part of the host (the proxy ignores it when routing; SNI carries none).
+        host = name if proxy_port in ("80", "443") else f"{name}:{proxy_port}"
+        return host, f"http://{host}"
 
     def console_log(self, sandbox_id: str, tail_bytes: int) -> bytes:
         sb = self._get(sandbox_id)

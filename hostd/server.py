@@ -55,7 +55,7 @@ def build_manager(config: Config, bus: EventBus | None = None) -> SandboxManager
         Store(config.db_path),
         # vsock on a hot-pluggable PCIe port, so every sandbox can be paused to disk.
         PciQemuVmm(),
-        CgroupManager(config.cgroup_root),
+        CgroupManager(config.cgroup_root, cpu_reserve=config.cpu_reserve_cores),
         network,
         bus,
     )

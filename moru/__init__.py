@@ -33,18 +33,24 @@ from moru._models import (
     FilesystemEvent,
     NetworkPolicy,
     ProcessInfo,
+    PtySize,
     SandboxInfo,
     SandboxMetrics,
     TemplateInfo,
+    VolumeInfo,
 )
+from moru._pty import AsyncPty, Pty
 from moru._sandbox import Sandbox
 from moru._sync_guest import CommandHandle, Commands, Files, WatchHandle
+from moru._volume import AsyncVolume, Volume
 
 __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncPty",
     "AsyncSandbox",
+    "AsyncVolume",
     "AsyncWatchHandle",
     "AuthenticationException",
     "CommandExitException",
@@ -63,6 +69,8 @@ __all__ = [
     "NotFoundException",
     "PermissionDeniedException",
     "ProcessInfo",
+    "Pty",
+    "PtySize",
     "RateLimitException",
     "Sandbox",
     "SandboxException",
@@ -70,5 +78,7 @@ __all__ = [
     "SandboxMetrics",
     "TemplateInfo",
     "TimeoutException",
+    "Volume",
+    "VolumeInfo",
     "WatchHandle",
 ]

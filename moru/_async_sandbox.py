@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+from moru import _validate
 from moru._commands import AsyncCommands
 from moru._connection import CREATE_TIMEOUT, ConnectionConfig, channel
 from moru._errors import InvalidArgumentException, NotFoundException, translate
@@ -18,6 +19,7 @@ from moru._files import AsyncFiles
 from moru._guest import GuestTarget
 from moru._methods import class_or_instance_method
 from moru._models import STATE_VALUES, SandboxInfo, SandboxMetrics, TemplateInfo
+from moru._pty import AsyncPty
 from moru_proto.host.v1 import sandbox_pb2 as pb
 from moru_proto.host.v1 import sandbox_pb2_grpc, template_pb2, template_pb2_grpc
 
@@ -56,13 +58,21 @@ def _config(self_or_cls: Any, hostd: str | None, api_key: str | None) -> Connect
 class AsyncSandbox:
     """A running microVM sandbox. Create with `await AsyncSandbox.create()`."""
 
-    def __init__(self, info: SandboxInfo, access_token: str | None, config: ConnectionConfig):
+    def __init__(
+        self,
+        info: SandboxInfo,
+        access_token: str | None,
+        config: ConnectionConfig,
+        traffic_token: str | None = None,
+    ):
         """Internal; use create() or connect()."""
         self._info = info
         self._config = config
+        self._traffic_token = traffic_token or None
         self._target = GuestTarget(config, info.sandbox_id, access_token or None)
         self.commands = AsyncCommands(self._target)
         self.files = AsyncFiles(self._target)
+        self.pty = AsyncPty(self._target)
 
     @classmethod
     def _for_guest(
@@ -87,6 +97,13 @@ class AsyncSandbox:
     @property
     def connection_config(self) -> ConnectionConfig:
         return self._config
+
+    @property
+    def traffic_access_token(self) -> str | None:
+        """The token hostd's port proxy demands when the sandbox was created
+        with `network={"allow_public_traffic": False}`; send it in the
+        `x-moru-traffic-token` header. None otherwise."""
+        return self._traffic_token
 
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.sandbox_id} on {self._config.address}>"
@@ -120,7 +137,7 @@ class AsyncSandbox:
             )
         req = pb.CreateRequest(
             template=template or "base",
-            timeout_seconds=int(timeout),
+            timeout_seconds=_validate.whole_seconds(timeout, "timeout"),
             metadata=metadata or {},
             envs=envs or {},
             allow_internet_access=allow_internet_access,
@@ -135,12 +152,12 @@ class AsyncSandbox:
             info = await _stub(config).Create(
                 req, metadata=config.metadata(), timeout=request_timeout or CREATE_TIMEOUT
             )
-        return cls(SandboxInfo.from_proto(info), info.access_token, config)
+        return cls(SandboxInfo.from_proto(info), info.access_token, config, info.traffic_token)
 
     @class_or_instance_method
     async def connect(
         self_or_cls: Any,
-        sandbox_id: str | None = None,
+        sandbox_id: str | int | None = None,  # on an instance: int means timeout (E2B)
         timeout: int | None = None,  # noqa: ASYNC109
         *,
         api_key: str | None = None,
@@ -148,12 +165,14 @@ class AsyncSandbox:
         address: str | None = None,
     ) -> AsyncSandbox:
         """A sandbox by id, resumed first if it is paused. On an instance
-        (`sandbox.connect()`), resumes that sandbox and returns it."""
+        (`sandbox.connect()`, `sandbox.connect(timeout=600)`, as in E2B also
+        `sandbox.connect(600)`), resumes that sandbox and returns it;
+        `timeout` is the sandbox's new lifetime in seconds when it resumes."""
         config = _config(self_or_cls, hostd or address, api_key)
         if not isinstance(self_or_cls, type):
-            sandbox_id = sandbox_id or self_or_cls.sandbox_id
-        if not sandbox_id:
-            raise InvalidArgumentException("sandbox_id: required")
+            sandbox_id, timeout = _instance_connect_args(self_or_cls, sandbox_id, timeout)
+        if not sandbox_id or not isinstance(sandbox_id, str):
+            raise InvalidArgumentException(f"sandbox_id: required (a string), got {sandbox_id!r}")
         stub = _stub(config)
         md, t = config.metadata(), config.request_timeout
         with translate(f"connecting to sandbox {sandbox_id}", address=config.address):
@@ -161,12 +180,24 @@ class AsyncSandbox:
             if info.state == pb.SANDBOX_STATE_PAUSED:
                 req = pb.ResumeRequest(sandbox_id=sandbox_id)
                 if timeout is not None:
-                    req.timeout_seconds = int(timeout)
+                    req.timeout_seconds = _validate.whole_seconds(timeout, "timeout")
                 info = await stub.Resume(req, metadata=md, timeout=CREATE_TIMEOUT)
+            elif timeout is not None and _extends(
+                info, _validate.whole_seconds(timeout, "timeout")
+            ):
+                # As E2B: on a running sandbox, a longer timeout extends its life.
+                req_t = pb.SetTimeoutRequest(
+                    sandbox_id=sandbox_id,
+                    timeout_seconds=_validate.whole_seconds(timeout, "timeout"),
+                )
+                info = await stub.SetTimeout(req_t, metadata=md, timeout=t)
         if isinstance(self_or_cls, type):
-            new: AsyncSandbox = self_or_cls(SandboxInfo.from_proto(info), info.access_token, config)
+            new: AsyncSandbox = self_or_cls(
+                SandboxInfo.from_proto(info), info.access_token, config, info.traffic_token
+            )
             return new
         self_or_cls._info = SandboxInfo.from_proto(info)
+        self_or_cls._traffic_token = info.traffic_token or None
         out: AsyncSandbox = self_or_cls
         return out
 
@@ -239,7 +270,9 @@ class AsyncSandbox:
         config = _config(self_or_cls, hostd, api_key)
         with translate(f"setting the timeout of sandbox {sid}", address=config.address):
             info = await _stub(config).SetTimeout(
-                pb.SetTimeoutRequest(sandbox_id=sid, timeout_seconds=int(timeout)),
+                pb.SetTimeoutRequest(
+                    sandbox_id=sid, timeout_seconds=_validate.whole_seconds(timeout, "timeout")
+                ),
                 metadata=config.metadata(),
                 timeout=config.request_timeout,
             )
@@ -286,10 +319,12 @@ class AsyncSandbox:
         return sid
 
     async def get_host(self, port: int) -> str:
-        """The host name under which `port` of the sandbox is reachable: `{port}-{id}.{domain}`."""
+        """Where `port` of the sandbox is reachable through hostd's proxy:
+        `{port}-{id}.{domain}`, plus `:{proxy_port}` unless that is 80/443, so
+        `http://{host}/` opens as written."""
         with translate(f"getting the host of port {port}", address=self._config.address):
             resp = await _stub(self._config).GetHost(
-                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=port),
+                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=_validate.port(port)),
                 metadata=self._config.metadata(),
                 timeout=self._config.request_timeout,
             )
@@ -299,7 +334,7 @@ class AsyncSandbox:
         """A URL that reaches `port` of the sandbox from this machine (hostd's proxy)."""
         with translate(f"getting the URL of port {port}", address=self._config.address):
             resp = await _stub(self._config).GetHost(
-                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=port),
+                pb.GetHostRequest(sandbox_id=self.sandbox_id, port=_validate.port(port)),
                 metadata=self._config.metadata(),
                 timeout=self._config.request_timeout,
             )
@@ -308,7 +343,7 @@ class AsyncSandbox:
     @staticmethod
     async def list(
         metadata: dict[str, str] | None = None,
-        state: list[str] | None = None,
+        state: str | list[str] | None = None,
         *,
         page_size: int = 100,
         api_key: str | None = None,
@@ -317,7 +352,7 @@ class AsyncSandbox:
         """Every running and paused sandbox (all pages), optionally only those
         whose metadata holds every given pair."""
         config = ConnectionConfig.resolve(hostd=hostd, api_key=api_key)
-        states = [STATE_VALUES[s] for s in (state or [])]
+        states = [STATE_VALUES[s] for s in _validate.states(state, STATE_VALUES)]
         token = ""
         while True:
             with translate("listing sandboxes", address=config.address):
@@ -362,6 +397,31 @@ class AsyncSandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.kill()
+
+
+def _instance_connect_args(
+    sbx: AsyncSandbox, sandbox_id: Any, timeout: int | None
+) -> tuple[str, int | None]:
+    """`sandbox.connect(600)` means a timeout, as in E2B; another sandbox's id is an error."""
+    if isinstance(sandbox_id, int | float) and not isinstance(sandbox_id, bool):
+        if timeout is not None:
+            raise InvalidArgumentException("timeout: given twice (positionally and by name)")
+        return sbx.sandbox_id, _validate.whole_seconds(sandbox_id, "timeout")
+    if sandbox_id and sandbox_id != sbx.sandbox_id:
+        raise InvalidArgumentException(
+            f"sandbox_id: {sandbox_id!r} is not this sandbox ({sbx.sandbox_id}); "
+            "use Sandbox.connect(sandbox_id) for another one"
+        )
+    return sbx.sandbox_id, timeout
+
+
+def _extends(info: pb.SandboxInfo, timeout: int) -> bool:
+    """Whether `timeout` seconds from now is later than the sandbox's current end."""
+    import time
+
+    return info.state == pb.SANDBOX_STATE_RUNNING and time.time() + timeout > (
+        info.end_at.seconds + info.end_at.nanos / 1e9
+    )
 
 
 def _sid(self_or_cls: Any, sandbox_id: str | None) -> str:

@@ -14,6 +14,7 @@ import signal as _signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from moru import _validate
 from moru._connection import EOF
 from moru._guest import GuestTarget
 from moru._models import CommandResult, ProcessInfo
@@ -21,9 +22,27 @@ from moru._output import Chunk, OutputCollector
 from moru_proto.guest.v1 import process_pb2 as pb
 
 OutputCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
+DataCallback = Callable[[bytes], Any] | Callable[[bytes], Awaitable[Any]]
 
 
-async def _call_back(cb: OutputCallback | None, data: str | None) -> None:
+class _DefaultTimeout(float):
+    """The type of DEFAULT_TIMEOUT: a float, told apart from a caller's 60 by identity."""
+
+
+# run()'s default: 60 s for a foreground command, none for a background one
+# (a server started in the background lives until it ends, is killed or the
+# sandbox ends). An explicit timeout applies to both.
+DEFAULT_TIMEOUT: float = _DefaultTimeout(60)
+
+
+def command_timeout(timeout: float | None, background: bool) -> float | None:
+    """The command's own limit in seconds (None: none) for a run() call."""
+    if timeout is DEFAULT_TIMEOUT:
+        return None if background else 60.0
+    return timeout
+
+
+async def _call_back(cb: Callable[[Any], Any] | None, data: str | bytes | None) -> None:
     if cb is not None and data is not None:
         r = cb(data)
         if inspect.isawaitable(r):
@@ -39,10 +58,9 @@ def _start_request(
     stdin: bool,
     tag: str | None = None,
 ) -> pb.StartRequest:
+    seconds = _validate.seconds(timeout, "timeout")
     config = pb.ProcessConfig(shell=cmd, env=envs or {}, cwd=cwd or "", user=user or "")
-    return pb.StartRequest(
-        config=config, stdin=stdin, timeout_seconds=float(timeout or 0), tag=tag or ""
-    )
+    return pb.StartRequest(config=config, stdin=stdin, timeout_seconds=seconds, tag=tag or "")
 
 
 def _selector(pid: int) -> pb.ProcessSelector:
@@ -68,6 +86,7 @@ class AsyncCommandHandle:
         timeout: float | None = None,
         pump: bool = True,
         first: pb.ProcessEvent | None = None,
+        on_pty: DataCallback | None = None,
     ) -> None:
         self._target = target
         self._pid = pid
@@ -77,6 +96,7 @@ class AsyncCommandHandle:
         self._eof = False
         self._on_stdout = on_stdout
         self._on_stderr = on_stderr
+        self._on_pty = on_pty
         self._timeout = timeout
         self._queue: asyncio.Queue[Chunk | None] | None = asyncio.Queue() if pump else None
         self._pump: asyncio.Task[None] | None = (
@@ -127,6 +147,7 @@ class AsyncCommandHandle:
         if chunk is not None:
             await _call_back(self._on_stdout, chunk[0])
             await _call_back(self._on_stderr, chunk[1])
+            await _call_back(self._on_pty, chunk[2])
         return not self._collector.done, chunk
 
     async def _run_pump(self) -> None:
@@ -224,7 +245,7 @@ async def _close_stdin(target: GuestTarget, pid: int) -> None:
 async def start_call(target: GuestTarget, req: pb.StartRequest) -> tuple[int, Any]:
     """Starts a process; returns its pid and the open event stream (no deadline)."""
     call = target.process().Start(req, metadata=target.metadata)
-    with target.errors(f"starting {req.config.shell!r}"):
+    with target.errors(f"starting {_validate.excerpt(req.config.shell)}"):
         while True:
             ev = await call.read()
             if ev is EOF:
@@ -267,14 +288,16 @@ class AsyncCommands:
         cwd: str | None = None,
         user: str | None = None,
         background: bool = False,
-        timeout: float | None = 60,  # noqa: ASYNC109 - the command's own timeout
+        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - the command's own
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         stdin: bool = False,
     ) -> Any:
         """Runs `cmd` in a shell. Foreground: the CommandResult (non-zero exit
         raises CommandExitException). background=True: an AsyncCommandHandle.
-        `timeout` (seconds, 0/None for none) limits the command itself."""
+        `timeout` (seconds, 0/None for none) limits the command itself; by
+        default 60 s in the foreground and none in the background."""
+        timeout = command_timeout(timeout, background)
         pid, call = await start_call(
             self._target, _start_request(cmd, envs, cwd, user, timeout, stdin)
         )

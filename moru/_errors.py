@@ -120,6 +120,10 @@ _HINTS: dict[grpc.StatusCode, str] = {
 }
 
 
+# hostd's prefix for an unreachable guest (hostd.passthrough.GUEST_UNREACHABLE).
+GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
+
+
 def from_status(
     code: grpc.StatusCode, details: str, *, what: str, address: str = "", guest: bool = False
 ) -> SandboxException:
@@ -151,6 +155,10 @@ def from_status(
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         hint = "" if guest else f" ({_HINTS[code]})"
         return FailedPreconditionException(text + hint, code=name)
+    if code == grpc.StatusCode.UNAVAILABLE and GUEST_UNREACHABLE in details:
+        return ConnectionException(
+            f"{text} (hostd is fine; check the sandbox with get_info / is_running)", code=name
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         where = f" at {address}" if address else ""
         return ConnectionException(

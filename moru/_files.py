@@ -148,7 +148,9 @@ class AsyncWatchHandle:
 
 
 class AsyncFiles:
-    """Files in one sandbox (`sandbox.files`). Paths are absolute."""
+    """Files in one sandbox (`sandbox.files`). Paths are absolute. Every call
+    takes `user` (name or uid): guestd then acts with that user's rights, so
+    what they may not do fails with PermissionDeniedException. Default: root."""
 
     def __init__(self, target: GuestTarget) -> None:
         self._target = target
@@ -156,9 +158,11 @@ class AsyncFiles:
     def _md(self) -> tuple[tuple[str, str], ...]:
         return self._target.metadata
 
-    async def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+    async def read_stream(self, path: str, user: str | None = None) -> AsyncGenerator[bytes, None]:
         """The file's content in chunks, as they arrive."""
-        call = self._target.filesystem().Read(pb.ReadRequest(path=path), metadata=self._md())
+        call = self._target.filesystem().Read(
+            pb.ReadRequest(path=path, user=user or ""), metadata=self._md()
+        )
         try:
             with self._target.errors(f"reading {path}"):
                 while True:
@@ -170,9 +174,9 @@ class AsyncFiles:
         finally:
             call.cancel()
 
-    async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
+    async def _open_stream(self, path: str, user: str | None = None) -> AsyncIterator[bytes]:
         """read_stream, but fails now (not at first iteration) for a missing file."""
-        gen = self.read_stream(path)
+        gen = self.read_stream(path, user)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -191,15 +195,16 @@ class AsyncFiles:
 
     async def read(self, path: str, format: ReadFormat = "text", user: str | None = None) -> Any:
         """The file's content: str ("text"), bytes ("bytes") or an async
-        iterator of bytes chunks ("stream", for files too large for memory)."""
+        iterator of bytes chunks ("stream", for files too large for memory).
+        With `user`, the file is read with that user's rights."""
         if format == "stream":
-            return await self._open_stream(path)
+            return await self._open_stream(path, user)
         if format not in ("text", "bytes"):
             raise ValueError(
                 f'files.read: format must be "text", "bytes" or "stream", not {format!r}'
             )
         buf = bytearray()
-        async for piece in self.read_stream(path):
+        async for piece in self.read_stream(path, user):
             buf += piece
         return buf.decode() if format == "text" else bytes(buf)
 
@@ -207,7 +212,8 @@ class AsyncFiles:
         self, path: str, data: WriteData, user: str | None = None, mode: int | None = None
     ) -> EntryInfo:
         """Writes `data` (str, bytes, a file object, or an (async) iterator of
-        chunks) to `path`, streamed; parents are created; atomic replace."""
+        chunks) to `path`, streamed; parents are created; atomic replace.
+        With `user`, written with that user's rights and owned by them."""
 
         async def requests() -> AsyncIterator[pb.WriteRequest]:
             yield pb.WriteRequest(header=pb.WriteHeader(path=path, user=user or "", mode=mode or 0))
@@ -218,44 +224,48 @@ class AsyncFiles:
             resp = await self._target.filesystem().Write(requests(), metadata=self._md())
         return EntryInfo.from_proto(resp.entry)
 
-    async def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
+    async def list(self, path: str, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
         """Entries under a directory, `depth` levels deep."""
         with self._target.errors(f"listing {path}"):
             resp = await self._target.filesystem().ListDir(
-                pb.ListDirRequest(path=path, depth=depth),
+                pb.ListDirRequest(path=path, depth=depth, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
         return [EntryInfo.from_proto(e) for e in resp.entries]
 
-    async def get_info(self, path: str) -> EntryInfo:
+    async def get_info(self, path: str, user: str | None = None) -> EntryInfo:
         """Type, size, mode, owner and mtime of a path."""
         with self._target.errors(f"stat {path}"):
             resp = await self._target.filesystem().Stat(
-                pb.StatRequest(path=path), metadata=self._md(), timeout=self._target.timeout
+                pb.StatRequest(path=path, user=user or ""),
+                metadata=self._md(),
+                timeout=self._target.timeout,
             )
         return EntryInfo.from_proto(resp.entry)
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: str, user: str | None = None) -> bool:
+        """False when `path` does not exist (PermissionDeniedException when
+        `user` may not look)."""
         try:
-            await self.get_info(path)
+            await self.get_info(path, user)
         except NotFoundException:
             return False
         return True
 
-    async def remove(self, path: str) -> None:
+    async def remove(self, path: str, user: str | None = None) -> None:
         """Removes a file, or a directory with its contents."""
         with self._target.errors(f"removing {path}"):
             await self._target.filesystem().Remove(
-                pb.RemoveRequest(path=path, recursive=True),
+                pb.RemoveRequest(path=path, recursive=True, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
 
-    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+    async def rename(self, old_path: str, new_path: str, user: str | None = None) -> EntryInfo:
         with self._target.errors(f"renaming {old_path} to {new_path}"):
             resp = await self._target.filesystem().Move(
-                pb.MoveRequest(source=old_path, destination=new_path),
+                pb.MoveRequest(source=old_path, destination=new_path, user=user or ""),
                 metadata=self._md(),
                 timeout=self._target.timeout,
             )
@@ -272,12 +282,16 @@ class AsyncFiles:
         return bool(resp.created)
 
     async def watch_dir(
-        self, path: str, on_event: EventCallback | None = None, recursive: bool = False
+        self,
+        path: str,
+        on_event: EventCallback | None = None,
+        recursive: bool = False,
+        user: str | None = None,
     ) -> AsyncWatchHandle:
         """Watches a directory; returns once the watch is in place, so every
         change made after this call is reported."""
         call = self._target.filesystem().Watch(
-            pb.WatchRequest(path=path, recursive=recursive), metadata=self._md()
+            pb.WatchRequest(path=path, recursive=recursive, user=user or ""), metadata=self._md()
         )
         with self._target.errors(f"watching {path}"):
             while True:

@@ -16,6 +16,7 @@ from moru_proto.guest.v1 import filesystem_pb2 as fs_pb
 from moru_proto.guest.v1 import process_pb2 as proc_pb
 from moru_proto.host.v1 import sandbox_pb2 as sb_pb
 from moru_proto.host.v1 import template_pb2 as tpl_pb
+from moru_proto.host.v1 import volume_pb2 as vol_pb
 
 SandboxState = Literal["creating", "running", "paused", "terminated", "unknown"]
 FileType = Literal["file", "dir", "symlink", "other"]
@@ -229,3 +230,35 @@ class FilesystemEvent:
     @classmethod
     def from_proto(cls, m: fs_pb.FilesystemEvent) -> FilesystemEvent:
         return cls(_EVENT_TYPES.get(m.type, "unknown"), m.path, m.name)
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A terminal's size in character cells (`sandbox.pty.create(PtySize(24, 80))`)."""
+
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A persistent disk on the node (`Volume.create()`); pass `volume_id` and a
+    `volume_mount_path` to Sandbox.create to mount it."""
+
+    volume_id: str
+    name: str
+    size_mb: int
+    created_at: datetime
+    attached_to: str | None  # the sandbox that has it mounted, None when free
+    used_bytes: int  # what the sparse disk file really takes on the node
+
+    @classmethod
+    def from_proto(cls, m: vol_pb.VolumeInfo) -> VolumeInfo:
+        return cls(
+            m.volume_id,
+            m.name,
+            m.size_mb,
+            to_datetime(m.created_at),
+            m.attached_to or None,
+            m.used_bytes,
+        )

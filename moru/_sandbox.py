@@ -16,6 +16,7 @@ from moru._async_sandbox import AsyncSandbox, NetworkArg
 from moru._connection import ConnectionConfig
 from moru._methods import class_or_instance_method
 from moru._models import SandboxInfo, SandboxMetrics, TemplateInfo
+from moru._pty import Pty
 from moru._sync_guest import Commands, Files
 
 
@@ -28,6 +29,7 @@ class Sandbox:
         self._core = core
         self.commands = Commands(core._target)
         self.files = Files(core._target)
+        self.pty = Pty(core._target)
 
     @classmethod
     def _for_guest(
@@ -43,6 +45,12 @@ class Sandbox:
     @property
     def connection_config(self) -> ConnectionConfig:
         return self._core.connection_config
+
+    @property
+    def traffic_access_token(self) -> str | None:
+        """The port proxy's token for this sandbox (allow_public_traffic=False),
+        sent as the `x-moru-traffic-token` header; None when traffic is public."""
+        return self._core.traffic_access_token
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.sandbox_id} on {self._core.connection_config.address}>"
@@ -89,7 +97,7 @@ class Sandbox:
     @class_or_instance_method
     def connect(
         self_or_cls: Any,
-        sandbox_id: str | None = None,
+        sandbox_id: str | int | None = None,  # on an instance: int means timeout (E2B)
         timeout: int | None = None,
         *,
         api_key: str | None = None,
@@ -97,7 +105,8 @@ class Sandbox:
         address: str | None = None,
     ) -> Sandbox:
         """`Sandbox.connect(id)`: the sandbox, resumed if paused.
-        `sandbox.connect()`: resumes this sandbox if paused; returns it."""
+        `sandbox.connect()` / `sandbox.connect(timeout=600)`: resumes this
+        sandbox if paused (with that lifetime); returns it."""
         kw: dict[str, Any] = {"api_key": api_key, "hostd": hostd, "address": address}
         if isinstance(self_or_cls, type):
             new: Sandbox = self_or_cls(_loop.run(AsyncSandbox.connect(sandbox_id, timeout, **kw)))
@@ -141,7 +150,7 @@ class Sandbox:
         return sid
 
     def get_host(self, port: int) -> str:
-        """`{port}-{sandbox_id}.{domain}`: where hostd's proxy serves that port."""
+        """`{port}-{sandbox_id}.{domain}[:{proxy_port}]`: open it as `http://{host}/`."""
         return _loop.run(self._core.get_host(port))
 
     def get_url(self, port: int) -> str:
@@ -151,7 +160,7 @@ class Sandbox:
     @staticmethod
     def list(
         metadata: dict[str, str] | None = None,
-        state: list[str] | None = None,
+        state: str | list[str] | None = None,
         *,
         page_size: int = 100,
         api_key: str | None = None,

@@ -14,9 +14,11 @@ from typing import Any, Literal, overload
 
 from moru import _loop
 from moru._commands import (
+    DEFAULT_TIMEOUT,
     AsyncCommandHandle,
     AsyncCommands,
     _start_request,
+    command_timeout,
     connect_call,
     start_call,
 )
@@ -42,10 +44,12 @@ class CommandHandle:
         on_stdout: SyncCallback | None,
         on_stderr: SyncCallback | None,
         background: bool,
+        on_pty: Callable[[bytes], Any] | None = None,
     ) -> None:
         self._core = core
         self._on_stdout = on_stdout
         self._on_stderr = on_stderr
+        self._on_pty = on_pty
         self._error: BaseException | None = None
         self._disconnected = False
         self._queue: queue.Queue[Chunk | None] | None = None
@@ -80,6 +84,8 @@ class CommandHandle:
                 self._on_stdout(chunk[0])
             if chunk[1] is not None and self._on_stderr is not None:
                 self._on_stderr(chunk[1])
+            if chunk[2] is not None and self._on_pty is not None:
+                self._on_pty(chunk[2])
         return more, chunk
 
     def _pump(self) -> None:
@@ -181,7 +187,7 @@ class Commands:
         cwd: str | None = None,
         user: str | None = None,
         background: bool = False,
-        timeout: float | None = 60,
+        timeout: float | None = DEFAULT_TIMEOUT,
         on_stdout: SyncCallback | None = None,
         on_stderr: SyncCallback | None = None,
         stdin: bool = False,
@@ -189,7 +195,9 @@ class Commands:
         """Runs `cmd` in a shell (`bash -l -c`). Returns the CommandResult, or a
         CommandHandle with background=True. Non-zero exit raises
         CommandExitException; `timeout` (seconds, 0/None: none) is the
-        command's own limit, independent of the sandbox's timeout."""
+        command's own limit, independent of the sandbox's timeout: by default
+        60 s in the foreground, none for a background command."""
+        timeout = command_timeout(timeout, background)
         if not background and on_stdout is None and on_stderr is None:
             # Nothing to call back in this thread: one hop to the loop for the whole run.
             result: CommandResult = _loop.run(
@@ -275,7 +283,8 @@ class WatchHandle:
 
 
 class Files:
-    """Files in the sandbox (`sandbox.files`); paths are absolute."""
+    """Files in the sandbox (`sandbox.files`); paths are absolute. Every call
+    takes `user=`: it acts with that user's rights (default root)."""
 
     def __init__(self, target: GuestTarget) -> None:
         self._core = AsyncFiles(target)
@@ -296,8 +305,8 @@ class Files:
     ) -> str | bytes | Iterator[bytes]:
         """Text, bytes, or (format="stream") an iterator of chunks for large files."""
         if format == "stream":
-            return _loop.iterate(_loop.run(self._core._open_stream(path)))
-        out: str | bytes = _loop.run(self._core.read(path, format))
+            return _loop.iterate(_loop.run(self._core._open_stream(path, user)))
+        out: str | bytes = _loop.run(self._core.read(path, format, user))
         return out
 
     def write(
@@ -306,20 +315,20 @@ class Files:
         """Writes str/bytes/a file object/an iterator of chunks, streamed in chunks."""
         return _loop.run(self._core.write(path, data, user, mode))
 
-    def list(self, path: str, depth: int = 1) -> list[EntryInfo]:
-        return _loop.run(self._core.list(path, depth))
+    def list(self, path: str, depth: int = 1, user: str | None = None) -> list[EntryInfo]:
+        return _loop.run(self._core.list(path, depth, user))
 
-    def exists(self, path: str) -> bool:
-        return _loop.run(self._core.exists(path))
+    def exists(self, path: str, user: str | None = None) -> bool:
+        return _loop.run(self._core.exists(path, user))
 
-    def get_info(self, path: str) -> EntryInfo:
-        return _loop.run(self._core.get_info(path))
+    def get_info(self, path: str, user: str | None = None) -> EntryInfo:
+        return _loop.run(self._core.get_info(path, user))
 
-    def remove(self, path: str) -> None:
-        _loop.run(self._core.remove(path))
+    def remove(self, path: str, user: str | None = None) -> None:
+        _loop.run(self._core.remove(path, user))
 
-    def rename(self, old_path: str, new_path: str) -> EntryInfo:
-        return _loop.run(self._core.rename(old_path, new_path))
+    def rename(self, old_path: str, new_path: str, user: str | None = None) -> EntryInfo:
+        return _loop.run(self._core.rename(old_path, new_path, user))
 
     def make_dir(self, path: str, user: str | None = None) -> bool:
         return _loop.run(self._core.make_dir(path, user))
@@ -329,7 +338,8 @@ class Files:
         path: str,
         on_event: Callable[[FilesystemEvent], Any] | None = None,
         recursive: bool = False,
+        user: str | None = None,
     ) -> WatchHandle:
         """Watches a directory; every change after this returns is reported,
         to `on_event` (in a helper thread) or by iterating the handle."""
-        return WatchHandle(_loop.run(self._core.watch_dir(path, None, recursive)), on_event)
+        return WatchHandle(_loop.run(self._core.watch_dir(path, None, recursive, user)), on_event)

@@ -1,7 +1,9 @@
 """`moru`: sandboxes from the shell, through the same SDK users call.
 
-    moru sandbox create|list|info|kill|exec|metrics|timeout|pause|resume|upload|download
-    moru template list
+    moru sandbox create|list|info|kill|exec|connect|logs|metrics|timeout|pause|resume|
+                 upload|download
+    moru template list|build
+    moru volume create|list|info|delete
 
 Readable tables by default, `--json` everywhere. Progress (on stderr, only on
 a terminal unless --progress) for the slow parts: create, resume, transfers.
@@ -10,74 +12,22 @@ a terminal unless --progress) for the slow parts: create, resume, transfers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
+from moru._cli_more import add_commands
+from moru._cli_output import CountingReader as _CountingReader
+from moru._cli_output import Progress, table
+from moru._cli_output import ago as _ago
+from moru._cli_output import left as _left
+from moru._cli_output import print_json as _print_json
+from moru._cli_output import size as _size
 from moru._errors import CommandExitException, SandboxException, TimeoutException
 from moru._models import SandboxInfo
 from moru._sandbox import Sandbox
 
 T = TypeVar("T")
-
-
-# -- output ---------------------------------------------------------------------
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    return obj
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(_jsonable(obj), indent=2, sort_keys=True, default=str))
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns, two spaces apart."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
-
-
-def _ago(dt: datetime) -> str:
-    secs = int((datetime.now(UTC) - dt).total_seconds())
-    return _dur(secs) + " ago" if secs >= 0 else "in " + _dur(-secs)
-
-
-def _left(dt: datetime) -> str:
-    secs = int((dt - datetime.now(UTC)).total_seconds())
-    return _dur(secs) if secs > 0 else "expired"
-
-
-def _dur(secs: int) -> str:
-    if secs < 60:
-        return f"{secs}s"
-    if secs < 3600:
-        return f"{secs // 60}m{secs % 60:02d}s"
-    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _meta(m: dict[str, str]) -> str:
@@ -99,63 +49,6 @@ def _info_rows(info: SandboxInfo) -> list[tuple[str, Any]]:
         ("secure", "yes" if info.secure else "no"),
         ("metadata", _meta(info.metadata)),
     ]
-
-
-# -- progress -------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line status on stderr, redrawn while a slow call runs."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._text = ""
-        self._t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def update(self, text: str) -> None:
-        self._text = text
-
-    def _draw(self) -> None:
-        sys.stderr.write(f"\r\033[K{self._text} ({time.monotonic() - self._t0:.1f}s)")
-        sys.stderr.flush()
-
-    def run(self, text: str, fn: Callable[[], T]) -> T:
-        self._text, self._t0 = text, time.monotonic()
-        if not self.enabled:
-            return fn()
-
-        def loop() -> None:
-            while not self._stop.wait(0.2):
-                self._draw()
-
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        try:
-            return fn()
-        finally:
-            self._stop.set()
-            self._thread.join()
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-class _CountingReader:
-    """A file object wrapper that reports bytes read (for upload progress)."""
-
-    def __init__(self, f: IO[bytes], total: int, progress: Progress, label: str) -> None:
-        self._f, self._total, self._done = f, total, 0
-        self._progress, self._label = progress, label
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
-        self._done += len(b)
-        pct = 100 * self._done / self._total if self._total else 100.0
-        self._progress.update(f"{self._label} {_size(self._done)}/{_size(self._total)} {pct:.0f}%")
-        return b
 
 
 # -- commands -------------------------------------------------------------------
@@ -243,7 +136,13 @@ def cmd_info(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def cmd_kill(args: argparse.Namespace, progress: Progress) -> int:
-    results = {sid: Sandbox.kill(sid, **_conn(args)) for sid in args.sandbox_ids}
+    if args.all == bool(args.sandbox_ids):
+        raise SystemExit("moru: sandbox kill: give sandbox ids or --all (not both)")
+    ids = args.sandbox_ids
+    if args.all:
+        meta = _pairs(args.metadata, "--metadata") or None
+        ids = [i.sandbox_id for i in Sandbox.list(metadata=meta, **_conn(args))]
+    results = {sid: Sandbox.kill(sid, **_conn(args)) for sid in ids}
     if args.json:
         _print_json([{"sandbox_id": k, "killed": v} for k, v in results.items()])
     else:
@@ -260,6 +159,8 @@ def cmd_exec(args: argparse.Namespace, progress: Progress) -> int:
         raise SystemExit("moru: sandbox exec: give a command, e.g. `moru sandbox exec ID -- ls /`")
     cmd = argv[0] if len(argv) == 1 else " ".join(_quote(a) for a in argv)
     sbx = Sandbox.connect(args.sandbox_id, **_conn(args))
+    if args.background:
+        return _exec_background(sbx, cmd, args)
 
     def out(s: str) -> None:
         sys.stdout.write(s)
@@ -286,6 +187,25 @@ def cmd_exec(args: argparse.Namespace, progress: Progress) -> int:
     if args.json:
         _print_json(result)
     return code
+
+
+def _exec_background(sbx: Sandbox, cmd: str, args: argparse.Namespace) -> int:
+    """Starts the command and leaves it running; prints its pid."""
+    handle = sbx.commands.run(
+        cmd,
+        envs=_pairs(args.env, "--env") or None,
+        cwd=args.cwd,
+        user=args.user,
+        background=True,
+        timeout=args.timeout,
+    )
+    pid = handle.pid
+    handle.disconnect()
+    if args.json:
+        _print_json({"sandbox_id": sbx.sandbox_id, "pid": pid})
+    else:
+        print(pid)
+    return 0
 
 
 def _quote(a: str) -> str:
@@ -450,7 +370,15 @@ def _parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_info)
 
     k = ss.add_parser("kill", parents=[common], help="kill sandboxes")
-    k.add_argument("sandbox_ids", nargs="+", metavar="sandbox_id")
+    k.add_argument("sandbox_ids", nargs="*", metavar="sandbox_id")
+    k.add_argument("--all", action="store_true", help="every running and paused sandbox")
+    k.add_argument(
+        "--metadata",
+        "-m",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --all: only those whose metadata holds every pair",
+    )
     k.set_defaults(fn=cmd_kill)
 
     e = ss.add_parser("exec", parents=[common], help="run a command; exits with its exit code")
@@ -459,6 +387,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--user")
     e.add_argument("--env", "-e", action="append", metavar="KEY=VALUE")
     e.add_argument("--timeout", type=float, default=0, help="the command's own timeout (0: none)")
+    e.add_argument(
+        "--background",
+        "-b",
+        action="store_true",
+        help="start it, print its pid and leave it running",
+    )
     e.add_argument("command", nargs=argparse.REMAINDER)
     e.set_defaults(fn=cmd_exec)
 
@@ -497,6 +431,7 @@ def _parser() -> argparse.ArgumentParser:
     ts = tp.add_subparsers(dest="action", required=True)
     tl = ts.add_parser("list", parents=[common], help="one line per template")
     tl.set_defaults(fn=cmd_template_list)
+    add_commands(common, sub, ss, ts)
     return p
 
 

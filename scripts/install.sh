@@ -24,6 +24,7 @@ apt_packages=(
   nftables iproute2 dnsmasq-base iptables curl
   python3 python3-venv python3-dev gcc
   systemd procps psmisc util-linux ca-certificates
+  libnss-myhostname tmux
 )
 
 stamp=/var/lib/moru/.apt-installed
@@ -65,6 +66,14 @@ EOF
   apt-get install -y -qq --no-install-recommends vhost-device-vsock >/dev/null \
     || apt-get install -y -qq --no-install-recommends -t unstable vhost-device-vsock >/dev/null
   echo "$want" >"$stamp"
+fi
+
+# Exposed ports are `{port}-{sandbox_id}.localhost:{proxy_port}`: glibc (Python,
+# browsers) resolves *.localhost to loopback only through nss-myhostname.
+if ! grep -Eq '^hosts:.*\bmyhostname\b' /etc/nsswitch.conf; then
+  log "adding myhostname to the hosts: line of /etc/nsswitch.conf"
+  sed -i -E 's/^(hosts:[[:space:]]*files)\b/\1 myhostname/; t; s/^(hosts:)/\1 myhostname/' \
+    /etc/nsswitch.conf
 fi
 
 # Python: a virtualenv with moru and its dev tools. Uses the python3 on PATH

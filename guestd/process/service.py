@@ -25,6 +25,41 @@ def _pty_size(size: pb.PtySize, field: str) -> tuple[int, int]:
     return size.cols, size.rows
 
 
+# The kernel's limit for one argument (MAX_ARG_STRLEN, 32 pages, NUL
+# included) and, roughly, for all of argv + env together (ARG_MAX's usual
+# 2 MiB, of which the env takes its share).
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_ARGV_ENV_BYTES = 1024 * 1024
+
+
+def _string(value: str, field: str) -> int:
+    """Its size in bytes; NUL bytes cannot reach execve (they would end the string)."""
+    if "\0" in value:
+        raise InvalidArgument(f"{field}: contains a NUL byte")
+    n = len(value.encode(errors="surrogateescape"))
+    if n > MAX_ARG_BYTES:
+        raise InvalidArgument(f"{field}: {n} bytes; one argument may have at most {MAX_ARG_BYTES}")
+    return n
+
+
+def check_command(cfg: pb.ProcessConfig) -> None:
+    """What execve would refuse, refused up front with the field named (never echoed)."""
+    total = _string(cfg.shell, "config.shell")
+    for i, arg in enumerate(cfg.argv):
+        total += _string(arg, f"config.argv[{i}]")
+    for key, value in cfg.env.items():
+        name = f"config.env[{key[:40]!r}]"
+        if not key or "=" in key or "\0" in key:
+            raise InvalidArgument(f"{name}: a name must be non-empty, without '=' or NUL")
+        total += _string(key + "=" + value, name)
+    if total > MAX_ARGV_ENV_BYTES:
+        raise InvalidArgument(
+            f"config: command and env take {total} bytes; at most {MAX_ARGV_ENV_BYTES}"
+        )
+    if "\0" in cfg.cwd or "\0" in cfg.user:
+        raise InvalidArgument("config.cwd/config.user: contains a NUL byte")
+
+
 def spec_of(req: pb.StartRequest) -> Spec:
     cfg = req.config
     if cfg.argv and cfg.shell:
@@ -35,6 +70,7 @@ def spec_of(req: pb.StartRequest) -> Spec:
         raise InvalidArgument(f"config.cwd: must be an absolute path, got {cfg.cwd!r}")
     if req.timeout_seconds < 0 or not math.isfinite(req.timeout_seconds):
         raise InvalidArgument(f"timeout_seconds: must be >= 0, got {req.timeout_seconds}")
+    check_command(cfg)
     return Spec(
         argv=list(cfg.argv), shell=cfg.shell, env=dict(cfg.env), cwd=cfg.cwd, user=cfg.user,
         pty=_pty_size(req.pty, "pty") if req.HasField("pty") else None,

@@ -59,6 +59,11 @@ class NetworkConfig:
     most 5 characters) starts every host-side veth name. Two hostd instances
     (or a test and a real hostd) on one machine must differ in both and in
     ``pool_cidr``.
+
+    The rate limits apply to each sandbox on its own (0: no limit): new
+    connections the guest opens (TCP, UDP flows, ICMP) and DNS queries to its
+    resolver, per second with a burst allowance, so one sandbox cannot flood
+    the uplink or the upstream resolver. Packets over the limit are dropped.
     """
 
     enabled: bool = True
@@ -70,6 +75,10 @@ class NetworkConfig:
     name_prefix: str = "moru"
     veth_prefix: str = "mv"
     run_dir: Path = Path("/run/moru/net")
+    new_conn_rate: int = 200
+    new_conn_burst: int = 400
+    dns_rate: int = 50
+    dns_burst: int = 100
     proxy_host: str = field(init=False, default="")
     proxy_port: int = field(init=False, default=0)
 
@@ -82,6 +91,10 @@ class NetworkConfig:
         if not self.name_prefix.replace("-", "").isalnum():
             raise ValueError(f"name_prefix {self.name_prefix!r}: letters, digits and '-'")
         self.run_dir = Path(self.run_dir)
+        for name in ("new_conn_rate", "new_conn_burst", "dns_rate", "dns_burst"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} {value!r}: a whole number >= 0 (0: no limit)")
         if self.dns_upstream:
             ipaddress.IPv4Address(self.dns_upstream)
         self.proxy_host, self.proxy_port = parse_listen(self.proxy_listen)

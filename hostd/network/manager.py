@@ -298,8 +298,15 @@ class NetworkManager:
 
     def _sandbox_rules(self, net: SandboxNetwork) -> str:
         a = addresses(self.config.pool, net.slot)
+        c = self.config
         return nft.sandbox_rules(
-            self.config.table, net.policy, a.guest_ip, a.gateway, a.host_veth_ip
+            c.table,
+            net.policy,
+            a.guest_ip,
+            a.gateway,
+            a.host_veth_ip,
+            dns_upstream=c.dns_upstream,
+            limits=nft.RateLimits(c.new_conn_rate, c.new_conn_burst, c.dns_rate, c.dns_burst),
         )
 
     async def _ns_init(self, net: SandboxNetwork) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from .policy import EgressPolicy
+from .policy import DEFAULT_DENIED_NETS, EgressPolicy
 
 NETNS_DIR = "/run/netns"
 NS_VETH = "veth0"
@@ -106,12 +107,35 @@ def _elements(nets: Iterable[ipaddress.IPv4Network]) -> str:
     return f"    elements = {{ {', '.join(items)} }}\n" if items else ""
 
 
+@dataclass(frozen=True)
+class RateLimits:
+    """Per-sandbox limits (per second, burst on top); 0: no limit."""
+
+    new_conn_rate: int = 0
+    new_conn_burst: int = 0
+    dns_rate: int = 0
+    dns_burst: int = 0
+
+
+def _limit(name: str, rate: int, burst: int) -> str:
+    if rate <= 0:
+        return ""
+    return f"  limit {name} {{ rate over {rate}/second burst {max(burst, 1)} packets }}\n"
+
+
+def _over(name: str, rate: int) -> str:
+    return f'limit name "{name}" drop' if rate > 0 else ""
+
+
 def sandbox_rules(
     table: str,
     policy: EgressPolicy,
     guest_ip: ipaddress.IPv4Address,
     gateway: ipaddress.IPv4Address,
     host_veth_ip: ipaddress.IPv4Address,
+    *,
+    dns_upstream: str = "",
+    limits: RateLimits = RateLimits(),
 ) -> str:
     """The rules inside one sandbox's namespace (its egress policy).
 
@@ -119,23 +143,43 @@ def sandbox_rules(
     policy update also cuts connections opened before it. The guest's DNS,
     whatever server it asks, is redirected to the resolver on its gateway,
     which adds the addresses of allowed/denied domains to the dns sets.
+
+    Anti-spoofing comes first (prerouting, before the DNS redirect): a packet
+    from the tap with any source but the guest's address is dropped on every
+    path, the resolver included, so a forged query cannot make the resolver
+    answer (reflect) to someone else. The namespace's own output is limited
+    to the guest and to the DNS upstream, as a second line behind it.
     """
-    dns_ok = not policy.blocks_everything
-    dns_rule = (
-        f'    iifname "{TAP}" ip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept\n'
-        if dns_ok
-        else ""
+    dns = f'iifname "{TAP}" ip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53'
+    # before the conntrack accept: a guest's queries from one socket are one
+    # "established" flow, and each of them counts
+    dns_limit = (
+        f"    {dns} {_over('dns_queries', limits.dns_rate)}\n" if limits.dns_rate > 0 else ""
     )
+    dns_rule = f"    {dns} accept\n"
+    egress = f"    ip daddr @deny_net drop\n    ip daddr @{DENY_DNS_SET} drop\n"
     if policy.blocks_everything:
-        egress = "    drop\n"
+        egress += "    drop\n"
     else:
-        egress = f"    ip daddr @deny_net drop\n    ip daddr @{DENY_DNS_SET} drop\n"
+        egress += "    ip daddr @allow_private accept\n    ip daddr @default_denied drop\n"
         if policy.allowlist_mode:
             egress += (
                 f"    ip daddr @allow_net accept\n    ip daddr @{ALLOW_DNS_SET} accept\n    drop\n"
             )
         else:
             egress += "    accept\n"
+    new_conn = (
+        f'    iifname "{TAP}" oifname "{NS_VETH}" ct state new '
+        f"{_over('new_conns', limits.new_conn_rate)}\n"
+        if limits.new_conn_rate > 0
+        else ""
+    )
+    upstream = (
+        f'    oifname "{NS_VETH}" ip daddr {ipaddress.IPv4Address(dns_upstream)} '
+        "meta l4proto { tcp, udp } th dport 53 accept\n"
+        if dns_upstream
+        else ""
+    )
     return _replace(
         "inet",
         table,
@@ -146,8 +190,21 @@ def sandbox_rules(
   set deny_net {{
     type ipv4_addr; flags interval; auto-merge;
 {_elements(policy.deny_nets)}  }}
+  set allow_private {{
+    type ipv4_addr; flags interval; auto-merge;
+{_elements(policy.allow_private_nets)}  }}
+  set default_denied {{
+    type ipv4_addr; flags interval; auto-merge;
+{_elements(DEFAULT_DENIED_NETS)}  }}
   set {ALLOW_DNS_SET} {{ type ipv4_addr; }}
   set {DENY_DNS_SET} {{ type ipv4_addr; }}
+{_limit("new_conns", limits.new_conn_rate, limits.new_conn_burst)}\
+{_limit("dns_queries", limits.dns_rate, limits.dns_burst)}\
+  chain antispoof {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname "{TAP}" meta nfproto ipv6 drop
+    iifname "{TAP}" ip saddr != {guest_ip} drop
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname "{TAP}" ip daddr != {gateway} meta l4proto {{ tcp, udp }} th dport 53 \
@@ -156,15 +213,21 @@ def sandbox_rules(
   chain input {{
     type filter hook input priority filter; policy drop;
     iifname "lo" accept
-    ct state established,related accept
+{dns_limit}    ct state established,related accept
 {dns_rule}  }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
     iifname "{TAP}" ip saddr != {guest_ip} drop
     iifname "{TAP}" ct direction reply ct state established accept
-    iifname "{TAP}" oifname "{NS_VETH}" jump egress
+{new_conn}    iifname "{TAP}" oifname "{NS_VETH}" jump egress
     iifname "{NS_VETH}" oifname "{TAP}" ct state established,related accept
     iifname "{NS_VETH}" oifname "{TAP}" ip saddr {host_veth_ip} ct state new accept
+  }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    oifname "{TAP}" ip daddr != {guest_ip} drop
+    oifname "{NS_VETH}" ct state established,related accept
+{upstream}    oifname "{NS_VETH}" drop
   }}
   chain egress {{
 {egress}  }}

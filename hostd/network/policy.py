@@ -14,6 +14,16 @@ from typing import Any
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
+# Destinations no sandbox reaches unless allow_out lists them (or a part of
+# them) as an address/CIDR: link-local (cloud instance metadata at
+# 169.254.169.254) and the private and carrier-grade NAT ranges, where a
+# node's neighbours and internal services live. IPv6 (fc00::/7, fe80::/10)
+# is dropped altogether, so it needs no list here.
+DEFAULT_DENIED_NETS: tuple[ipaddress.IPv4Network, ...] = tuple(
+    ipaddress.IPv4Network(n)
+    for n in ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+
 
 def parse_entry(entry: str) -> ipaddress.IPv4Network | str:
     """An IPv4 network or a normalised domain name; ValueError naming the entry."""
@@ -54,6 +64,10 @@ class EgressPolicy:
     - a non-empty ``allow_out``: only those destinations (whatever
       ``allow_internet_access`` says).
     - ``deny_out`` always wins over ``allow_out``.
+    - ``DEFAULT_DENIED_NETS`` (link-local and private ranges) are denied
+      unless an ``allow_out`` address/CIDR lies inside one of them; a domain
+      in ``allow_out`` that resolves into them stays denied (no DNS rebinding
+      into the node's network), and so does ``0.0.0.0/0``.
     """
 
     allow_internet_access: bool = True
@@ -99,7 +113,15 @@ class EgressPolicy:
         return bool(self.allow_out)
 
     @property
+    def allow_private_nets(self) -> list[ipaddress.IPv4Network]:
+        """allow_out addresses/CIDRs that open a part of ``DEFAULT_DENIED_NETS``."""
+        return [n for n in self.allow_nets if any(n.subnet_of(d) for d in DEFAULT_DENIED_NETS)]
+
+    @property
     def blocks_everything(self) -> bool:
+        """Nothing may leave: internet off without allow_out, or 0.0.0.0/0 denied."""
+        if any(n.prefixlen == 0 for n in self.deny_nets):
+            return True
         return not self.allow_internet_access and not self.allow_out
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,9 @@ through dnsmasq's ``nftset`` support (dnsmasq >= 2.87; bookworm has 2.89),
 puts the answers for allowed and denied domains into the sandbox's nft sets
 before the guest sees them. In allow-list mode it forwards only queries for
 allowed domains (others get REFUSED), so DNS cannot be used to reach or leak
-to other names. Running it in the namespace keeps each sandbox's sets and
+to other names; when the policy lets nothing out it forwards nothing and
+answers every query REFUSED at once (rather than leaving the guest to time
+out). Running it in the namespace keeps each sandbox's sets and
 rules in that namespace, and a policy update restarts only that resolver.
 """
 
@@ -45,7 +47,9 @@ def render_conf(
         f"pid-file={pid_file}",
         "log-facility=/dev/null",
     ]
-    if policy.allowlist_mode:
+    if policy.blocks_everything:
+        pass  # no server: every query is answered REFUSED here, none leaves
+    elif policy.allowlist_mode:
         for d in policy.allow_domains:
             if upstream:
                 lines.append(f"server=/{d}/{upstream}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from hostd.errors import InvalidArgument
 from hostd.events import Event
 from hostd.guest import Sample
 from hostd.operations import Operations
@@ -130,7 +131,11 @@ class SandboxService(sandbox_pb2_grpc.SandboxServiceServicer):
         return info(self.mgr.get(request.sandbox_id))
 
     async def List(self, request: pb.ListRequest, context: Ctx) -> pb.ListResponse:
-        states = [PB_TO_STATE[s] for s in request.states if s in PB_TO_STATE]
+        unknown = [s for s in request.states if s not in PB_TO_STATE]
+        if unknown:
+            known = ", ".join(str(k) for k in sorted(PB_TO_STATE))
+            raise InvalidArgument("states", f"unknown state value {unknown[0]}; one of {known}")
+        states = [PB_TO_STATE[s] for s in request.states]
         recs, nxt = self.mgr.list_page(
             dict(request.metadata), states, request.page_size, request.page_token
         )

@@ -84,9 +84,14 @@ def test_write_replaces_atomically_keeps_mode_and_sets_owner(guestd: Guestd,
     st = os.stat(path)
     assert open(path, "rb").read() == b"new content"
     assert st.st_ino != ino_before and (st.st_mode & 0o777) == 0o640  # renamed over, mode kept
+    os.chmod(tmpdir_short, 0o777)  # a write with `user` is made with that user's rights
     guestd.fs.Write(write_req(f"{tmpdir_short}/sub/n.txt", [b"x"], user="nobody"))
     assert os.stat(f"{tmpdir_short}/sub/n.txt").st_uid == 65534
     assert os.stat(f"{tmpdir_short}/sub").st_uid == 65534
+    os.chmod(tmpdir_short, 0o755)
+    with pytest.raises(grpc.RpcError) as denied:
+        guestd.fs.Write(write_req(f"{tmpdir_short}/n.txt", [b"x"], user="nobody"))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     guestd.fs.Write(write_req(path, [b"+more"], append=True))
     assert open(path, "rb").read() == b"new content+more"
     assert sorted(os.listdir(tmpdir_short)) == ["a.txt", "sub"]

@@ -191,9 +191,10 @@ def test_init_sets_up_the_guest_restarts_guestd_and_powers_off(
     mounts = set(b.lines("FAKE mount "))
     for mount in (
         "/ ext4", "/proc proc", "/sys sysfs", "/dev devtmpfs", "/dev/pts devpts",
-        "/run tmpfs", "/tmp tmpfs", "/sys/fs/cgroup cgroup2",
+        "/run tmpfs", "/sys/fs/cgroup cgroup2",
     ):  # fmt: skip
         assert f"FAKE mount {mount}" in mounts, mounts
+    assert not any(m.startswith("FAKE mount /tmp ") for m in mounts), mounts  # on the disk
     assert b.value("user").startswith("user:x:1000:1000::/home/user:/bin/bash")
     assert b.value("env") == "LANG=C.UTF-8"
     assert abs(int(b.value("date")) - now) < 600  # clock set from moru.time= (or the RTC)

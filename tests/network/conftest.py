@@ -42,6 +42,11 @@ HOSTS = {
 }
 SERVED = [INET_IP, *HOSTS.values()]
 ROUTED = ["198.18.1.0/24", "198.18.2.0/24", "198.19.0.0/16"]
+# Test hosts in ranges sandboxes may not reach by default (see private_hosts).
+METADATA_IP = "169.254.169.254"
+PRIVATE_IP = "172.31.254.1"
+TEST_POOL = "10.201.0.0/16"
+PRIVATE_TABLE = "2201"
 
 T = TypeVar("T")
 
@@ -144,9 +149,42 @@ def fake_inet() -> Iterator[None]:
         _cleanup_ns(INET_NS)
 
 
+@pytest.fixture(scope="module")
+def private_hosts(fake_inet: None) -> Iterator[list[str]]:
+    """A "metadata service" and a private-range host, both in the fake internet.
+
+    Only traffic from the tests' sandbox pool is routed there (a routing rule
+    with its own table): the host's own route to 169.254.169.254, private
+    networks of the machine and every other process keep theirs.
+    """
+    hosts = [METADATA_IP, PRIVATE_IP]
+    rule = ["from", TEST_POOL, "lookup", PRIVATE_TABLE, "pref", PRIVATE_TABLE]
+    subprocess.run(["ip", "rule", "del", *rule], capture_output=True)
+    subprocess.run(["ip", "route", "flush", "table", PRIVATE_TABLE], capture_output=True)
+    server = None
+    try:
+        for h in hosts:
+            nsexec(INET_NS, "ip", "addr", "add", f"{h}/32", "dev", "eth0", check=True)
+            subprocess.run(
+                ["ip", "route", "add", f"{h}/32", "via", INET_IP, "dev", UPLINK,
+                 "table", PRIVATE_TABLE],
+                check=True,
+            )  # fmt: skip
+        subprocess.run(["ip", "rule", "add", *rule], check=True)
+        server = spawn_in(INET_NS, sys.executable, HELPER, "serve", "inet", *hosts)
+        yield hosts
+    finally:
+        if server is not None:
+            stop_proc(server)
+        subprocess.run(["ip", "rule", "del", *rule], capture_output=True)
+        subprocess.run(["ip", "route", "flush", "table", PRIVATE_TABLE], capture_output=True)
+        for h in hosts:
+            nsexec(INET_NS, "ip", "addr", "del", f"{h}/32", "dev", "eth0")
+
+
 def test_config(tmp: str = "/run/moru/mtst-net") -> NetworkConfig:
     return NetworkConfig(
-        pool_cidr="10.201.0.0/16",
+        pool_cidr=TEST_POOL,
         uplink=UPLINK,
         dns_upstream=DNS_IP,
         proxy_listen="127.0.0.1:0",

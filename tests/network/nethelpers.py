@@ -3,6 +3,9 @@
     python nethelpers.py serve ROLE ADDR...   # HTTP :80/:8080, UDP echo :7, TCP sink :5001,
                                               # websocket echo :8081, raw echo :8443
     python nethelpers.py probe JSON           # runs checks, prints JSON results
+                                              # (http, dns, udp, icmp, tcp, tcpsend,
+                                              # dnsfrom, dnsburst, udpburst)
+    python nethelpers.py listen ADDR PORT     # UDP: prints each sender ("from IP:PORT")
 
 Only addresses inside the test's own namespaces are ever contacted.
 """
@@ -134,11 +137,54 @@ async def serve(role: str, addrs: list[str]) -> None:
     await asyncio.Event().wait()
 
 
-def _dns_query(name: str, server: str, timeout: float) -> list[str] | str:
-    qid = os.getpid() & 0xFFFF
+def _dns_packet(name: str, qid: int) -> bytes:
     q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    q += struct.pack(">HH", 1, 1)
+    return q + struct.pack(">HH", 1, 1)
+
+
+def _dns_from(name: str, server: str, src: str, sport: int) -> str:
+    """Sends one query with source src:sport (an address the sender added to itself)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((src, sport))
+        s.sendto(_dns_packet(name, 7), (server, 53))
+    return "sent"
+
+
+def _burst(kind: str, target: str, count: int, timeout: float) -> int:
+    """How many of `count` requests were answered, all sent before any is read.
+
+    kind "dns": queries for allowed.test to the resolver `target`, from one
+    socket; kind "udp": pings to the echo server `target`, each from its own
+    socket (a new flow each).
+    """
+    n_socks = count if kind == "udp" else 1
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n_socks)]
+    try:
+        for i in range(count):
+            if kind == "dns":
+                socks[0].sendto(_dns_packet("allowed.test", i), (target, 53))
+            else:
+                socks[i].sendto(b"ping", (target, 7))
+        got, deadline = 0, time.monotonic() + timeout
+        for s in socks:
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    s.recv(4096)
+                except OSError:
+                    break
+                got += 1
+                if kind == "udp":
+                    break
+        return got
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _dns_query(name: str, server: str, timeout: float) -> list[str] | str:
+    q = _dns_packet(name, os.getpid() & 0xFFFF)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
@@ -249,6 +295,10 @@ def probe(checks: list[list[object]]) -> list[object]:
                 out.append("connected")
             except OSError as e:
                 out.append(f"error:{type(e).__name__}")
+        elif kind == "dnsfrom":
+            out.append(_dns_from(str(args[0]), str(args[1]), str(args[2]), int(args[3])))  # type: ignore[call-overload]
+        elif kind in ("dnsburst", "udpburst"):
+            out.append(_burst(kind[:-5], str(args[0]), int(args[1]), 3.0))  # type: ignore[call-overload]
         elif kind == "tcpsend":
             out.append(_tcp_send(str(args[0]), int(args[1]), int(args[2])))  # type: ignore[call-overload]
         else:
@@ -259,5 +309,12 @@ def probe(checks: list[list[object]]) -> list[object]:
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         asyncio.run(serve(sys.argv[2], sys.argv[3:]))
+    elif sys.argv[1] == "listen":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((sys.argv[2], int(sys.argv[3])))
+        print("ready", flush=True)
+        while True:
+            _, sender = sock.recvfrom(4096)
+            print(f"from {sender[0]}:{sender[1]}", flush=True)
     elif sys.argv[1] == "probe":
         print(json.dumps(probe(json.loads(sys.argv[2]))))

@@ -53,8 +53,8 @@ def test_internet_off_reaches_nothing(env: Env) -> None:
     assert r[0].startswith("error:"), r
     assert r[1].startswith("error:"), r
     assert r[2].startswith("error:"), r
-    assert isinstance(r[3], str) and r[3].startswith("error:"), r
-    assert isinstance(r[4], str) and r[4].startswith("error:"), r
+    # DNS is answered at once by the sandbox's resolver, REFUSED, and not forwarded
+    assert r[3] == "rcode:5" and r[4] == "rcode:5", r
     assert r[5].startswith("error:"), r
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import hostd.network as network
 from hostd.network import EgressPolicy, NetworkConfig, SandboxNetwork
-from hostd.network.nft import host_rules, sandbox_rules
+from hostd.network.nft import RateLimits, host_rules, sandbox_rules
 from hostd.network.proxy import parse_sni
 from hostd.network.resolver import render_conf
 from hostd.network.slots import PoolExhausted, SlotPool, addresses
@@ -124,6 +124,15 @@ def test_rules_are_valid_nft(policy: EgressPolicy) -> None:
     ip = ipaddress.IPv4Address
     scripts = [
         sandbox_rules("mchk", policy, ip("10.0.0.6"), ip("10.0.0.5"), ip("10.0.0.1")),
+        sandbox_rules(
+            "mchk",
+            policy,
+            ip("10.0.0.6"),
+            ip("10.0.0.5"),
+            ip("10.0.0.1"),
+            dns_upstream="192.0.2.53",
+            limits=RateLimits(10, 20, 5, 10),
+        ),
         host_rules("mchk", "mchk", ipaddress.IPv4Network("10.9.0.0/16"), "eth9"),
         host_rules("mchk", "mchk", ipaddress.IPv4Network("10.9.0.0/16"), ""),
     ]
@@ -149,6 +158,15 @@ def test_resolver_conf_parent_domains_and_allowlist() -> None:
         pid_file=Path("/x.pid"),
     )
     assert "server=192.0.2.53\n" in conf and "nftset" not in conf
+    for nothing_out in (
+        EgressPolicy(allow_internet_access=False),
+        EgressPolicy(allow_out=["example.com"], deny_out=["0.0.0.0/0"]),
+    ):
+        conf = render_conf(
+            table="t", policy=nothing_out, listen="10.0.0.5", upstream="192.0.2.53",
+            pid_file=Path("/x.pid"),
+        )  # fmt: skip
+        assert "server=" not in conf  # answered REFUSED locally, nothing forwarded
 
 
 def test_parse_sni() -> None:

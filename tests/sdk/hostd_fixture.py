@@ -35,10 +35,12 @@ def _start(network: bool) -> Hostd:
     if network:
         h.network = {
             "enabled": True,
-            "pool_cidr": "10.231.0.0/16",
+            # Own pool, veth and namespace names: a second hostd of this kind (another
+            # test run on the machine) would otherwise take these for its orphans.
+            "pool_cidr": f"10.231.{secrets.randbelow(256)}.0/24",
             "proxy_listen": f"127.0.0.1:{_free_port()}",
-            "name_prefix": f"msdk{secrets.token_hex(1)[0]}",
-            "veth_prefix": "msk",
+            "name_prefix": f"msdk{secrets.token_hex(2)}",
+            "veth_prefix": f"ms{secrets.token_hex(1)}",
             "run_dir": str(h.root / "net"),
         }
     h.start(timeout=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,11 @@ def test_sandbox_lifecycle_through_the_cli(hostd: Hostd, tmp_path: Path) -> None
         assert (tmp_path / "down.bin").read_bytes() == blob.read_bytes()
 
         assert json.loads(moru("sandbox", "pause", sid, "--json").stdout)["state"] == "paused"
-        assert json.loads(moru("sandbox", "resume", sid, "--json").stdout)["state"] == "running"
+        t0 = time.monotonic()
+        r = moru("sandbox", "resume", sid, "--progress")
+        assert r.stdout.strip() == f"{sid}: running"
+        # The spinner line (stderr) shows once a call takes more than half a second.
+        assert f"resuming {sid}" in r.stderr or time.monotonic() - t0 < 0.5, r.stderr
         assert moru("sandbox", "exec", sid, "--", "cat", "/tmp/up.bin").returncode == 0
     finally:
         k = json.loads(moru("sandbox", "kill", sid, "--json", check=False).stdout or "[]")

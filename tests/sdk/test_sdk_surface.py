@@ -12,7 +12,9 @@ PUBLIC = {
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncPty",
     "AsyncSandbox",
+    "AsyncVolume",
     "AsyncWatchHandle",
     "AuthenticationException",
     "CommandExitException",
@@ -31,6 +33,8 @@ PUBLIC = {
     "NotFoundException",
     "PermissionDeniedException",
     "ProcessInfo",
+    "Pty",
+    "PtySize",
     "RateLimitException",
     "Sandbox",
     "SandboxException",
@@ -38,6 +42,8 @@ PUBLIC = {
     "SandboxMetrics",
     "TemplateInfo",
     "TimeoutException",
+    "Volume",
+    "VolumeInfo",
     "WatchHandle",
 }
 

@@ -103,6 +103,27 @@ def test_v1_limits_processes_and_removal(mgr: CgroupManager) -> None:
 
 
 @v1_only
+def test_v1_cpu_quota_leaves_hostd_its_reserve() -> None:
+    """A sandbox's quota is its vcpus, capped so that hostd keeps cpu_reserve CPUs;
+    the root group holds all sandboxes together to the same."""
+    m = CgroupManager(f"moru-cr{os.getpid()}", cpu_reserve=0.5, host_cpus=2)
+    try:
+        one = m.create("sbx_one", vcpus=1, memory_bytes=64 << 20)
+        two = m.create("sbx_two", vcpus=2, memory_bytes=64 << 20)
+        assert one.limits()["cfs_quota_us"] == CPU_PERIOD_US
+        assert two.limits()["cfs_quota_us"] == int(1.5 * CPU_PERIOD_US)
+        root = Path("/sys/fs/cgroup/cpu") / m.root_name
+        assert int((root / "cpu.cfs_quota_us").read_text()) == int(1.5 * CPU_PERIOD_US)
+        with pytest.raises(CgroupError, match="cpu_reserve"):
+            CgroupManager("moru-never", cpu_reserve=2, host_cpus=2)
+    finally:
+        for sid in m.list_ids():
+            uvloop.run(m.open(sid).remove())
+        m.remove_root()
+    assert not (Path("/sys/fs/cgroup/cpu") / m.root_name).exists()
+
+
+@v1_only
 def test_v1_pids_and_memory_limits_bite(mgr: CgroupManager) -> None:
     cg = mgr.create("sbx_b", vcpus=1, memory_bytes=16 << 20, pids_max=4)
     forker = spawn_in(

@@ -120,21 +120,27 @@ class ReadRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     offset: _builtins.int
     """Byte offset to start at; negative is INVALID_ARGUMENT."""
     length: _builtins.int
     """Bytes to read at most; 0 reads to the end."""
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "path", b"path", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,7 +185,8 @@ class WriteHeader(_message.Message):
     """Permission bits for a new file; 0 means 0644 (or the old file's mode)."""
     user: _builtins.str
     """Owner (name or uid) of the new file and of created parents; empty: the
-    replaced file's owner, else root.
+    replaced file's owner, else root. The write is made with this user's
+    rights (PERMISSION_DENIED where they may not write).
     """
     append: _builtins.bool
     """Append to the file instead of replacing it (not atomic)."""
@@ -327,15 +334,21 @@ class StatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PATH_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     path: _builtins.str
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,18 +380,24 @@ class ListDirRequest(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     depth: _builtins.int
     """How deep to descend; 0 and 1 both list direct children only."""
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         depth: _builtins.int = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "path", b"path", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,7 +432,7 @@ class MakeDirRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     user: _builtins.str
-    """Owner of created directories; empty: root."""
+    """Owner of created directories, made with this user's rights; empty: root."""
     mode: _builtins.int
     """Permission bits; 0 means 0755."""
     def __init__(
@@ -461,17 +480,23 @@ class MoveRequest(_message.Message):
 
     SOURCE_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     destination: _builtins.str
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         destination: _builtins.str = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "source", b"source", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -503,18 +528,24 @@ class RemoveRequest(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     RECURSIVE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     recursive: _builtins.bool
     """Remove directories with their contents."""
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         recursive: _builtins.bool = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "recursive", b"recursive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "recursive", b"recursive", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,17 +572,23 @@ class WatchRequest(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     RECURSIVE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     recursive: _builtins.bool
+    user: _builtins.str
+    """Act as this user (name or uid): the call succeeds or fails as it would
+    for them (PERMISSION_DENIED). Empty: root.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         recursive: _builtins.bool = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "recursive", b"recursive"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "recursive", b"recursive", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

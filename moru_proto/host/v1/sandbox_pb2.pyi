@@ -659,9 +659,12 @@ class GetHostResponse(_message.Message):
     HOST_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     host: _builtins.str
-    """`{port}-{sandbox_id}.{domain}`, without scheme."""
+    """`{port}-{sandbox_id}.{domain}`, without scheme, followed by
+    `:{proxy_port}` when the proxy does not listen on 80 or 443, so that
+    `http://{host}/` reaches the port as written.
+    """
     url: _builtins.str
-    """A URL that reaches it from this machine, e.g. http://host:proxy_port."""
+    """A URL that reaches it from this machine: `http://{host}`."""
     def __init__(
         self,
         *,
