@@ -64,6 +64,9 @@ const HINTS: Partial<Record<status, string>> = {
   [status.FAILED_PRECONDITION]: 'a paused sandbox resumes with Sandbox.connect(id)',
 }
 
+/** hostd's prefix for an unreachable guest (hostd/passthrough.py GUEST_UNREACHABLE). */
+const GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
+
 /** The error for a gRPC status; `what` says what was attempted. */
 export function fromStatus(
   code: status,
@@ -96,6 +99,9 @@ export function fromStatus(
     case status.FAILED_PRECONDITION:
       return new FailedPreconditionError(opts.guest ? text : hinted, name)
     case status.UNAVAILABLE: {
+      if (details.includes(GUEST_UNREACHABLE)) {
+        return new ConnectionError(`${text} (hostd is fine; check the sandbox with getInfo / isRunning)`, name)
+      }
       const where = opts.address ? ` at ${opts.address}` : ''
       return new ConnectionError(
         `${text} (cannot reach hostd${where}: is \`moru-hostd serve\` running and MORU_HOSTD set to its address?)`,

@@ -100,8 +100,11 @@ export class Files {
   constructor(private readonly target: GuestTarget) {}
 
   /** Opens a Read stream and waits for its first message, so a missing file fails here. */
-  private async open(path: string): Promise<[ReadResponse | undefined, AsyncIterator<ReadResponse>, () => void]> {
-    const call = this.target.filesystem().read(ReadRequest.fromPartial({ path }), this.target.metadata())
+  private async open(
+    path: string,
+    user: string | undefined,
+  ): Promise<[ReadResponse | undefined, AsyncIterator<ReadResponse>, () => void]> {
+    const call = this.target.filesystem().read(ReadRequest.fromPartial({ path, user: user ?? '' }), this.target.metadata())
     call.on('error', () => {}) // errors reach the iterator
     const it = (call as AsyncIterable<ReadResponse>)[Symbol.asyncIterator]()
     try {
@@ -113,19 +116,23 @@ export class Files {
     }
   }
 
-  /** The file's content as text (default), bytes, or a ReadableStream of chunks. */
-  read(path: string, opts?: { format?: 'text' }): Promise<string>
-  read(path: string, opts: { format: 'bytes' }): Promise<Uint8Array>
-  read(path: string, opts: { format: 'stream' }): Promise<ReadableStream<Uint8Array>>
+  /**
+   * The file's content as text (default), bytes, or a ReadableStream of chunks.
+   * Every call takes `user` (name or uid): guestd then acts with that user's
+   * rights (PermissionDeniedError where they may not); default root.
+   */
+  read(path: string, opts?: { format?: 'text'; user?: string }): Promise<string>
+  read(path: string, opts: { format: 'bytes'; user?: string }): Promise<Uint8Array>
+  read(path: string, opts: { format: 'stream'; user?: string }): Promise<ReadableStream<Uint8Array>>
   async read(
     path: string,
-    opts: { format?: 'text' | 'bytes' | 'stream' } = {},
+    opts: { format?: 'text' | 'bytes' | 'stream'; user?: string } = {},
   ): Promise<string | Uint8Array | ReadableStream<Uint8Array>> {
     const format = opts.format ?? 'text'
     if (!['text', 'bytes', 'stream'].includes(format)) {
       throw new TypeError(`files.read: format must be "text", "bytes" or "stream", not ${JSON.stringify(format)}`)
     }
-    const [first, it, cancel] = await this.open(path)
+    const [first, it, cancel] = await this.open(path, opts.user)
     const target = this.target
     if (format === 'stream') {
       let pending: Uint8Array | undefined = first?.data.length ? first.data : undefined
@@ -198,22 +205,23 @@ export class Files {
   }
 
   /** Entries under a directory, `depth` levels deep. */
-  async list(path: string, opts: { depth?: number } = {}): Promise<EntryInfo[]> {
+  async list(path: string, opts: { depth?: number; user?: string } = {}): Promise<EntryInfo[]> {
     const fs = this.target.filesystem()
-    const resp = await this.target.call(fs.listDir, fs, ListDirRequest.fromPartial({ path, depth: opts.depth ?? 1 }), `listing ${path}`)
+    const req = ListDirRequest.fromPartial({ path, depth: opts.depth ?? 1, user: opts.user ?? '' })
+    const resp = await this.target.call(fs.listDir, fs, req, `listing ${path}`)
     return resp.entries.map(entryInfo)
   }
 
   /** Type, size, mode, owner and mtime of a path. */
-  async getInfo(path: string): Promise<EntryInfo> {
+  async getInfo(path: string, opts: { user?: string } = {}): Promise<EntryInfo> {
     const fs = this.target.filesystem()
-    const resp = await this.target.call(fs.stat, fs, StatRequest.fromPartial({ path }), `stat ${path}`)
+    const resp = await this.target.call(fs.stat, fs, StatRequest.fromPartial({ path, user: opts.user ?? '' }), `stat ${path}`)
     return entryInfo(resp.entry)
   }
 
-  async exists(path: string): Promise<boolean> {
+  async exists(path: string, opts: { user?: string } = {}): Promise<boolean> {
     try {
-      await this.getInfo(path)
+      await this.getInfo(path, opts)
     } catch (e) {
       if (e instanceof NotFoundError) return false
       throw e
@@ -222,17 +230,18 @@ export class Files {
   }
 
   /** Removes a file, or a directory with its contents. */
-  async remove(path: string): Promise<void> {
+  async remove(path: string, opts: { user?: string } = {}): Promise<void> {
     const fs = this.target.filesystem()
-    await this.target.call(fs.remove, fs, RemoveRequest.fromPartial({ path, recursive: true }), `removing ${path}`)
+    const req = RemoveRequest.fromPartial({ path, recursive: true, user: opts.user ?? '' })
+    await this.target.call(fs.remove, fs, req, `removing ${path}`)
   }
 
-  async rename(oldPath: string, newPath: string): Promise<EntryInfo> {
+  async rename(oldPath: string, newPath: string, opts: { user?: string } = {}): Promise<EntryInfo> {
     const fs = this.target.filesystem()
     const resp = await this.target.call(
       fs.move,
       fs,
-      MoveRequest.fromPartial({ source: oldPath, destination: newPath }),
+      MoveRequest.fromPartial({ source: oldPath, destination: newPath, user: opts.user ?? '' }),
       `renaming ${oldPath} to ${newPath}`,
     )
     return entryInfo(resp.entry)
@@ -252,10 +261,10 @@ export class Files {
   async watchDir(
     path: string,
     onEvent: WatchCallback,
-    opts: { recursive?: boolean; onExit?: (err?: Error) => void } = {},
+    opts: { recursive?: boolean; user?: string; onExit?: (err?: Error) => void } = {},
   ): Promise<WatchHandle> {
     const call = this.target.filesystem().watch(
-      WatchRequest.fromPartial({ path, recursive: opts.recursive ?? false }),
+      WatchRequest.fromPartial({ path, recursive: opts.recursive ?? false, user: opts.user ?? '' }),
       this.target.metadata(),
     )
     call.on('error', () => {}) // errors reach the iterator

@@ -14,6 +14,8 @@ import Sandbox, {
   NotFoundError,
   NotFoundException,
   SandboxError,
+  FailedPreconditionError,
+  Volume,
   TimeoutError,
   type FilesystemEvent,
 } from '@moru-ai/core'
@@ -182,6 +184,19 @@ export function features(): void {
     assert.equal(exit.exitCode, 3)
     assert.equal(exit.stdout, 'out\n')
     assert.equal(exit.stderr, 'err\n')
+  })
+
+  test('volumes: list, get, attached, delete refused while mounted', async () => {
+    const mounted = made.options!.sandboxId
+    const vol = (await Volume.list()).find((v) => v.attachedTo === mounted)
+    assert.ok(vol, 'the create-with-options example mounted a volume')
+    const got = await Volume.get(vol.volumeId)
+    assert.equal(got.name, 'js-spec-example')
+    assert.equal(got.sizeMB, 64)
+    assert.ok(got.createdAt instanceof Date)
+    await assert.rejects(Volume.delete(vol.volumeId), FailedPreconditionError)
+    await assert.rejects(Volume.get('vol_doesnotexist'), (e: unknown) => e instanceof NotFoundError || e instanceof InvalidArgumentError)
+    await assert.rejects(Volume.create('x', 0), InvalidArgumentError)
   })
 
   test('metrics, host, set timeout, pause and resume', async () => {

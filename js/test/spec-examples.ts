@@ -5,13 +5,10 @@
  */
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { credentials } from '@grpc/grpc-js'
-import Sandbox from '@moru-ai/core'
+import Sandbox, { Volume } from '@moru-ai/core'
 import { runExample } from './support/example.js'
 import { SNIPPETS } from './support/spec-snippets.js'
 import { made, remember } from './support/state.js'
-import { VolumeServiceClient } from '../src/gen/moru_proto/host/v1/volume.js'
-import { ConnectionConfig } from '@moru-ai/core'
 
 export function specExamples(): void {
   test('spec: create, default template', async () => {
@@ -30,12 +27,7 @@ export function specExamples(): void {
 
   test('spec: create with options', async () => {
     // The spec's placeholder volume id stands for a volume made beforehand.
-    const config = ConnectionConfig.resolve()
-    const volumes = new VolumeServiceClient(config.address, credentials.createInsecure())
-    const vol = await new Promise<{ volumeId: string }>((res, rej) =>
-      volumes.create({ name: 'js-spec-example', sizeMb: 64 }, config.metadata(), (e, r) => (e ? rej(e) : res(r))),
-    )
-    volumes.close()
+    const vol = await Volume.create('js-spec-example', 64)
     const { vars } = await runExample(SNIPPETS.createOptions.code.replace('vol_abc123', vol.volumeId),
     )
     const info = await vars.sandbox.getInfo()

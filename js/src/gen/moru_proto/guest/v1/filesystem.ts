@@ -164,6 +164,11 @@ export interface ReadRequest {
   offset: number;
   /** Bytes to read at most; 0 reads to the end. */
   length: number;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface ReadResponse {
@@ -178,7 +183,8 @@ export interface WriteHeader {
   mode: number;
   /**
    * Owner (name or uid) of the new file and of created parents; empty: the
-   * replaced file's owner, else root.
+   * replaced file's owner, else root. The write is made with this user's
+   * rights (PERMISSION_DENIED where they may not write).
    */
   user: string;
   /** Append to the file instead of replacing it (not atomic). */
@@ -227,6 +233,11 @@ export interface TransferResult {
 
 export interface StatRequest {
   path: string;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface StatResponse {
@@ -237,6 +248,11 @@ export interface ListDirRequest {
   path: string;
   /** How deep to descend; 0 and 1 both list direct children only. */
   depth: number;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface ListDirResponse {
@@ -245,7 +261,7 @@ export interface ListDirResponse {
 
 export interface MakeDirRequest {
   path: string;
-  /** Owner of created directories; empty: root. */
+  /** Owner of created directories, made with this user's rights; empty: root. */
   user: string;
   /** Permission bits; 0 means 0755. */
   mode: number;
@@ -262,6 +278,11 @@ export interface MakeDirResponse {
 export interface MoveRequest {
   source: string;
   destination: string;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface MoveResponse {
@@ -272,6 +293,11 @@ export interface RemoveRequest {
   path: string;
   /** Remove directories with their contents. */
   recursive: boolean;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface RemoveResponse {
@@ -280,6 +306,11 @@ export interface RemoveResponse {
 export interface WatchRequest {
   path: string;
   recursive: boolean;
+  /**
+   * Act as this user (name or uid): the call succeeds or fails as it would
+   * for them (PERMISSION_DENIED). Empty: root.
+   */
+  user: string;
 }
 
 export interface FilesystemEvent {
@@ -519,7 +550,7 @@ export const EntryInfo: MessageFns<EntryInfo> = {
 };
 
 function createBaseReadRequest(): ReadRequest {
-  return { path: "", offset: 0, length: 0 };
+  return { path: "", offset: 0, length: 0, user: "" };
 }
 
 export const ReadRequest: MessageFns<ReadRequest> = {
@@ -532,6 +563,9 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     }
     if (message.length !== 0) {
       writer.uint32(24).int64(message.length);
+    }
+    if (message.user !== "") {
+      writer.uint32(34).string(message.user);
     }
     return writer;
   },
@@ -573,6 +607,14 @@ export const ReadRequest: MessageFns<ReadRequest> = {
             message.length = longToNumber(reader.int64());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -590,6 +632,7 @@ export const ReadRequest: MessageFns<ReadRequest> = {
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
       length: isSet(object.length) ? globalThis.Number(object.length) : 0,
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
     };
   },
 
@@ -604,6 +647,9 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     if (message.length !== 0) {
       obj.length = Math.round(message.length);
     }
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
     return obj;
   },
 
@@ -615,6 +661,7 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     message.path = object.path ?? "";
     message.offset = object.offset ?? 0;
     message.length = object.length ?? 0;
+    message.user = object.user ?? "";
     return message;
   },
 };
@@ -1236,13 +1283,16 @@ export const TransferResult: MessageFns<TransferResult> = {
 };
 
 function createBaseStatRequest(): StatRequest {
-  return { path: "" };
+  return { path: "", user: "" };
 }
 
 export const StatRequest: MessageFns<StatRequest> = {
   encode(message: StatRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.path !== "") {
       writer.uint32(10).string(message.path);
+    }
+    if (message.user !== "") {
+      writer.uint32(18).string(message.user);
     }
     return writer;
   },
@@ -1268,6 +1318,14 @@ export const StatRequest: MessageFns<StatRequest> = {
             message.path = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1281,13 +1339,19 @@ export const StatRequest: MessageFns<StatRequest> = {
   },
 
   fromJSON(object: any): StatRequest {
-    return { path: isSet(object.path) ? globalThis.String(object.path) : "" };
+    return {
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
+    };
   },
 
   toJSON(message: StatRequest): unknown {
     const obj: any = {};
     if (message.path !== "") {
       obj.path = message.path;
+    }
+    if (message.user !== "") {
+      obj.user = message.user;
     }
     return obj;
   },
@@ -1298,6 +1362,7 @@ export const StatRequest: MessageFns<StatRequest> = {
   fromPartial<I extends Exact<DeepPartial<StatRequest>, I>>(object: I): StatRequest {
     const message = createBaseStatRequest();
     message.path = object.path ?? "";
+    message.user = object.user ?? "";
     return message;
   },
 };
@@ -1372,7 +1437,7 @@ export const StatResponse: MessageFns<StatResponse> = {
 };
 
 function createBaseListDirRequest(): ListDirRequest {
-  return { path: "", depth: 0 };
+  return { path: "", depth: 0, user: "" };
 }
 
 export const ListDirRequest: MessageFns<ListDirRequest> = {
@@ -1382,6 +1447,9 @@ export const ListDirRequest: MessageFns<ListDirRequest> = {
     }
     if (message.depth !== 0) {
       writer.uint32(16).uint32(message.depth);
+    }
+    if (message.user !== "") {
+      writer.uint32(26).string(message.user);
     }
     return writer;
   },
@@ -1415,6 +1483,14 @@ export const ListDirRequest: MessageFns<ListDirRequest> = {
             message.depth = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1431,6 +1507,7 @@ export const ListDirRequest: MessageFns<ListDirRequest> = {
     return {
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       depth: isSet(object.depth) ? globalThis.Number(object.depth) : 0,
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
     };
   },
 
@@ -1442,6 +1519,9 @@ export const ListDirRequest: MessageFns<ListDirRequest> = {
     if (message.depth !== 0) {
       obj.depth = Math.round(message.depth);
     }
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
     return obj;
   },
 
@@ -1452,6 +1532,7 @@ export const ListDirRequest: MessageFns<ListDirRequest> = {
     const message = createBaseListDirRequest();
     message.path = object.path ?? "";
     message.depth = object.depth ?? 0;
+    message.user = object.user ?? "";
     return message;
   },
 };
@@ -1714,7 +1795,7 @@ export const MakeDirResponse: MessageFns<MakeDirResponse> = {
 };
 
 function createBaseMoveRequest(): MoveRequest {
-  return { source: "", destination: "" };
+  return { source: "", destination: "", user: "" };
 }
 
 export const MoveRequest: MessageFns<MoveRequest> = {
@@ -1724,6 +1805,9 @@ export const MoveRequest: MessageFns<MoveRequest> = {
     }
     if (message.destination !== "") {
       writer.uint32(18).string(message.destination);
+    }
+    if (message.user !== "") {
+      writer.uint32(26).string(message.user);
     }
     return writer;
   },
@@ -1757,6 +1841,14 @@ export const MoveRequest: MessageFns<MoveRequest> = {
             message.destination = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1773,6 +1865,7 @@ export const MoveRequest: MessageFns<MoveRequest> = {
     return {
       source: isSet(object.source) ? globalThis.String(object.source) : "",
       destination: isSet(object.destination) ? globalThis.String(object.destination) : "",
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
     };
   },
 
@@ -1784,6 +1877,9 @@ export const MoveRequest: MessageFns<MoveRequest> = {
     if (message.destination !== "") {
       obj.destination = message.destination;
     }
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
     return obj;
   },
 
@@ -1794,6 +1890,7 @@ export const MoveRequest: MessageFns<MoveRequest> = {
     const message = createBaseMoveRequest();
     message.source = object.source ?? "";
     message.destination = object.destination ?? "";
+    message.user = object.user ?? "";
     return message;
   },
 };
@@ -1868,7 +1965,7 @@ export const MoveResponse: MessageFns<MoveResponse> = {
 };
 
 function createBaseRemoveRequest(): RemoveRequest {
-  return { path: "", recursive: false };
+  return { path: "", recursive: false, user: "" };
 }
 
 export const RemoveRequest: MessageFns<RemoveRequest> = {
@@ -1878,6 +1975,9 @@ export const RemoveRequest: MessageFns<RemoveRequest> = {
     }
     if (message.recursive !== false) {
       writer.uint32(16).bool(message.recursive);
+    }
+    if (message.user !== "") {
+      writer.uint32(26).string(message.user);
     }
     return writer;
   },
@@ -1911,6 +2011,14 @@ export const RemoveRequest: MessageFns<RemoveRequest> = {
             message.recursive = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1927,6 +2035,7 @@ export const RemoveRequest: MessageFns<RemoveRequest> = {
     return {
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       recursive: isSet(object.recursive) ? globalThis.Boolean(object.recursive) : false,
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
     };
   },
 
@@ -1938,6 +2047,9 @@ export const RemoveRequest: MessageFns<RemoveRequest> = {
     if (message.recursive !== false) {
       obj.recursive = message.recursive;
     }
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
     return obj;
   },
 
@@ -1948,6 +2060,7 @@ export const RemoveRequest: MessageFns<RemoveRequest> = {
     const message = createBaseRemoveRequest();
     message.path = object.path ?? "";
     message.recursive = object.recursive ?? false;
+    message.user = object.user ?? "";
     return message;
   },
 };
@@ -2005,7 +2118,7 @@ export const RemoveResponse: MessageFns<RemoveResponse> = {
 };
 
 function createBaseWatchRequest(): WatchRequest {
-  return { path: "", recursive: false };
+  return { path: "", recursive: false, user: "" };
 }
 
 export const WatchRequest: MessageFns<WatchRequest> = {
@@ -2015,6 +2128,9 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     }
     if (message.recursive !== false) {
       writer.uint32(16).bool(message.recursive);
+    }
+    if (message.user !== "") {
+      writer.uint32(26).string(message.user);
     }
     return writer;
   },
@@ -2048,6 +2164,14 @@ export const WatchRequest: MessageFns<WatchRequest> = {
             message.recursive = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.user = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2064,6 +2188,7 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     return {
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       recursive: isSet(object.recursive) ? globalThis.Boolean(object.recursive) : false,
+      user: isSet(object.user) ? globalThis.String(object.user) : "",
     };
   },
 
@@ -2075,6 +2200,9 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     if (message.recursive !== false) {
       obj.recursive = message.recursive;
     }
+    if (message.user !== "") {
+      obj.user = message.user;
+    }
     return obj;
   },
 
@@ -2085,6 +2213,7 @@ export const WatchRequest: MessageFns<WatchRequest> = {
     const message = createBaseWatchRequest();
     message.path = object.path ?? "";
     message.recursive = object.recursive ?? false;
+    message.user = object.user ?? "";
     return message;
   },
 };

@@ -371,9 +371,13 @@ export interface GetHostRequest {
 }
 
 export interface GetHostResponse {
-  /** `{port}-{sandbox_id}.{domain}`, without scheme. */
+  /**
+   * `{port}-{sandbox_id}.{domain}`, without scheme, followed by
+   * `:{proxy_port}` when the proxy does not listen on 80 or 443, so that
+   * `http://{host}/` reaches the port as written.
+   */
   host: string;
-  /** A URL that reaches it from this machine, e.g. http://host:proxy_port. */
+  /** A URL that reaches it from this machine: `http://{host}`. */
   url: string;
 }
 
