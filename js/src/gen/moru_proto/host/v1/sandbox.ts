@@ -97,6 +97,14 @@ export enum EventType {
   EVENT_TYPE_CREATE_FAILED = 6,
   /** EVENT_TYPE_GUEST_OOM - A process inside the guest was killed by the guest's OOM killer. */
   EVENT_TYPE_GUEST_OOM = 7,
+  /**
+   * EVENT_TYPE_POOL_MEMBER_READY - Warm pool: a member became ready, was removed (died, recycled by age,
+   * evicted for a real sandbox, hostd stopping), or preparing one failed.
+   * sandbox_id is the member's, which a claim keeps as the sandbox's id.
+   */
+  EVENT_TYPE_POOL_MEMBER_READY = 8,
+  EVENT_TYPE_POOL_MEMBER_REMOVED = 9,
+  EVENT_TYPE_POOL_REFILL_FAILED = 10,
   UNRECOGNIZED = -1,
 }
 
@@ -126,6 +134,15 @@ export function eventTypeFromJSON(object: any): EventType {
     case 7:
     case "EVENT_TYPE_GUEST_OOM":
       return EventType.EVENT_TYPE_GUEST_OOM;
+    case 8:
+    case "EVENT_TYPE_POOL_MEMBER_READY":
+      return EventType.EVENT_TYPE_POOL_MEMBER_READY;
+    case 9:
+    case "EVENT_TYPE_POOL_MEMBER_REMOVED":
+      return EventType.EVENT_TYPE_POOL_MEMBER_REMOVED;
+    case 10:
+    case "EVENT_TYPE_POOL_REFILL_FAILED":
+      return EventType.EVENT_TYPE_POOL_REFILL_FAILED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -151,6 +168,12 @@ export function eventTypeToJSON(object: EventType): string {
       return "EVENT_TYPE_CREATE_FAILED";
     case EventType.EVENT_TYPE_GUEST_OOM:
       return "EVENT_TYPE_GUEST_OOM";
+    case EventType.EVENT_TYPE_POOL_MEMBER_READY:
+      return "EVENT_TYPE_POOL_MEMBER_READY";
+    case EventType.EVENT_TYPE_POOL_MEMBER_REMOVED:
+      return "EVENT_TYPE_POOL_MEMBER_REMOVED";
+    case EventType.EVENT_TYPE_POOL_REFILL_FAILED:
+      return "EVENT_TYPE_POOL_REFILL_FAILED";
     case EventType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -165,6 +188,8 @@ export enum EventReason {
   EVENT_REASON_OOM = 4,
   EVENT_REASON_CREATE_FAILED = 5,
   EVENT_REASON_HOST_RESTART = 6,
+  /** EVENT_REASON_NODE_FULL - A warm pool member gave its room to a sandbox on a full node. */
+  EVENT_REASON_NODE_FULL = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -191,6 +216,9 @@ export function eventReasonFromJSON(object: any): EventReason {
     case 6:
     case "EVENT_REASON_HOST_RESTART":
       return EventReason.EVENT_REASON_HOST_RESTART;
+    case 7:
+    case "EVENT_REASON_NODE_FULL":
+      return EventReason.EVENT_REASON_NODE_FULL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -214,6 +242,8 @@ export function eventReasonToJSON(object: EventReason): string {
       return "EVENT_REASON_CREATE_FAILED";
     case EventReason.EVENT_REASON_HOST_RESTART:
       return "EVENT_REASON_HOST_RESTART";
+    case EventReason.EVENT_REASON_NODE_FULL:
+      return "EVENT_REASON_NODE_FULL";
     case EventReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
