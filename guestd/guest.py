@@ -4,11 +4,13 @@ guest's agent), Health, GetMetrics, GetInfo and Shutdown."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -35,22 +37,35 @@ def _os_release() -> str:
     return ""
 
 
-# <linux/random.h>: reseed the CRNG from the input pool now (needs CAP_SYS_ADMIN).
+# <linux/random.h> ioctls (need CAP_SYS_ADMIN): RNDADDENTROPY = _IOW('R', 0x03, int[2])
+# mixes bytes in AND credits them; RNDRESEEDCRNG reseeds the CRNG from the pool now.
+RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 IFACE = "eth0"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def _mix_entropy(data: bytes) -> None:
-    """Mixes bytes into the input pool, then reseeds the CRNG from it.
+    """Mixes host-provided random bytes into the input pool, credited, then reseeds the CRNG.
 
-    The write alone does not reach the CRNG until its next scheduled reseed,
-    so clones of one snapshot would read the same random bytes meanwhile.
+    Clones of one snapshot (a ready snapshot, a warm pool member) start with
+    the same CRNG state. A plain write to /dev/urandom mixes without credit and
+    does not reach the CRNG until its next scheduled reseed, so clones would
+    read the same bytes meanwhile. Crediting (the host's bytes come from its
+    own CRNG) also makes a CRNG that was not ready yet ready, where
+    RNDRESEEDCRNG alone fails with ENODATA.
     """
     fd = os.open("/dev/urandom", os.O_WRONLY)
     try:
-        os.write(fd, data)
-        fcntl.ioctl(fd, RNDRESEEDCRNG)
+        info = struct.pack("ii", len(data) * 8, len(data)) + data
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        try:
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        except OSError as e:
+            # ENODATA: not ready even so (cannot happen after a credited add); the
+            # add itself reseeds a CRNG it makes ready.
+            if e.errno != errno.ENODATA:
+                raise
     finally:
         os.close(fd)
 

@@ -117,6 +117,10 @@ async def _rmdir_when_empty(dirs: list[Path], procs: list[Path], timeout: float)
                 await asyncio.sleep(0.02)
 
 
+# cgroup v2's default cpu.weight (v1: cpu.shares 1024); warm pool members run at 1.
+DEFAULT_CPU_WEIGHT = 100
+
+
 class SandboxCgroup(abc.ABC):
     """The cgroup(s) of one sandbox."""
 
@@ -153,6 +157,10 @@ class SandboxCgroup(abc.ABC):
 
     def reclaim(self) -> None:  # noqa: B027 (optional: a no-op where unsupported)
         """Uncharges page cache an empty cgroup still holds."""
+
+    @abc.abstractmethod
+    def set_cpu_weight(self, weight: int) -> None:
+        """CPU share against sibling sandboxes, in cgroup v2 units (1..10000, default 100)."""
 
     @abc.abstractmethod
     async def remove(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
@@ -197,6 +205,9 @@ class V1Cgroup(SandboxCgroup):
             "memory_limit": int(_read(self.dirs["memory"] / "memory.limit_in_bytes")),
             "pids_max": int(_read(self.dirs["pids"] / "pids.max")),
         }
+
+    def set_cpu_weight(self, weight: int) -> None:
+        _write(self.dirs["cpu"] / "cpu.shares", max(2, weight * 1024 // DEFAULT_CPU_WEIGHT))
 
     def _freezer_state(self) -> str:
         return _read(self.dirs["freezer"] / "freezer.state").strip()
@@ -255,6 +266,9 @@ class V2Cgroup(SandboxCgroup):
             "memory_limit": -1 if mem == "max" else int(mem),
             "pids_max": -1 if pids == "max" else int(pids),
         }
+
+    def set_cpu_weight(self, weight: int) -> None:
+        _write(self.path / "cpu.weight", min(10000, max(1, weight)))
 
     def _frozen(self) -> bool:
         return _keyed(_read(self.path / "cgroup.events"), "frozen") == 1

@@ -74,6 +74,31 @@ class NetworkConfig:
             raise ConfigError(f"network: {e}") from None
 
 
+@dataclass(frozen=True)
+class WarmPoolEntry:
+    """One `warm_pool` key: a template and shape (0: the template's default), and a count."""
+
+    template: str
+    vcpus: int
+    memory_mb: int
+    disk_mb: int
+    count: int
+
+    @classmethod
+    def parse(cls, key: str, count: int) -> WarmPoolEntry:
+        parts = key.split(":")
+        name = f"warm_pool.{key}"
+        if not parts[0] or len(parts) > 4:
+            raise ConfigError(f"{name}: expected TEMPLATE or TEMPLATE:VCPUS:MEMORY_MB:DISK_MB")
+        try:
+            nums = [int(p) for p in parts[1:]] + [0] * (4 - len(parts))
+        except ValueError:
+            raise ConfigError(f"{name}: VCPUS, MEMORY_MB and DISK_MB must be integers") from None
+        if min(nums) < 0 or count < 0:
+            raise ConfigError(f"{name}: numbers must not be negative")
+        return cls(parts[0], nums[0], nums[1], nums[2], count)
+
+
 @dataclass
 class Config:
     # gRPC listen address; a unix socket (created mode 0600) by default.
@@ -130,6 +155,17 @@ class Config:
     # it); false: pause in place (vCPUs stopped, memory kept). VMs started
     # without the PCI vsock port (older hostd) are always paused in place.
     pause_to_disk: bool = True
+    # Warm pool: sandboxes kept prepared (booted or restored, network and cgroup
+    # up, guestd answering) so a matching Create only claims one. Keys are a
+    # template name (its default shape) or TEMPLATE:VCPUS:MEMORY_MB:DISK_MB
+    # (trailing parts optional, 0 = the template's default); values are how
+    # many to keep. TOML `warm_pool = {base = 2}`, env `MORU_WARM_POOL=base=2`.
+    # Empty: off. See docs/hostd.md ("Warm pool").
+    warm_pool: dict[str, int] = field(default_factory=dict)
+    # A member older than this is destroyed and replaced (fresh guest state).
+    warm_pool_max_age_seconds: float = 3600.0
+    # Longest wait between refill attempts after failures (doubling from 1 s).
+    warm_pool_backoff_max_seconds: float = 60.0
     max_metadata_entries: int = 64
     max_metadata_bytes: int = 16 * 1024
     log_level: str = "info"
@@ -155,6 +191,10 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.state_path / "hostd.db"
+
+    def warm_pool_entries(self) -> list[WarmPoolEntry]:
+        """`warm_pool` parsed; ConfigError naming the key for a malformed one."""
+        return [WarmPoolEntry.parse(k, v) for k, v in self.warm_pool.items()]
 
     def validate(self) -> Config:
         """Checks cross-field rules; returns self so calls chain."""
@@ -187,6 +227,9 @@ class Config:
             raise ConfigError("health_interval_seconds and guest_unhealthy_seconds must be > 0")
         if self.error_kill_seconds < 0:
             raise ConfigError("error_kill_seconds must be >= 0 (0: kill at once)")
+        self.warm_pool_entries()
+        if min(self.warm_pool_max_age_seconds, self.warm_pool_backoff_max_seconds) <= 0:
+            raise ConfigError("warm_pool_*_seconds: must be positive")
         return self
 
 
@@ -229,7 +272,24 @@ def _coerce(name: str, tp: Any, value: Any, from_text: bool) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if typing.get_origin(tp) is dict:
+        return _coerce_counts(name, value, from_text)
     raise ConfigError(f"{name}: unsupported type {tp!r}")
+
+
+def _coerce_counts(name: str, value: Any, from_text: bool) -> dict[str, int]:
+    """A table of name -> count; as text `a=2,b:1:256=1` (env and flags)."""
+    if from_text and isinstance(value, str):
+        table: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, num = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{name}: expected NAME=COUNT[,NAME=COUNT...], got {item!r}")
+            table[key.strip()] = num.strip()
+        value = table
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table like {{base = 2}}, got {value!r}")
+    return {str(k): _coerce(f"{name}.{k}", int, v, from_text) for k, v in value.items()}
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str, from_text: bool) -> None:

@@ -27,10 +27,13 @@ from hostd.errors import (
     FailedPrecondition,
     MoruError,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient
+from hostd.pool import PoolShape, WarmPool
+from hostd.pool_members import MEMBER_CPU_WEIGHT, Claimer
 from hostd.readiness import VmExited, VsockSilent, wait_guestd
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.resources import Capacity, Resources, vm_spec
@@ -90,6 +93,9 @@ class Creator:
         # The manager's table: a sandbox is in it (and so findable) while it is created.
         self._sandboxes = sandboxes
         self.volumes: VolumeManager | None = None
+        # Set by the manager when warm_pool is configured: matching Creates claim.
+        self.pool: WarmPool[Sandbox] | None = None
+        self.claimer = Claimer(config, store, network, capacity, sandboxes)
 
     async def create(self, opts: CreateOptions) -> Sandbox:
         """A running sandbox for opts (in the manager's table); every resource released on
@@ -125,6 +131,13 @@ class Creator:
             raise FailedPrecondition(
                 "network: egress rules need networking, which is disabled on this node"
             )
+        if self.pool is not None and not opts.volume_id:
+            member = self.pool.claim(PoolShape(name, vcpus, memory_mb, disk_mb))
+            if member is not None:
+                got = await self.claimer.claim(member, opts, timeout, metadata, envs, allow_out,
+                                               deny_out, manifest.env)  # fmt: skip
+                if got is not None:
+                    return got
 
         sid = new_sandbox_id()
         now = time.time()
@@ -162,7 +175,7 @@ class Creator:
         async with sb.lock:
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    self.capacity.reserve(sid, memory_mb)
+                    await self._reserve(sid, memory_mb)
                     stack.callback(self.capacity.release, sid)
                     self._sandboxes[sid] = sb
                     stack.callback(self._sandboxes.pop, sid, None)
@@ -205,6 +218,51 @@ class Creator:
                 raise
         return sb
 
+    async def _reserve(self, sid: str, memory_mb: int) -> None:
+        """Node capacity for a new sandbox; warm pool members give theirs up first."""
+        while True:
+            try:
+                self.capacity.reserve(sid, memory_mb)
+                return
+            except ResourceExhausted:
+                if self.pool is None or not await self.pool.evict():
+                    raise
+
+    async def prepare_member(self, shape: PoolShape, mid: str) -> Sandbox:
+        """A warm pool member: a sandbox made as Create makes one, with a pool-only token.
+
+        Not in the manager's table (never listed, reaped or sampled), at the
+        lowest CPU weight. Its host-side names (cgroup, netns, run dir) use the
+        id it will be claimed under; everything the guest knows of it is
+        replaced at claim. Its store row stays `creating`, so a hostd restart
+        discards it. The pool holds its capacity reservation.
+        """
+        cfg = self.config
+        manifest = self._load_template(shape.template)
+        now = time.time()
+        rec = SandboxRecord(
+            sandbox_id=mid, template_id=shape.template, state=State.CREATING, created_at=now,
+            started_at=now, end_at=now, vcpus=shape.vcpus, memory_mb=shape.memory_mb,
+            disk_mb=shape.disk_mb, access_token=secrets.token_urlsafe(24),
+            hostname=mid.replace("_", "-"), kernel=manifest.kernel,
+            initramfs=manifest.initramfs, rootfs=manifest.rootfs,
+            run_dir=str(cfg.sandboxes_dir / mid), guestd_port=manifest.guestd_port,
+            accel=cfg.accel,
+        )  # fmt: skip
+        sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history), background=True)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.store.delete, mid)
+            try:
+                async with asyncio.timeout(cfg.create_deadline_seconds):
+                    await self._boot(sb, stack, manifest, dict(manifest.env))
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"warm pool member {mid} was not ready within"
+                    f" {cfg.create_deadline_seconds:g} s (stuck {sb.stage})" + self._console(sb)
+                ) from None
+            sb.res.stack = stack.pop_all()
+        return sb
+
     async def _boot(
         self,
         sb: Sandbox,
@@ -218,6 +276,8 @@ class Creator:
         sb.stage = "creating the cgroup"
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
+        if sb.background:
+            res.cgroup.set_cpu_weight(MEMBER_CPU_WEIGHT)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"

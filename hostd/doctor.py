@@ -74,6 +74,35 @@ def _nft() -> Check:
     return Check("nftables", True, nft, False)
 
 
+def _warm_pool(config: Config) -> Check:
+    """What the warm pool will keep and whether it fits the node's limits."""
+    from hostd.resources import host_memory_mb
+    from images.manifest import TemplateNotFound, load_manifest
+
+    entries = [e for e in config.warm_pool_entries() if e.count > 0]
+    if not entries:
+        return Check("warm_pool", True, "off (warm_pool = {base = 2} keeps 2 ready)", False)
+    parts, members, memory = [], 0, 0
+    for e in entries:
+        try:
+            d = load_manifest(e.template, config.images_path).defaults
+        except (TemplateNotFound, OSError, ValueError):
+            return Check("warm_pool", False, f"template {e.template!r} is not built", False)
+        mem = e.memory_mb or d.memory_mb
+        members += e.count
+        memory += e.count * mem
+        disk = e.disk_mb or d.disk_mb
+        vcpus = e.vcpus or d.vcpus
+        parts.append(f"{e.template} x{e.count} ({vcpus} vCPU, {mem} MB, {disk} MB disk)")
+    budget = config.memory_budget_mb or int(host_memory_mb() * 0.8)
+    detail = f"{', '.join(parts)}: {members} of max_sandboxes={config.max_sandboxes}, {memory} MB"
+    detail += f" of {budget} MB"
+    if members + 1 > config.max_sandboxes or memory >= budget:
+        return Check("warm_pool", False, detail + "; the pool will keep fewer (room for a sandbox"
+                     " is always left)", False)  # fmt: skip
+    return Check("warm_pool", True, detail, False)
+
+
 def run_checks(config: Config) -> list[Check]:
     return [
         Check("root", os.geteuid() == 0, "hostd needs root (cgroups, tap devices, netns)"),
@@ -89,6 +118,7 @@ def run_checks(config: Config) -> list[Check]:
         if config.network.enabled
         else Check("dnsmasq", True, "networking off", False),
         _images(config),
+        _warm_pool(config),
     ]
 
 

@@ -24,8 +24,12 @@ class EventType(enum.Enum):
     KILLED = 5
     CREATE_FAILED = 6
     GUEST_OOM = 7
-    ERROR = 8
-    REPAIRED = 9
+    # Warm pool (hostd/pool.py); sandbox_id is the member's (its id once claimed).
+    POOL_MEMBER_READY = 8
+    POOL_MEMBER_REMOVED = 9
+    POOL_REFILL_FAILED = 10
+    ERROR = 11
+    REPAIRED = 12
 
 
 class Reason(enum.Enum):
@@ -36,7 +40,8 @@ class Reason(enum.Enum):
     OOM = 4
     CREATE_FAILED = 5
     HOST_RESTART = 6
-    HEALTH = 7
+    NODE_FULL = 7
+    HEALTH = 8
 
 
 @dataclass(frozen=True)

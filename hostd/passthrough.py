@@ -14,6 +14,9 @@ cancelled and the client gets NOT_FOUND (ABORTED for a pause) naming the
 sandbox and why, with the reason in trailing metadata `moru-end-reason`.
 Without this, a call whose upstream hostd cancels (a Kill closes the
 channel) never got a status at all.
+
+Filesystem OpenRead/OpenWrite name guestd's data listener inside the guest:
+with a DataRelay their answers are rewritten to point at it (hostd.data_relay).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import grpc
 
+from hostd.data_relay import DataRelay
 from hostd.errors import InvalidArgument
 from hostd.guest import TOKEN_HEADER
 from moru_proto.guest.v1 import filesystem_pb2, process_pb2
@@ -37,10 +41,9 @@ SERVICES = (
     filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"],
 )
 
-# Not forwarded: their tickets name guestd's data listener, which is inside the
-# guest (vsock) and not reachable by hostd's clients; Read and Write carry the
-# same data through hostd.
-NOT_FORWARDED = frozenset({
+# Their tickets name guestd's data listener, which is inside the guest (vsock):
+# forwarded only with a DataRelay; without one, Read and Write carry the same data.
+DATA_METHODS = frozenset({
     "/moru.guest.v1.Filesystem/OpenRead",
     "/moru.guest.v1.Filesystem/OpenWrite",
 })
@@ -114,14 +117,17 @@ async def _not_forwarded(request: bytes, context: grpc.aio.ServicerContext[Any, 
 
 
 class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, data: DataRelay | None = None) -> None:
         self._resolve = resolve
+        self._data = data
         self._shapes = _shapes()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
-        if method in NOT_FORWARDED:
-            return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+        if method in DATA_METHODS:
+            if self._data is None:
+                return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+            return grpc.unary_unary_rpc_method_handler(self._uu(method, self._data))
         shape = self._shapes.get(method)
         if shape is None:
             return None
@@ -149,7 +155,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     # are passed on with their own code and details; a call whose sandbox
     # ended gets the end status instead (_Watch).
 
-    def _uu(self, method: str) -> Callable[..., Any]:
+    def _uu(self, method: str, data: DataRelay | None = None) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             route, md, timeout = self._target(context)
             async with _Watch(route.sandbox, context) as w:
@@ -159,7 +165,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 w.watch(call)
                 try:
                     resp: bytes = await call
-                    return resp
+                    return resp if data is None else data.issue(route.sandbox.id, resp)
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     await w.abort_if_ended()
                     if isinstance(e, grpc.aio.AioRpcError):

@@ -39,6 +39,10 @@ class Capacity:
         self._used: dict[str, int] = {}
 
     @property
+    def count(self) -> int:
+        return len(self._used)
+
+    @property
     def memory_used_mb(self) -> int:
         return sum(self._used.values())
 

@@ -59,8 +59,11 @@ class Sandbox:
     gone: bool = False
     # What Create is doing right now (named in its deadline error).
     stage: str = ""
-    # How Create started the VM: "ready_snapshot" or "cold_boot".
+    # How Create started the VM: "warm_pool", "ready_snapshot" or "cold_boot".
     create_path: str = ""
+    # A warm pool member (hostd.pool_members): runs at the lowest CPU weight
+    # until claimed, so preparing one never takes CPU from the node's sandboxes.
+    background: bool = False
     # The end signal: set (with a short reason) on kill, expiry, VM death,
     # state error and pause; hostd.passthrough ends every open guest call on it.
     ended: asyncio.Event = field(default_factory=asyncio.Event)

@@ -41,6 +41,7 @@ from guestd.errors import (
     ResourceExhausted,
 )
 from guestd.limits import release
+from guestd.process.login import LoginEnvs
 from guestd.process.output import Cursor, OutputLog, Part
 from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
 
@@ -446,6 +447,7 @@ class ProcessManager:
         self.buffer_bytes = buffer_bytes
         self.keepalive = keepalive
         self._init_env = init_env
+        self.logins = LoginEnvs(init_env)  # shell commands' login environments
         self._keep_ended = keep_ended
         self._max_running = max_running
         self._procs: dict[int, ManagedProcess] = {}

@@ -21,7 +21,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("hostd.observability")
@@ -36,7 +41,8 @@ CALL_BUCKETS = (
 STATES = ("creating", "running", "paused", "error")
 LIFECYCLE_OPS = ("create", "kill", "pause", "resume")
 # How a create started its VM (the created event's message, hostd/sandboxes.py).
-CREATE_PATHS = ("ready_snapshot", "cold_boot")
+CREATE_PATHS = ("warm_pool", "ready_snapshot", "cold_boot")
+POOL_LABELS = ("template", "shape")
 
 
 class ManagerView(Protocol):
@@ -46,6 +52,7 @@ class ManagerView(Protocol):
     end_at), `.metrics` (a sequence of hostd.guest.Sample, newest last) and
     `.res.cgroup` (cpu_usage_seconds(), memory_usage_bytes(), or None).
     `capacity` has max_sandboxes, memory_budget_mb and memory_used_mb.
+    `pool` (optional) is a hostd.pool.WarmPool or None.
     """
 
     capacity: Any
@@ -168,6 +175,42 @@ class LiveCollector(Collector):
             "Guest memory budget not reserved by live sandboxes",
             value=max(0, cap.memory_budget_mb - cap.memory_used_mb) << 20,
         )
+        pool = getattr(self._mgr, "pool", None)
+        if pool is not None:
+            yield from pool_metrics(pool.stats())
+
+
+def pool_metrics(stats: Iterable[Any]) -> Iterator[Metric]:
+    """The warm pool's families (hostd.pool.ShapeStats per configured shape)."""
+
+    def fam(kind: Any, name: str, doc: str, labels: Iterable[str] = POOL_LABELS) -> Any:
+        return kind(f"{PREFIX}_warm_pool_{name}", doc, labels=list(labels))
+
+    size = fam(GaugeMetricFamily, "size", "Members the pool keeps for this shape (configured)")
+    ready = fam(GaugeMetricFamily, "ready", "Members ready to be claimed")
+    preparing = fam(GaugeMetricFamily, "preparing", "Members being prepared (refill in flight)")
+    claims = fam(CounterMetricFamily, "claims", "Creates served by claiming a member")
+    misses = fam(CounterMetricFamily, "misses", "Creates of this shape that found no member ready")
+    failures = fam(CounterMetricFamily, "refill_failures", "Failed attempts to prepare a member")
+    removed = fam(
+        CounterMetricFamily,
+        "removed",
+        "Members destroyed unclaimed: why=died, recycled (max age) or evicted (node full)",
+        (*POOL_LABELS, "why"),
+    )
+    refill = fam(SummaryMetricFamily, "refill_seconds", "Time to prepare one member")
+    for st in stats:
+        lv = [st.shape.template, str(st.shape)]
+        size.add_metric(lv, st.target)
+        ready.add_metric(lv, st.ready)
+        preparing.add_metric(lv, st.preparing)
+        claims.add_metric(lv, st.claims)
+        misses.add_metric(lv, st.misses)
+        failures.add_metric(lv, st.refill_failures)
+        for why, n in (("died", st.died), ("recycled", st.recycled), ("evicted", st.evicted)):
+            removed.add_metric([*lv, why], n)
+        refill.add_metric(lv, count_value=st.refills, sum_value=st.refill_seconds_sum)
+    yield from (size, ready, preparing, claims, misses, failures, removed, refill)
 
 
 class Metrics:
@@ -211,8 +254,8 @@ class Metrics:
         )
         self.creates = Counter(
             f"{PREFIX}_sandbox_creates",
-            "Successful creates by how the VM started: path=ready_snapshot (restored from"
-            " the template's ready snapshot) or path=cold_boot",
+            "Successful creates by how the VM started: path=warm_pool (a prepared member"
+            " claimed), ready_snapshot (restored from the template's ready snapshot) or cold_boot",
             ["path"],
             registry=r,
         )

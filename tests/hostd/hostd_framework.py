@@ -90,6 +90,8 @@ class Hostd:
                 return "true" if v else "false"
             if isinstance(v, int | float):
                 return repr(v)
+            if isinstance(v, dict):  # an inline table, e.g. warm_pool = {base = 2}
+                return "{" + ", ".join(f"{val(str(k))} = {val(x)}" for k, x in v.items()) + "}"
             return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
         lines = [f"{k} = {val(v)}" for k, v in self.config.items()]

@@ -147,6 +147,18 @@ def test_v1_pids_and_memory_limits_bite(mgr: CgroupManager) -> None:
     uvloop.run(cg.remove())
 
 
+@v1_only
+def test_v1_cpu_weight_for_warm_pool_members(mgr: CgroupManager) -> None:
+    cg = mgr.create("sbx_w", vcpus=1, memory_bytes=16 << 20)
+    shares = Path("/sys/fs/cgroup/cpu") / mgr.root_name / "sbx_w" / "cpu.shares"
+    assert shares.read_text().strip() == "1024"
+    cg.set_cpu_weight(1)  # a member being prepared: 1% of a sandbox's share
+    assert shares.read_text().strip() == "10"
+    cg.set_cpu_weight(100)  # claimed: as any sandbox
+    assert shares.read_text().strip() == "1024"
+    uvloop.run(cg.remove())
+
+
 def test_create_rejects_bad_ids(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     self_cg = tmp_path / "self"

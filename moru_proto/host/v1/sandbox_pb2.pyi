@@ -71,9 +71,16 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_CREATE_FAILED: _EventType.ValueType  # 6
     EVENT_TYPE_GUEST_OOM: _EventType.ValueType  # 7
     """A process inside the guest was killed by the guest's OOM killer."""
-    EVENT_TYPE_ERROR: _EventType.ValueType  # 8
+    EVENT_TYPE_POOL_MEMBER_READY: _EventType.ValueType  # 8
+    """Warm pool: a member became ready, was removed (died, recycled by age,
+    evicted for a real sandbox, hostd stopping), or preparing one failed.
+    sandbox_id is the member's, which a claim keeps as the sandbox's id.
+    """
+    EVENT_TYPE_POOL_MEMBER_REMOVED: _EventType.ValueType  # 9
+    EVENT_TYPE_POOL_REFILL_FAILED: _EventType.ValueType  # 10
+    EVENT_TYPE_ERROR: _EventType.ValueType  # 11
     """A health check found the sandbox dead or unreachable for good (state error)."""
-    EVENT_TYPE_REPAIRED: _EventType.ValueType  # 9
+    EVENT_TYPE_REPAIRED: _EventType.ValueType  # 12
     """A health check repaired the sandbox (vsock backend restarted, guestd re-initialised)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
@@ -87,9 +94,16 @@ EVENT_TYPE_KILLED: EventType.ValueType  # 5
 EVENT_TYPE_CREATE_FAILED: EventType.ValueType  # 6
 EVENT_TYPE_GUEST_OOM: EventType.ValueType  # 7
 """A process inside the guest was killed by the guest's OOM killer."""
-EVENT_TYPE_ERROR: EventType.ValueType  # 8
+EVENT_TYPE_POOL_MEMBER_READY: EventType.ValueType  # 8
+"""Warm pool: a member became ready, was removed (died, recycled by age,
+evicted for a real sandbox, hostd stopping), or preparing one failed.
+sandbox_id is the member's, which a claim keeps as the sandbox's id.
+"""
+EVENT_TYPE_POOL_MEMBER_REMOVED: EventType.ValueType  # 9
+EVENT_TYPE_POOL_REFILL_FAILED: EventType.ValueType  # 10
+EVENT_TYPE_ERROR: EventType.ValueType  # 11
 """A health check found the sandbox dead or unreachable for good (state error)."""
-EVENT_TYPE_REPAIRED: EventType.ValueType  # 9
+EVENT_TYPE_REPAIRED: EventType.ValueType  # 12
 """A health check repaired the sandbox (vsock backend restarted, guestd re-initialised)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
@@ -106,7 +120,9 @@ class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReas
     EVENT_REASON_OOM: _EventReason.ValueType  # 4
     EVENT_REASON_CREATE_FAILED: _EventReason.ValueType  # 5
     EVENT_REASON_HOST_RESTART: _EventReason.ValueType  # 6
-    EVENT_REASON_HEALTH: _EventReason.ValueType  # 7
+    EVENT_REASON_NODE_FULL: _EventReason.ValueType  # 7
+    """A warm pool member gave its room to a sandbox on a full node."""
+    EVENT_REASON_HEALTH: _EventReason.ValueType  # 8
     """Found by hostd's per-sandbox health check."""
 
 class EventReason(_EventReason, metaclass=_EventReasonEnumTypeWrapper): ...
@@ -118,7 +134,9 @@ EVENT_REASON_VMM_EXITED: EventReason.ValueType  # 3
 EVENT_REASON_OOM: EventReason.ValueType  # 4
 EVENT_REASON_CREATE_FAILED: EventReason.ValueType  # 5
 EVENT_REASON_HOST_RESTART: EventReason.ValueType  # 6
-EVENT_REASON_HEALTH: EventReason.ValueType  # 7
+EVENT_REASON_NODE_FULL: EventReason.ValueType  # 7
+"""A warm pool member gave its room to a sandbox on a full node."""
+EVENT_REASON_HEALTH: EventReason.ValueType  # 8
 """Found by hostd's per-sandbox health check."""
 Global___EventReason: _TypeAlias = EventReason  # noqa: Y015
 
