@@ -23,7 +23,7 @@ from hostd.data_relay import DataRelay
 from hostd.events import EventBus
 from hostd.interceptors import EdgeInterceptor
 from hostd.operations import Operations
-from hostd.passthrough import GuestPassthrough
+from hostd.passthrough import GuestPassthrough, Route
 from hostd.sandboxes import SandboxManager
 from hostd.services.sandbox import SandboxService
 from hostd.services.template import TemplateService
@@ -114,7 +114,8 @@ async def serve(
         if data is not None:
             await data.start()
             stack.push_async_callback(data.close)
-        server.add_generic_rpc_handlers([GuestPassthrough(mgr.guest_channel, data)])
+        server.add_generic_rpc_handlers([GuestPassthrough(
+            lambda sid, token: Route(*mgr.guest_channel(sid, token), mgr.sandbox(sid)), data)])
         from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
         health = health_aio.HealthServicer()

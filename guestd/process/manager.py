@@ -40,6 +40,7 @@ from guestd.errors import (
     NotFound,
     ResourceExhausted,
 )
+from guestd.limits import release
 from guestd.process.login import LoginEnvs
 from guestd.process.output import Cursor, OutputLog, Part
 from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
@@ -470,6 +471,7 @@ class ProcessManager:
 
     def _ended_cb(self, proc: ManagedProcess) -> None:
         self._live -= 1
+        release(proc.pid)
         if self._procs.get(proc.pid) is not proc:
             return  # its pid was reused while its pipes drained: the table has the new one
         held = proc.log.held_bytes()  # final: an ended process's log no longer changes

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from guestd.errors import InvalidArgument, NotFound, path_error
+from guestd.limits import confine
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1024 * 1024
@@ -307,6 +308,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
                 _with_ctty(argv), stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
             )
             popen.returncode = 0  # guestd reaps it by pid; keep Popen.__del__ out of it
+            confine(popen.pid)
             return Child(popen.pid, {"pty": master}, master)
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
@@ -321,6 +323,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             os.set_blocking(in_w, False)
             stdin = in_r
         pid = _posix_spawn(exe, argv, env, cwd, stdin, out_w, err_w)
+        confine(pid)
         return Child(pid, {"stdout": out_r, "stderr": err_r}, in_w)
     except OSError as exc:
         for fd in mine:

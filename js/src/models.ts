@@ -13,13 +13,14 @@ import {
   type FilesystemEvent as PbFilesystemEvent,
 } from './gen/moru_proto/guest/v1/filesystem.js'
 
-export type SandboxStateName = 'creating' | 'running' | 'paused' | 'terminated' | 'unknown'
+export type SandboxStateName = 'creating' | 'running' | 'paused' | 'terminated' | 'error' | 'unknown'
 
 const STATES: Record<number, SandboxStateName> = {
   [SandboxState.SANDBOX_STATE_CREATING]: 'creating',
   [SandboxState.SANDBOX_STATE_RUNNING]: 'running',
   [SandboxState.SANDBOX_STATE_PAUSED]: 'paused',
   [SandboxState.SANDBOX_STATE_TERMINATED]: 'terminated',
+  [SandboxState.SANDBOX_STATE_ERROR]: 'error',
 }
 
 export function stateValue(name: SandboxStateName): SandboxState {

@@ -237,7 +237,8 @@ class Hostd:
     def kill_all(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        for s in self.list_all(states=[pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED]):
+        live = [pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED, pb.SANDBOX_STATE_ERROR]
+        for s in self.list_all(states=live):
             with contextlib.suppress(grpc.RpcError):
                 self.kill(s.sandbox_id)
 

@@ -42,6 +42,11 @@ export enum SandboxState {
   SANDBOX_STATE_RUNNING = 2,
   SANDBOX_STATE_PAUSED = 3,
   SANDBOX_STATE_TERMINATED = 4,
+  /**
+   * SANDBOX_STATE_ERROR - Dead or unreachable and not repairable (SandboxInfo.error says why);
+   * killed per the node's policy, listed until then.
+   */
+  SANDBOX_STATE_ERROR = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -62,6 +67,9 @@ export function sandboxStateFromJSON(object: any): SandboxState {
     case 4:
     case "SANDBOX_STATE_TERMINATED":
       return SandboxState.SANDBOX_STATE_TERMINATED;
+    case 5:
+    case "SANDBOX_STATE_ERROR":
+      return SandboxState.SANDBOX_STATE_ERROR;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -81,6 +89,8 @@ export function sandboxStateToJSON(object: SandboxState): string {
       return "SANDBOX_STATE_PAUSED";
     case SandboxState.SANDBOX_STATE_TERMINATED:
       return "SANDBOX_STATE_TERMINATED";
+    case SandboxState.SANDBOX_STATE_ERROR:
+      return "SANDBOX_STATE_ERROR";
     case SandboxState.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -105,6 +115,10 @@ export enum EventType {
   EVENT_TYPE_POOL_MEMBER_READY = 8,
   EVENT_TYPE_POOL_MEMBER_REMOVED = 9,
   EVENT_TYPE_POOL_REFILL_FAILED = 10,
+  /** EVENT_TYPE_ERROR - A health check found the sandbox dead or unreachable for good (state error). */
+  EVENT_TYPE_ERROR = 11,
+  /** EVENT_TYPE_REPAIRED - A health check repaired the sandbox (vsock backend restarted, guestd re-initialised). */
+  EVENT_TYPE_REPAIRED = 12,
   UNRECOGNIZED = -1,
 }
 
@@ -143,6 +157,12 @@ export function eventTypeFromJSON(object: any): EventType {
     case 10:
     case "EVENT_TYPE_POOL_REFILL_FAILED":
       return EventType.EVENT_TYPE_POOL_REFILL_FAILED;
+    case 11:
+    case "EVENT_TYPE_ERROR":
+      return EventType.EVENT_TYPE_ERROR;
+    case 12:
+    case "EVENT_TYPE_REPAIRED":
+      return EventType.EVENT_TYPE_REPAIRED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -174,6 +194,10 @@ export function eventTypeToJSON(object: EventType): string {
       return "EVENT_TYPE_POOL_MEMBER_REMOVED";
     case EventType.EVENT_TYPE_POOL_REFILL_FAILED:
       return "EVENT_TYPE_POOL_REFILL_FAILED";
+    case EventType.EVENT_TYPE_ERROR:
+      return "EVENT_TYPE_ERROR";
+    case EventType.EVENT_TYPE_REPAIRED:
+      return "EVENT_TYPE_REPAIRED";
     case EventType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -190,6 +214,8 @@ export enum EventReason {
   EVENT_REASON_HOST_RESTART = 6,
   /** EVENT_REASON_NODE_FULL - A warm pool member gave its room to a sandbox on a full node. */
   EVENT_REASON_NODE_FULL = 7,
+  /** EVENT_REASON_HEALTH - Found by hostd's per-sandbox health check. */
+  EVENT_REASON_HEALTH = 8,
   UNRECOGNIZED = -1,
 }
 
@@ -219,6 +245,9 @@ export function eventReasonFromJSON(object: any): EventReason {
     case 7:
     case "EVENT_REASON_NODE_FULL":
       return EventReason.EVENT_REASON_NODE_FULL;
+    case 8:
+    case "EVENT_REASON_HEALTH":
+      return EventReason.EVENT_REASON_HEALTH;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -244,6 +273,8 @@ export function eventReasonToJSON(object: EventReason): string {
       return "EVENT_REASON_HOST_RESTART";
     case EventReason.EVENT_REASON_NODE_FULL:
       return "EVENT_REASON_NODE_FULL";
+    case EventReason.EVENT_REASON_HEALTH:
+      return "EVENT_REASON_HEALTH";
     case EventReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -320,6 +351,8 @@ export interface SandboxInfo {
   secure: boolean;
   /** The guest's address inside the sandbox network, if it has one. */
   guestIp: string;
+  /** Why the sandbox is in state error (empty otherwise). */
+  error: string;
 }
 
 export interface SandboxInfo_MetadataEntry {
@@ -334,7 +367,7 @@ export interface GetRequest {
 export interface ListRequest {
   /** Only sandboxes whose metadata holds every one of these pairs. */
   metadata: { [key: string]: string };
-  /** Only sandboxes in one of these states; empty means running and paused. */
+  /** Only sandboxes in one of these states; empty means running, paused and error. */
   states: SandboxState[];
   /** 0 means 100; at most 1000. */
   pageSize: number;
@@ -1088,6 +1121,7 @@ function createBaseSandboxInfo(): SandboxInfo {
     volumeMountPath: "",
     secure: false,
     guestIp: "",
+    error: "",
   };
 }
 
@@ -1143,6 +1177,9 @@ export const SandboxInfo: MessageFns<SandboxInfo> = {
     }
     if (message.guestIp !== "") {
       writer.uint32(138).string(message.guestIp);
+    }
+    if (message.error !== "") {
+      writer.uint32(146).string(message.error);
     }
     return writer;
   },
@@ -1299,6 +1336,14 @@ export const SandboxInfo: MessageFns<SandboxInfo> = {
             message.guestIp = reader.string();
             continue;
           }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1395,6 +1440,7 @@ export const SandboxInfo: MessageFns<SandboxInfo> = {
         : isSet(object.guest_ip)
         ? globalThis.String(object.guest_ip)
         : "",
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
     };
   },
 
@@ -1457,6 +1503,9 @@ export const SandboxInfo: MessageFns<SandboxInfo> = {
     if (message.guestIp !== "") {
       obj.guestIp = message.guestIp;
     }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
     return obj;
   },
 
@@ -1492,6 +1541,7 @@ export const SandboxInfo: MessageFns<SandboxInfo> = {
     message.volumeMountPath = object.volumeMountPath ?? "";
     message.secure = object.secure ?? false;
     message.guestIp = object.guestIp ?? "";
+    message.error = object.error ?? "";
     return message;
   },
 };
