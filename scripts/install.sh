@@ -21,7 +21,7 @@ log() { printf '[install] %s\n' "$*" >&2; }
 apt_packages=(
   qemu-system-x86 qemu-utils
   mmdebstrap e2fsprogs busybox-static kmod cpio zstd
-  nftables iproute2 dnsmasq-base iptables curl
+  nftables iproute2 dnsmasq-base iptables curl openssl
   python3 python3-venv python3-dev gcc
   systemd procps psmisc util-linux ca-certificates
   libnss-myhostname tmux

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Runs the JS SDK's tests (dist-test/test/*.test.js, built by `npm run build`)
 // against a real hostd booting real sandboxes: tests/sdk/serve_hostd.py starts
-// one for this run (own socket and state dir, shared image cache) and removes
+// one for this run (own socket and state dir, shared image cache; also a TLS
+// listener on 127.0.0.1 with a throwaway CA) and removes
 // everything it made when its stdin closes. The tests find it the way users'
 // code does: MORU_HOSTD and MORU_API_KEY. Exit status: the test runner's, or
 // non-zero when the hostd helper failed or left something behind.
@@ -38,13 +39,21 @@ if (!first) {
   console.error('scripts/test.mjs: the test hostd did not start (see its output above)')
   process.exit(1)
 }
-const { hostd, api_key: apiKey } = JSON.parse(first)
-console.error(`scripts/test.mjs: test hostd at ${hostd}`)
+const { hostd, api_key: apiKey, tls_hostd: tlsHostd, tls_ca: tlsCa, tls_other_ca: tlsOtherCa } = JSON.parse(first)
+console.error(`scripts/test.mjs: test hostd at ${hostd} and (TLS) ${tlsHostd}`)
 
 // The VM tests are one file (vm.test.ts) so they share booted sandboxes.
 const runner = spawn(process.execPath, ['--test', ...files], {
   cwd: pkg,
-  env: { ...process.env, MORU_HOSTD: hostd, MORU_API_KEY: apiKey },
+  env: {
+    ...process.env,
+    MORU_HOSTD: hostd,
+    MORU_API_KEY: apiKey,
+    // The same hostd's TCP listener (TLS with a CA made for this run), for tls.test.ts.
+    MORU_TEST_TLS_HOSTD: tlsHostd,
+    MORU_TEST_TLS_CA: tlsCa,
+    MORU_TEST_TLS_OTHER_CA: tlsOtherCa,
+  },
   stdio: 'inherit',
 })
 const stopRunner = () => runner.kill('SIGTERM')

@@ -67,6 +67,9 @@ const HINTS: Partial<Record<status, string>> = {
 /** hostd's prefix for an unreachable guest (hostd/passthrough.py GUEST_UNREACHABLE). */
 const GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
 
+/** grpc-js's words (from Node's TLS) for a server certificate the client refused. */
+const TLS_FAILURE = /certificate|self[- ]signed|altnames|SSL routines|wrong version number|handshake/i
+
 /** The error for a gRPC status; `what` says what was attempted. */
 export function fromStatus(
   code: status,
@@ -103,6 +106,12 @@ export function fromStatus(
         return new ConnectionError(`${text} (hostd is fine; check the sandbox with getInfo / isRunning)`, name)
       }
       const where = opts.address ? ` at ${opts.address}` : ''
+      if (TLS_FAILURE.test(details)) {
+        return new ConnectionError(
+          `${text} (TLS to hostd${where} failed: set MORU_HOSTD_CA to the CA that signed hostd's certificate, which must name this address)`,
+          name,
+        )
+      }
       return new ConnectionError(
         `${text} (cannot reach hostd${where}: is \`moru-hostd serve\` running and MORU_HOSTD set to its address?)`,
         name,

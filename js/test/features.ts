@@ -13,6 +13,7 @@ import Sandbox, {
   InvalidArgumentError,
   NotFoundError,
   NotFoundException,
+  PermissionDeniedError,
   SandboxError,
   FailedPreconditionError,
   Volume,
@@ -184,6 +185,29 @@ export function features(): void {
     assert.equal(exit.exitCode, 3)
     assert.equal(exit.stdout, 'out\n')
     assert.equal(exit.stderr, 'err\n')
+  })
+
+  test('files: user= acts with that user\'s rights (root-only file refused to "user")', async () => {
+    const s = await base()
+    await s.files.write('/root/js-secret.txt', 'root only')
+    const denied: [string, () => Promise<unknown>][] = [
+      ['read', () => s.files.read('/root/js-secret.txt', { user: 'user' })],
+      ['write', () => s.files.write('/root/js-new.txt', 'x', { user: 'user' })],
+      ['list', () => s.files.list('/root', { user: 'user' })],
+      ['remove', () => s.files.remove('/root/js-secret.txt', { user: 'user' })],
+    ]
+    for (const [what, call] of denied) {
+      const e = await call().then(
+        () => assert.fail(`${what} as "user" was allowed`),
+        (e: unknown) => e,
+      )
+      assert.ok(e instanceof PermissionDeniedError, `${what}: ${String(e)} is a PermissionDeniedError`)
+      assert.equal(e.code, 'PERMISSION_DENIED')
+    }
+    assert.equal(await s.files.read('/root/js-secret.txt'), 'root only')
+    assert.equal(await s.files.read('/root/js-secret.txt', { user: 'root' }), 'root only')
+    await assert.rejects(s.files.read('/root/js-secret.txt', { user: 'nosuchuser' }), NotFoundError)
+    await s.files.remove('/root/js-secret.txt')
   })
 
   test('volumes: list, get, attached, delete refused while mounted', async () => {

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hostd_framework import IMAGES, Hostd
@@ -28,10 +29,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(network: bool) -> Hostd:
+def _start(network: bool, **config: Any) -> Hostd:
     if not (IMAGES / "templates" / "base" / "manifest.json").is_file():
         pytest.fail(f"template 'base' is not built in {IMAGES}: run `moru-images build base`")
-    h = Hostd(api_key=API_KEY, max_sandboxes=12, metrics_interval_seconds=1.0)
+    h = Hostd(api_key=API_KEY, max_sandboxes=12, metrics_interval_seconds=1.0, **config)
     if network:
         h.network = {
             "enabled": True,

@@ -2,8 +2,11 @@
 
 Starts a hostd with networking (own socket, state dir, cgroup root, netns
 names, proxy port; shared image cache) exactly as the Python SDK tests do,
-prints one JSON line {"hostd": "unix:...", "api_key": ...} on stdout, then
-serves until stdin closes or SIGTERM arrives, and removes everything it made.
+plus a TCP listener with TLS on 127.0.0.1 (a throwaway CA and server
+certificate made for this run). Prints one JSON line {"hostd": "unix:...",
+"api_key": ..., "tls_hostd": "127.0.0.1:PORT", "tls_ca": path, "tls_other_ca":
+path} on stdout, then serves until stdin closes or SIGTERM arrives, and
+removes everything it made.
 Exits non-zero when something was left behind.
 
     python tests/sdk/serve_hostd.py    # with the worktree first on PYTHONPATH
@@ -12,8 +15,10 @@ Exits non-zero when something was left behind.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -21,7 +26,8 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostd"))
 
-from hostd_fixture import API_KEY, _close, _start
+from hostd_fixture import API_KEY, _close, _free_port, _start
+from throwaway_tls import make_tls_files
 
 
 def main() -> int:
@@ -31,9 +37,27 @@ def main() -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
-    h = _start(network=True)
+    certs = Path(tempfile.mkdtemp(dir="/tmp", prefix="moru-js-tls"))
     try:
-        print(json.dumps({"hostd": f"unix:{h.sock}", "api_key": API_KEY}), flush=True)
+        serve(stop, certs)
+    finally:
+        shutil.rmtree(certs, ignore_errors=True)
+    return 0
+
+
+def serve(stop: threading.Event, certs: Path) -> None:
+    tls = make_tls_files(certs)
+    tcp = f"127.0.0.1:{_free_port()}"
+    h = _start(network=True, tcp_listen=tcp, tls_cert=str(tls.cert), tls_key=str(tls.key))
+    try:
+        found = {
+            "hostd": f"unix:{h.sock}",
+            "api_key": API_KEY,
+            "tls_hostd": tcp,
+            "tls_ca": str(tls.ca),
+            "tls_other_ca": str(tls.other_ca),
+        }
+        print(json.dumps(found), flush=True)
 
         def until_stdin_closes() -> None:
             sys.stdin.read()
@@ -43,7 +67,6 @@ def main() -> int:
         stop.wait()
     finally:
         _close(h, "js-hostd")
-    return 0
 
 
 if __name__ == "__main__":
