@@ -2,7 +2,8 @@
 
 `hostd.pool.WarmPool` only counts; this module is what a member is to the
 rest of hostd. A member is made by `Creator.prepare_member` (the create
-path with a pool-only token and the lowest CPU weight); `Claimer.claim`
+path with a pool-only token and the lowest CPU weight) and warmed by
+`warm_member` (the SDK's first command, run once); `Claimer.claim`
 makes one the caller's sandbox: Init with its identity (id, hostname, env,
 a fresh token in place of the pool's, entropy, clock), its egress policy,
 its TTL and its store row.
