@@ -1,6 +1,6 @@
 """Boot-to-guestd-ready for a template next to its floor, and vsock relay cost.
 
-Floor: the same kernel and the same QEMU driver (hostd/vmm/qemu.py) with a
+Floor: the same kernel and the same QEMU driver (hostd/vmm/qemu/) with a
 minimal busybox initramfs whose init prints a marker; measured until the
 marker reaches the console. Template: until guestd answers Health through
 the vsock relay. Runs alternate so host load hits both alike. Besides wall

@@ -106,6 +106,10 @@ async def _serve(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = _args(argv)
     catch_inherited_ignores()
+    if cfg.guest_mode:
+        from guestd.limits import protect_self
+
+        protect_self()
     try:
         import uvloop
     except ImportError:  # optional in the guest image

@@ -55,9 +55,29 @@ def result_frame(result: pb.TransferResult) -> bytes:
 def _send_file(conn: socket.socket, src: ReadSource, offset: int, length: int) -> None:
     """sendfile(2), waiting in poll when the socket is full (socket.sendfile).
     Stops early if the file shrank since OpenRead: the client sees a short read."""
-    if length:
-        with open(src.fd, "rb", buffering=0, closefd=False) as f:
-            conn.sendfile(f, offset, length)
+    if not length:
+        return
+    if conn.family == getattr(socket, "AF_VSOCK", -1):
+        _send_copied(conn, src.fd, offset, length)
+        return
+    with open(src.fd, "rb", buffering=0, closefd=False) as f:
+        conn.sendfile(f, offset, length)
+
+
+def _send_copied(conn: socket.socket, fd: int, offset: int, length: int) -> None:
+    """pread + send in RECV_BUFFER pieces: vsock has no sendpage, so sendfile(2)
+    there sends page by page; a big send fills whole packets (bench_commands:
+    files.read through hostd went from 0.21-0.28 to 0.65 of the raw vsock floor
+    in a TCG guest, on a loaded host)."""
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    end = offset + length
+    while offset < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - offset)]], offset)
+        if n == 0:
+            return  # the file shrank
+        conn.sendall(view[:n])
+        offset += n
 
 
 def _waiting(conn: socket.socket, discard: bool) -> bool:

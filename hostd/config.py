@@ -133,6 +133,13 @@ class Config:
     # Guest metrics sampling period and how many samples are kept.
     metrics_interval_seconds: float = 5.0
     metrics_history: int = 720
+    # Health checks (hostd/health.py): how often each running sandbox is
+    # checked (QEMU, vsock backend, guestd answering); how long guestd may go
+    # without answering before the sandbox is marked error; how long a
+    # sandbox stays listed in state error before it is killed.
+    health_interval_seconds: float = 2.0
+    guest_unhealthy_seconds: float = 60.0
+    error_kill_seconds: float = 30.0
     # Templates (comma-separated) to keep a ready snapshot of: hostd boots each
     # once in the background (after start, and again after a rebuild) and saves
     # it with guestd waiting for Init; Creates with the template's defaults
@@ -216,6 +223,10 @@ class Config:
             raise ConfigError("ready_snapshot_*_seconds: must be positive")
         if self.metrics_interval_seconds <= 0 or self.metrics_history < 1:
             raise ConfigError("metrics_interval_seconds and metrics_history must be positive")
+        if self.health_interval_seconds <= 0 or self.guest_unhealthy_seconds <= 0:
+            raise ConfigError("health_interval_seconds and guest_unhealthy_seconds must be > 0")
+        if self.error_kill_seconds < 0:
+            raise ConfigError("error_kill_seconds must be >= 0 (0: kill at once)")
         self.warm_pool_entries()
         if min(self.warm_pool_max_age_seconds, self.warm_pool_backoff_max_seconds) <= 0:
             raise ConfigError("warm_pool_*_seconds: must be positive")

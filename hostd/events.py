@@ -28,6 +28,8 @@ class EventType(enum.Enum):
     POOL_MEMBER_READY = 8
     POOL_MEMBER_REMOVED = 9
     POOL_REFILL_FAILED = 10
+    ERROR = 11
+    REPAIRED = 12
 
 
 class Reason(enum.Enum):
@@ -39,6 +41,7 @@ class Reason(enum.Enum):
     CREATE_FAILED = 5
     HOST_RESTART = 6
     NODE_FULL = 7
+    HEALTH = 8
 
 
 @dataclass(frozen=True)

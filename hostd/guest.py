@@ -22,6 +22,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    # A guestd that restarts (or a vsock backend hostd restarts) is back within
+    # seconds: reconnect at most 2 s apart, not grpc's default of up to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -95,8 +99,12 @@ class GuestClient:
             disk_total=m.disk_total,
         )
 
-    async def health(self, rpc_timeout: float = 3.0) -> bool:
-        r = await self._stub.Health(
-            guest_pb2.HealthRequest(), metadata=self._md, timeout=rpc_timeout
+    async def health(
+        self, rpc_timeout: float = 3.0, wait_for_ready: bool = False
+    ) -> guest_pb2.HealthResponse:
+        """ok, and whether guestd was initialised (false: a restarted guestd)."""
+        r: guest_pb2.HealthResponse = await self._stub.Health(
+            guest_pb2.HealthRequest(), metadata=self._md, timeout=rpc_timeout,
+            wait_for_ready=wait_for_ready,
         )
-        return bool(r.ok)
+        return r

@@ -7,16 +7,27 @@ from metadata `sandbox-id`; its access token is checked here and passed on,
 because guestd checks it too. Call shapes (unary/streaming either way) come
 from the proto descriptors. When the client goes away, the upstream call is
 cancelled with it. moru.guest.v1.Guest is not exposed: hostd owns Init.
+
+Every call watches its sandbox's end signal (`Sandbox.ended`): when the
+sandbox is killed, expires, is paused or its VM dies, the upstream call is
+cancelled and the client gets NOT_FOUND (ABORTED for a pause) naming the
+sandbox and why, with the reason in trailing metadata `moru-end-reason`.
+Without this, a call whose upstream hostd cancels (a Kill closes the
+channel) never got a status at all.
+
+Filesystem OpenRead/OpenWrite name guestd's data listener inside the guest:
+with a DataRelay their answers are rewritten to point at it (hostd.data_relay).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
+from hostd.data_relay import DataRelay
 from hostd.errors import InvalidArgument
 from hostd.guest import TOKEN_HEADER
 from moru_proto.guest.v1 import filesystem_pb2, process_pb2
@@ -30,16 +41,60 @@ SERVICES = (
     filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"],
 )
 
-# Not forwarded: their tickets name guestd's data listener, which is inside the
-# guest (vsock) and not reachable by hostd's clients; Read and Write carry the
-# same data through hostd.
-NOT_FORWARDED = frozenset({
+# Their tickets name guestd's data listener, which is inside the guest (vsock):
+# forwarded only with a DataRelay; without one, Read and Write carry the same data.
+DATA_METHODS = frozenset({
     "/moru.guest.v1.Filesystem/OpenRead",
     "/moru.guest.v1.Filesystem/OpenWrite",
 })
 
-# (sandbox_id, access_token) -> (channel, token to send upstream); raises hostd errors.
-Resolver = Callable[[str, str], tuple[grpc.aio.Channel, str]]
+END_REASON_HEADER = "moru-end-reason"
+END_SANDBOX_HEADER = "moru-sandbox-id"
+# Short end reasons (Sandbox.end) -> how the status message says it.
+END_TEXT = {
+    "killed": "was killed",
+    "timeout": "timed out (its timeout passed)",
+    "vmm_exited": "stopped: its VM exited",
+    "paused": "was paused (resume it and call again)",
+    "error": "failed and was marked error",
+    "host_restart": "was lost in a hostd restart",
+    "oom": "was killed: out of memory",
+}
+
+
+class Ending(Protocol):
+    """What a call watches: the sandbox's end signal (hostd.sandboxes.Sandbox has it)."""
+
+    @property
+    def id(self) -> str: ...
+
+    ended: asyncio.Event
+    end_reason: str
+
+
+class Route(NamedTuple):
+    channel: grpc.aio.Channel
+    token: str  # sent upstream
+    sandbox: Ending
+
+
+# (sandbox_id, access_token) -> Route; raises hostd errors.
+Resolver = Callable[[str, str], Route]
+
+
+def end_status(
+    sandbox_id: str, reason: str
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status a call gets when its sandbox ended under it ("error: why" keeps the why)."""
+    reason = reason or "killed"
+    code = grpc.StatusCode.ABORTED if reason == "paused" else grpc.StatusCode.NOT_FOUND
+    text = END_TEXT.get(reason.split(":", 1)[0], f"ended ({reason})")
+    detail = reason.split(":", 1)[1].strip() if ":" in reason else ""
+    msg = f"sandbox {sandbox_id} {text} while this call was running"
+    if detail:
+        msg += f": {detail}"
+    short = reason.split(":", 1)[0]
+    return code, msg, ((END_REASON_HEADER, short), (END_SANDBOX_HEADER, sandbox_id))
 
 
 def _shapes() -> dict[str, tuple[bool, bool]]:
@@ -62,14 +117,17 @@ async def _not_forwarded(request: bytes, context: grpc.aio.ServicerContext[Any, 
 
 
 class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, data: DataRelay | None = None) -> None:
         self._resolve = resolve
+        self._data = data
         self._shapes = _shapes()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
-        if method in NOT_FORWARDED:
-            return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+        if method in DATA_METHODS:
+            if self._data is None:
+                return grpc.unary_unary_rpc_method_handler(_not_forwarded)
+            return grpc.unary_unary_rpc_method_handler(self._uu(method, self._data))
         shape = self._shapes.get(method)
         if shape is None:
             return None
@@ -84,29 +142,35 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _target(
         self, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...], float | None]:
+    ) -> tuple[Route, tuple[tuple[str, str], ...], float | None]:
         md = _md(context)
         sid = md.get(SANDBOX_HEADER, "")
         if not sid:
             raise InvalidArgument(SANDBOX_HEADER, "guest calls need the sandbox id in metadata")
-        channel, token = self._resolve(sid, md.get(TOKEN_HEADER, ""))
-        out_md = ((TOKEN_HEADER, token),) if token else ()
-        return channel, out_md, context.time_remaining()
+        route = self._resolve(sid, md.get(TOKEN_HEADER, ""))
+        out_md = ((TOKEN_HEADER, route.token),) if route.token else ()
+        return route, out_md, context.time_remaining()
 
     # Each factory returns the behaviour for one call shape. Upstream errors
-    # are passed on with their own code and details.
+    # are passed on with their own code and details; a call whose sandbox
+    # ended gets the end status instead (_Watch).
 
-    def _uu(self, method: str) -> Callable[..., Any]:
+    def _uu(self, method: str, data: DataRelay | None = None) -> Callable[..., Any]:
         async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            channel, md, timeout = self._target(context)
-            try:
-                resp: bytes = await channel.unary_unary(method, None, None)(
+            route, md, timeout = self._target(context)
+            async with _Watch(route.sandbox, context) as w:
+                call = route.channel.unary_unary(method, None, None)(
                     request, metadata=md, timeout=timeout
                 )
-                return resp
-            except grpc.aio.AioRpcError as e:
-                await _abort(context, e)
-                raise
+                w.watch(call)
+                try:
+                    resp: bytes = await call
+                    return resp if data is None else data.issue(route.sandbox.id, resp)
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    await w.abort_if_ended()
+                    if isinstance(e, grpc.aio.AioRpcError):
+                        await _abort(context, e)
+                    raise
 
         return handler
 
@@ -114,15 +178,23 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         async def handler(
             request: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            channel, md, timeout = self._target(context)
-            call = channel.unary_stream(method, None, None)(request, metadata=md, timeout=timeout)
-            try:
-                async for resp in call:
-                    yield resp
-            except grpc.aio.AioRpcError as e:
-                await _abort(context, e)
-            finally:
-                call.cancel()
+            route, md, timeout = self._target(context)
+            async with _Watch(route.sandbox, context) as w:
+                call = route.channel.unary_stream(method, None, None)(
+                    request, metadata=md, timeout=timeout
+                )
+                w.watch(call)
+                try:
+                    async for resp in call:
+                        yield resp
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    await w.abort_if_ended()
+                    if isinstance(e, grpc.aio.AioRpcError):
+                        await _abort(context, e)
+                    else:
+                        raise
+                finally:
+                    call.cancel()
 
         return handler
 
@@ -130,16 +202,22 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         async def handler(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes:
-            channel, md, timeout = self._target(context)
-            call = channel.stream_unary(method, None, None)(requests, metadata=md, timeout=timeout)
-            try:
-                resp: bytes = await call
-                return resp
-            except grpc.aio.AioRpcError as e:
-                await _abort(context, e)
-                raise
-            finally:
-                call.cancel()
+            route, md, timeout = self._target(context)
+            async with _Watch(route.sandbox, context) as w:
+                call = route.channel.stream_unary(method, None, None)(
+                    requests, metadata=md, timeout=timeout
+                )
+                w.watch(call)
+                try:
+                    resp: bytes = await call
+                    return resp
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    await w.abort_if_ended()
+                    if isinstance(e, grpc.aio.AioRpcError):
+                        await _abort(context, e)
+                    raise
+                finally:
+                    call.cancel()
 
         return handler
 
@@ -147,17 +225,66 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         async def handler(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            channel, md, timeout = self._target(context)
-            call = channel.stream_stream(method, None, None)(requests, metadata=md, timeout=timeout)
-            try:
-                async for resp in call:
-                    yield resp
-            except grpc.aio.AioRpcError as e:
-                await _abort(context, e)
-            finally:
-                call.cancel()
+            route, md, timeout = self._target(context)
+            async with _Watch(route.sandbox, context) as w:
+                call = route.channel.stream_stream(method, None, None)(
+                    requests, metadata=md, timeout=timeout
+                )
+                w.watch(call)
+                try:
+                    async for resp in call:
+                        yield resp
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    await w.abort_if_ended()
+                    if isinstance(e, grpc.aio.AioRpcError):
+                        await _abort(context, e)
+                    else:
+                        raise
+                finally:
+                    call.cancel()
 
         return handler
+
+
+class _Watch:
+    """Ties one forwarded call to its sandbox's end signal.
+
+    The event is taken when the call starts (a resume gives the sandbox a
+    fresh one); when it fires, the upstream call is cancelled, and the
+    handler's error path turns that into the end status.
+    """
+
+    def __init__(self, sb: Ending, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.sb = sb
+        self.context = context
+        self.event = sb.ended
+        self.reason = ""
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Watch:
+        if self.event.is_set():
+            await self.abort_if_ended()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def watch(self, call: Any) -> None:
+        async def cancel_on_end() -> None:
+            await self.event.wait()
+            self.reason = self.sb.end_reason
+            call.cancel()
+
+        self._task = asyncio.get_running_loop().create_task(cancel_on_end())
+
+    async def abort_if_ended(self) -> None:
+        """Aborts the client's call with the end status when the sandbox ended."""
+        if not self.event.is_set():
+            return
+        self.reason = self.reason or self.sb.end_reason
+        code, msg, trailer = end_status(self.sb.id, self.reason)
+        await self.context.abort(code, msg, trailing_metadata=trailer)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], e: grpc.aio.AioRpcError) -> None:

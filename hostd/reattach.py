@@ -141,7 +141,7 @@ class Reattacher:
         disk_pause.pause_recorded(rec)
 
     async def _attach(self, rec: SandboxRecord, spec: VmSpec) -> Vm:
-        """The running VM of rec; for an interrupted pause, also one without its vsock backend.
+        """The running VM of rec, also one whose vsock backend died (never destroyed for that).
 
         A hostd that dies while giving a VM back (a Pause cancelled by its
         client or a stop, then kill -9) can leave QEMU running and its
@@ -152,10 +152,16 @@ class Reattacher:
         try:
             return await self.vmm.attach(spec)
         except AttachError as e:
-            if not (disk_pause.interrupted(rec) and e.vm.is_alive()):
+            if not e.vm.is_alive():
                 raise
-            log.warning("%s: its vsock backend is gone (hostd died giving it back)",
-                        rec.sandbox_id)  # fmt: skip
+            if disk_pause.interrupted(rec):
+                log.warning("%s: its vsock backend is gone (hostd died giving it back)",
+                            rec.sandbox_id)  # fmt: skip
+            else:
+                # QEMU and the guest live; only the backend died (a kill, a
+                # crash). The health check restarts it and plugs it in again.
+                log.warning("%s: its vsock backend is gone; the health check restarts it",
+                            rec.sandbox_id)  # fmt: skip
             return e.vm
 
     def _cgroup(self, rec: SandboxRecord) -> Any:

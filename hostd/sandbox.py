@@ -64,6 +64,21 @@ class Sandbox:
     # A warm pool member (hostd.pool_members): runs at the lowest CPU weight
     # until claimed, so preparing one never takes CPU from the node's sandboxes.
     background: bool = False
+    # The end signal: set (with a short reason) on kill, expiry, VM death,
+    # state error and pause; hostd.passthrough ends every open guest call on it.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+
+    def end(self, reason: str) -> None:
+        """Ends every open guest call; `reason` is short ("killed", "paused", "error: why")."""
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    def reopen(self) -> None:
+        """After a resume: calls from now on watch a fresh end signal."""
+        self.ended = asyncio.Event()
+        self.end_reason = ""
 
     @property
     def id(self) -> str:

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -34,6 +35,7 @@ from hostd.errors import (
 )
 from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient, Sample
+from hostd.health import HealthChecker, HealthPolicy
 from hostd.network import ProxyTarget
 from hostd.pool import WarmPool
 from hostd.pool_members import build_pool
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostd.sandboxes")
 
 TICK = 0.2  # reaper/watcher period: kills land within ~TICK of end_at
+# Why a kill ended a sandbox, as Sandbox.end says it (hostd.passthrough words it).
+END_REASONS = {Reason.USER: "killed", Reason.TIMEOUT: "timeout", Reason.HEALTH: "error"}
 
 
 class SandboxManager:
@@ -76,6 +80,11 @@ class SandboxManager:
         )
         self._sandboxes: dict[str, Sandbox] = {}
         self.capacity = Capacity(config)
+        self.health = HealthChecker(
+            lambda: list(self._sandboxes.values()), store, self.bus, self.guest_env,
+            HealthPolicy(config.health_interval_seconds, config.guest_unhealthy_seconds,
+                         config.error_kill_seconds),
+        )  # fmt: skip
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
             if vmm.can_restore:
@@ -128,6 +137,7 @@ class SandboxManager:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._reap_loop())
             tg.create_task(self._sample_loop())
+            tg.create_task(self.health.run())
             if self.ready is not None:
                 tg.create_task(self.ready.run())
             if self.pool is not None:
@@ -152,7 +162,7 @@ class SandboxManager:
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[SandboxRecord], str]:
-        want = set(states or [State.RUNNING, State.PAUSED])
+        want = set(states or [State.RUNNING, State.PAUSED, State.ERROR])
         meta = dict(metadata or {})
         items = [
             ((sb.rec.created_at, sb.id), sb.rec)
@@ -197,6 +207,8 @@ class SandboxManager:
 
     async def _kill(self, sb: Sandbox, reason: Reason, message: str = "") -> None:
         t0 = time.monotonic()
+        if not sb.gone:  # open calls end now, not after whatever holds the lock
+            sb.end(END_REASONS.get(reason, reason.name.lower()))
         async with sb.lock:
             if sb.gone:
                 if reason is Reason.USER:
@@ -243,14 +255,19 @@ class SandboxManager:
             self._check_alive(sb)
             nxt = transition(sb.id, sb.rec.state, Action.PAUSE)
             assert sb.res.vm is not None and sb.res.cgroup is not None
-            if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
-                info = await disk_pause.pause(sb)
-                sb.rec.paused_to_disk = True
-                self.capacity.resize(sb.id, 0)
-                message = f"to disk ({info.size_bytes >> 20} MiB)"
-            else:
-                await sb.res.vm.pause()
-                await sb.res.cgroup.freeze()
+            sb.end("paused")
+            try:
+                if self.config.pause_to_disk and disk_pause.can_pause_to_disk(sb.res.vm):
+                    info = await disk_pause.pause(sb)
+                    sb.rec.paused_to_disk = True
+                    self.capacity.resize(sb.id, 0)
+                    message = f"to disk ({info.size_bytes >> 20} MiB)"
+                else:
+                    await sb.res.vm.pause()
+                    await sb.res.cgroup.freeze()
+            except BaseException:
+                sb.reopen()  # still running: new calls must not end at once
+                raise
             sb.rec.paused_remaining = max(0.0, sb.rec.end_at - time.time())
             sb.rec.state = nxt
             self.store.put(sb.rec)
@@ -295,6 +312,7 @@ class SandboxManager:
             sb.rec.paused_remaining = 0.0
             sb.rec.state = nxt
             self.store.put(sb.rec)
+            sb.reopen()
         await self._sample(sb)
         self.bus.publish(
             Event(
@@ -372,6 +390,14 @@ class SandboxManager:
             raise Unavailable(f"sandbox {sandbox_id} has no guest connection")
         return sb.res.channel, sb.rec.access_token
 
+    def vsock_uds(self, sandbox_id: str) -> Path:
+        """The hybrid-vsock socket of a running sandbox's VM (for hostd.data_relay)."""
+        sb = self._get(sandbox_id)
+        transition(sb.id, sb.rec.state, Action.GUEST_CALL)
+        if sb.res.vm is None:
+            raise Unavailable(f"sandbox {sandbox_id} has no VM")
+        return Path(sb.res.vm.vsock_uds)
+
     def metrics(self, sandbox_id: str, start: float | None, end: float | None) -> list[Sample]:
         sb = self._get(sandbox_id)
         return [
@@ -435,6 +461,8 @@ class SandboxManager:
                 due.append((sb, Reason.VMM_EXITED, "the VMM process exited"))
             elif sb.rec.state is State.RUNNING and now >= sb.rec.end_at:
                 due.append((sb, Reason.TIMEOUT, ""))
+            elif sb.rec.state is State.ERROR and now >= sb.rec.end_at:
+                due.append((sb, Reason.HEALTH, sb.rec.error))
         if due:
             async with asyncio.TaskGroup() as tg:
                 for sb, reason, msg in due:

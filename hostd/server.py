@@ -19,10 +19,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hostd.config import Config
+from hostd.data_relay import DataRelay
 from hostd.events import EventBus
 from hostd.interceptors import EdgeInterceptor
 from hostd.operations import Operations
-from hostd.passthrough import GuestPassthrough
+from hostd.passthrough import GuestPassthrough, Route
 from hostd.sandboxes import SandboxManager
 from hostd.services.sandbox import SandboxService
 from hostd.services.template import TemplateService
@@ -109,7 +110,12 @@ async def serve(
             TemplateService(config.images_path), server
         )
         add_to_server(server, volumes)
-        server.add_generic_rpc_handlers([GuestPassthrough(mgr.guest_channel)])
+        data = _data_relay(config, mgr)
+        if data is not None:
+            await data.start()
+            stack.push_async_callback(data.close)
+        server.add_generic_rpc_handlers([GuestPassthrough(
+            lambda sid, token: Route(*mgr.guest_channel(sid, token), mgr.sandbox(sid)), data)])
         from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
         health = health_aio.HealthServicer()
@@ -134,6 +140,14 @@ async def serve(
         if ready is not None:
             ready()
         await mgr.run()
+
+
+def _data_relay(config: Config, mgr: SandboxManager) -> DataRelay | None:
+    """The bulk-transfer relay, a unix socket next to hostd's (`<listen>.data`)."""
+    if not config.listen:
+        return None
+    path = Path(config.listen.removeprefix("unix:"))
+    return DataRelay(path.with_name(path.name + ".data"), mgr.vsock_uds)
 
 
 def _listen(server: grpc.aio.Server, config: Config) -> None:

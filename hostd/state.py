@@ -2,8 +2,14 @@
 
     CREATING --ready--> RUNNING <--pause/resume--> PAUSED
         |                  |                          |
+        |                  +--fail--> ERROR           |
+        |                               |             |
         +------------------+---- kill / timeout / ----+--> TERMINATED
                                  VMM exited / failed
+
+ERROR: a health check found the sandbox dead or unreachable for good
+(`SandboxRecord.error` says why); it is listed until killed (by policy or a
+caller) and refuses guest calls meanwhile.
 
 Actions not in the table are refused with FAILED_PRECONDITION
 ("cannot pause sandbox ... in state paused").
@@ -21,6 +27,7 @@ class State(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     TERMINATED = "terminated"
+    ERROR = "error"
 
 
 class Action(enum.Enum):
@@ -31,6 +38,7 @@ class Action(enum.Enum):
     SET_NETWORK = "set network"
     GUEST_CALL = "call the guest of"
     KILL = "kill"
+    FAIL = "mark as failed"
 
 
 # (state, action) -> state after it.
@@ -46,6 +54,9 @@ TRANSITIONS: dict[tuple[State, Action], State] = {
     (State.PAUSED, Action.SET_TIMEOUT): State.PAUSED,
     (State.PAUSED, Action.SET_NETWORK): State.PAUSED,
     (State.PAUSED, Action.KILL): State.TERMINATED,
+    (State.RUNNING, Action.FAIL): State.ERROR,
+    (State.ERROR, Action.SET_TIMEOUT): State.ERROR,
+    (State.ERROR, Action.KILL): State.TERMINATED,
 }
 
 
@@ -56,6 +67,8 @@ def transition(sandbox_id: str, state: State, action: Action) -> State:
         return nxt
     if state is State.PAUSED and action is Action.GUEST_CALL:
         raise FailedPrecondition(f"sandbox {sandbox_id} is paused; resume it first")
+    if state is State.ERROR and action is Action.GUEST_CALL:
+        raise FailedPrecondition(f"sandbox {sandbox_id} is in state error; kill it")
     if state is State.CREATING:
         raise FailedPrecondition(f"sandbox {sandbox_id} is still being created; try again")
     raise FailedPrecondition(f"cannot {action.value} sandbox {sandbox_id} in state {state.value}")

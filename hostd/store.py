@@ -67,6 +67,8 @@ class SandboxRecord:
     accel: str = "auto"
     # The sandbox network as set up (guest_ip, netns, tap, mac, ...), if any.
     network: dict[str, Any] = field(default_factory=dict)
+    # Why the sandbox is in state error (hostd.health); empty otherwise.
+    error: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)

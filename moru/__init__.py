@@ -23,6 +23,7 @@ from moru._errors import (
     NotFoundException,
     PermissionDeniedException,
     RateLimitException,
+    SandboxEndedException,
     SandboxException,
     TimeoutException,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "PtySize",
     "RateLimitException",
     "Sandbox",
+    "SandboxEndedException",
     "SandboxException",
     "SandboxInfo",
     "SandboxMetrics",

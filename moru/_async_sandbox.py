@@ -349,7 +349,7 @@ class AsyncSandbox:
         api_key: str | None = None,
         hostd: str | None = None,
     ) -> AsyncIterator[SandboxInfo]:
-        """Every running and paused sandbox (all pages), optionally only those
+        """Every running, paused and error sandbox (all pages), optionally only those
         whose metadata holds every given pair."""
         config = ConnectionConfig.resolve(hostd=hostd, api_key=api_key)
         states = [STATE_VALUES[s] for s in _validate.states(state, STATE_VALUES)]

@@ -2,6 +2,8 @@
 
     SandboxException                    base of everything the SDK raises
     ├── NotFoundException               NOT_FOUND: sandbox, template, path or pid
+    │   └── SandboxEndedException       the sandbox ended (killed, timed out, paused,
+    │                                   VM died) while the call was running
     ├── TimeoutException                DEADLINE_EXCEEDED; a command hit its own timeout
     ├── AuthenticationException         UNAUTHENTICATED; PERMISSION_DENIED from hostd
     ├── PermissionDeniedException       PERMISSION_DENIED inside the guest (file modes)
@@ -43,6 +45,21 @@ class NotFoundException(SandboxException):
     A sandbox disappears when killed or when its timeout passes; list the
     live ones with `Sandbox.list()`.
     """
+
+
+class SandboxEndedException(NotFoundException):
+    """The sandbox ended while this call was running: killed, timed out, its VM
+    died, it failed (`error`), or it was paused.
+
+    `sandbox_id` names it and `reason` says why ("killed", "timeout",
+    "vmm_exited", "error", "paused"). A paused sandbox resumes with
+    `Sandbox.connect(id)`; start the command again or `commands.connect(pid)`.
+    """
+
+    def __init__(self, message: str, *, sandbox_id: str, reason: str, code: str | None = None):
+        super().__init__(message, code=code)
+        self.sandbox_id = sandbox_id
+        self.reason = reason
 
 
 class TimeoutException(SandboxException, TimeoutError):
@@ -120,16 +137,33 @@ _HINTS: dict[grpc.StatusCode, str] = {
 }
 
 
+# Trailing metadata hostd adds when a call ends because its sandbox did.
+END_REASON_HEADER = "moru-end-reason"
+END_SANDBOX_HEADER = "moru-sandbox-id"
 # hostd's prefix for an unreachable guest (hostd.passthrough.GUEST_UNREACHABLE).
 GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
 
 
 def from_status(
-    code: grpc.StatusCode, details: str, *, what: str, address: str = "", guest: bool = False
+    code: grpc.StatusCode,
+    details: str,
+    *,
+    what: str,
+    address: str = "",
+    guest: bool = False,
+    trailers: dict[str, str] | None = None,
 ) -> SandboxException:
     """Builds the exception for a gRPC status; `what` says what was attempted."""
     text = f"{what}: {details}" if details else what
     name = code.name
+    reason = (trailers or {}).get(END_REASON_HEADER)
+    if reason and code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED):
+        return SandboxEndedException(
+            text,
+            sandbox_id=(trailers or {}).get(END_SANDBOX_HEADER, ""),
+            reason=reason,
+            code=name,
+        )
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFoundException(text if guest else f"{text} ({_HINTS[code]})", code=name)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -177,4 +211,16 @@ def translate(what: str, *, address: str = "", guest: bool = False) -> Iterator[
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        raise from_status(code, details or "", what=what, address=address, guest=guest) from e
+        raise from_status(
+            code, details or "", what=what, address=address, guest=guest, trailers=_trailers(e)
+        ) from e
+
+
+def _trailers(e: grpc.RpcError) -> dict[str, str]:
+    """The call's trailing metadata (sync and aio errors both have it; others: none)."""
+    get = getattr(e, "trailing_metadata", None)
+    try:
+        md = get() if callable(get) else None
+    except Exception:
+        return {}
+    return {k: v for k, v in (md or ()) if isinstance(v, str)}

@@ -1,7 +1,8 @@
 """`sandbox.files` for AsyncSandbox: streamed read/write, listing, watching.
 
 Reads and writes stream in CHUNK-sized messages, so a file of any size passes
-with bounded memory. Streams carry no gRPC deadline (a large upload must not
+with bounded memory; large files held in memory go over hostd's data relay
+instead when it has one (moru._transfer). Streams carry no gRPC deadline (a large upload must not
 be cut off by the client); unary calls use the connection's request_timeout.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import (
 )
 from typing import IO, Any, Literal
 
+from moru import _transfer
 from moru._connection import EOF
 from moru._errors import NotFoundException, SandboxException
 from moru._guest import GuestTarget
@@ -160,6 +162,17 @@ class AsyncFiles:
 
     async def read_stream(self, path: str, user: str | None = None) -> AsyncGenerator[bytes, None]:
         """The file's content in chunks, as they arrive."""
+        gen = self._read_stream(path, user)
+        try:
+            async for piece in gen:
+                yield piece
+        finally:
+            await gen.aclose()
+
+    async def _read_stream(
+        self, path: str, user: str | None, sized: bool = False
+    ) -> AsyncGenerator[Any, None]:
+        """read_stream; with `sized`, first the file's size (an int)."""
         call = self._target.filesystem().Read(
             pb.ReadRequest(path=path, user=user or ""), metadata=self._md()
         )
@@ -169,6 +182,9 @@ class AsyncFiles:
                     msg = await call.read()
                     if msg is EOF:
                         return
+                    if sized and msg.HasField("info"):
+                        sized = False
+                        yield msg.info.size
                     if msg.data:
                         yield msg.data
         finally:
@@ -204,8 +220,22 @@ class AsyncFiles:
                 f'files.read: format must be "text", "bytes" or "stream", not {format!r}'
             )
         buf = bytearray()
-        async for piece in self.read_stream(path, user):
-            buf += piece
+        gen = self._read_stream(path, user, sized=True)
+        try:
+            first = await anext(gen, b"")  # the size (an int), then the data
+            if isinstance(first, int) and _transfer.usable(self._target, first):
+                await gen.aclose()
+                req = pb.ReadRequest(path=path, user=user or "")
+                if await _transfer.read_into(self._target, req, buf):
+                    return buf.decode() if format == "text" else bytes(buf)
+                gen = self._read_stream(path, user)  # no data relay: the plain stream again
+            elif isinstance(first, bytes):
+                buf += first
+            async for piece in gen:
+                if isinstance(piece, bytes):
+                    buf += piece
+        finally:
+            await gen.aclose()
         return buf.decode() if format == "text" else bytes(buf)
 
     async def write(
@@ -214,6 +244,17 @@ class AsyncFiles:
         """Writes `data` (str, bytes, a file object, or an (async) iterator of
         chunks) to `path`, streamed; parents are created; atomic replace.
         With `user`, written with that user's rights and owned by them."""
+
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(data, bytes | bytearray | memoryview):
+            view = memoryview(data).cast("B")
+            if _transfer.usable(self._target, view.nbytes):
+                header = pb.WriteHeader(path=path, user=user or "", mode=mode or 0,
+                                        size=view.nbytes)
+                done = await _transfer.write(self._target, header, view)
+                if done is not None:
+                    return EntryInfo.from_proto(done.entry)
 
         async def requests() -> AsyncIterator[pb.WriteRequest]:
             yield pb.WriteRequest(header=pb.WriteHeader(path=path, user=user or "", mode=mode or 0))

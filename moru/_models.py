@@ -18,7 +18,7 @@ from moru_proto.host.v1 import sandbox_pb2 as sb_pb
 from moru_proto.host.v1 import template_pb2 as tpl_pb
 from moru_proto.host.v1 import volume_pb2 as vol_pb
 
-SandboxState = Literal["creating", "running", "paused", "terminated", "unknown"]
+SandboxState = Literal["creating", "running", "paused", "terminated", "error", "unknown"]
 FileType = Literal["file", "dir", "symlink", "other"]
 
 _STATES: dict[int, SandboxState] = {
@@ -26,6 +26,7 @@ _STATES: dict[int, SandboxState] = {
     sb_pb.SANDBOX_STATE_RUNNING: "running",
     sb_pb.SANDBOX_STATE_PAUSED: "paused",
     sb_pb.SANDBOX_STATE_TERMINATED: "terminated",
+    sb_pb.SANDBOX_STATE_ERROR: "error",
 }
 STATE_VALUES: dict[str, int] = {v: k for k, v in _STATES.items()}
 
@@ -77,6 +78,8 @@ class SandboxInfo:
     volume_id: str | None
     volume_mount_path: str | None
     guest_ip: str | None
+    # Why the sandbox is in state "error" (hostd found it dead and could not repair it).
+    error: str | None = None
 
     @classmethod
     def from_proto(cls, m: sb_pb.SandboxInfo) -> SandboxInfo:
@@ -104,6 +107,7 @@ class SandboxInfo:
             volume_id=m.volume_id or None,
             volume_mount_path=m.volume_mount_path or None,
             guest_ip=m.guest_ip or None,
+            error=m.error or None,
         )
 
 

@@ -166,7 +166,7 @@ class Sandbox:
         api_key: str | None = None,
         hostd: str | None = None,
     ) -> Iterator[SandboxInfo]:
-        """Iterates every running and paused sandbox across all pages; with
+        """Iterates every running, paused and error sandbox across all pages; with
         `metadata`, only those whose metadata holds every given pair."""
         return _loop.iterate(
             AsyncSandbox.list(metadata, state, page_size=page_size, api_key=api_key, hostd=hostd)

@@ -360,9 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--insecure", action="store_true", help="no access token for guest calls")
     c.set_defaults(fn=cmd_create)
 
-    ls = ss.add_parser("list", parents=[common], help="running and paused sandboxes")
+    ls = ss.add_parser("list", parents=[common], help="running, paused and error sandboxes")
     ls.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
-    ls.add_argument("--state", action="append", choices=["running", "paused"])
+    ls.add_argument("--state", action="append", choices=["running", "paused", "error"])
     ls.set_defaults(fn=cmd_list)
 
     i = ss.add_parser("info", parents=[common], help="one sandbox in detail")
@@ -371,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
 
     k = ss.add_parser("kill", parents=[common], help="kill sandboxes")
     k.add_argument("sandbox_ids", nargs="*", metavar="sandbox_id")
-    k.add_argument("--all", action="store_true", help="every running and paused sandbox")
+    k.add_argument("--all", action="store_true", help="every running, paused and error sandbox")
     k.add_argument(
         "--metadata",
         "-m",

@@ -10,6 +10,7 @@ from moru._errors import (
     NotFoundException,
     PermissionDeniedException,
     RateLimitException,
+    SandboxEndedException,
     SandboxException,
     TimeoutException,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "NotFoundException",
     "PermissionDeniedException",
     "RateLimitException",
+    "SandboxEndedException",
     "SandboxException",
     "TimeoutException",
 ]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything moru needs on a Debian (bookworm or newer) host, as root:
-# system packages (QEMU, vhost-device-vsock, image build tools, nftables, ...)
-# and a Python virtualenv with moru installed in it.
+# system packages (QEMU, vhost-device-vsock, image build tools, nftables, ...),
+# a Python virtualenv with moru installed in it, and the JS SDK's packages
+# (Node and npm from Debian where missing; `npm ci` in js/).
 #
-# Mirrors come from the machine's own apt configuration; no registry host is
-# named here. vhost-device-vsock is only in Debian unstable for now: when the
+# Mirrors come from the machine's own apt configuration (npm's from the
+# machine's npm configuration); no registry host is named here. vhost-device-vsock is only in Debian unstable for now: when the
 # distribution lacks it we add unstable as an extra source pinned at priority
 # 100, so only packages we name explicitly ever come from there.
 set -euo pipefail
@@ -86,3 +87,16 @@ fi
 log "pip install moru into $venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
 log "done: $venv/bin/moru-hostd, $venv/bin/guestd, $venv/bin/moru"
+
+# JavaScript: Node 18+ and npm (Debian bookworm has nodejs 18), then the JS
+# SDK's locked dependencies. No install scripts run: none is needed.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  log "apt-get install nodejs npm"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+[ "$node_major" -ge 18 ] || { echo "Node $node_major is too old for js/ (need 18+)" >&2; exit 1; }
+log "npm ci in js/"
+(cd "$here/js" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+log "done: js/node_modules"

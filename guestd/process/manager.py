@@ -40,6 +40,8 @@ from guestd.errors import (
     NotFound,
     ResourceExhausted,
 )
+from guestd.limits import release
+from guestd.process.login import LoginEnvs
 from guestd.process.output import Cursor, OutputLog, Part
 from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
 
@@ -445,6 +447,7 @@ class ProcessManager:
         self.buffer_bytes = buffer_bytes
         self.keepalive = keepalive
         self._init_env = init_env
+        self.logins = LoginEnvs(init_env)  # shell commands' login environments
         self._keep_ended = keep_ended
         self._max_running = max_running
         self._procs: dict[int, ManagedProcess] = {}
@@ -468,6 +471,7 @@ class ProcessManager:
 
     def _ended_cb(self, proc: ManagedProcess) -> None:
         self._live -= 1
+        release(proc.pid)
         if self._procs.get(proc.pid) is not proc:
             return  # its pid was reused while its pipes drained: the table has the new one
         held = proc.log.held_bytes()  # final: an ended process's log no longer changes

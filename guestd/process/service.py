@@ -163,7 +163,7 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
     async def Start(  # type: ignore[override]  # bytes: pre-serialized events
         self, request: pb.StartRequest, context: Ctx,
     ) -> AsyncIterator[pb.ProcessEvent | bytes]:
-        proc = self.m.start(spec_of(request))
+        proc = self.m.start(await self.m.logins.prepare(spec_of(request)))
         async for ev in self._stream(proc, False):
             yield ev
 

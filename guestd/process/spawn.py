@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from guestd.errors import InvalidArgument, NotFound, path_error
+from guestd.limits import confine
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1024 * 1024
@@ -39,6 +40,10 @@ class Spec:
     stdin: bool = False
     timeout: float = 0.0
     tag: str = ""
+    # The kept login environment for `shell` (guestd.process.login): run it with
+    # `bash -c` in this environment and umask instead of `bash -l -c`.
+    login_env: dict[str, str] | None = None
+    umask: int | None = None
 
 
 @dataclass
@@ -144,6 +149,8 @@ def build_env(user: User, init_env: dict[str, str], env: dict[str, str]) -> dict
 def command_line(spec: Spec) -> list[str]:
     if spec.shell:
         bash = "/bin/bash"
+        if spec.login_env is not None:
+            return [bash, "-c", spec.shell]
         if os.access(bash, os.X_OK):
             return [bash, "-l", "-c", spec.shell]
         return ["/bin/sh", "-c", spec.shell]
@@ -269,7 +276,10 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
         if os.path.exists(cwd):
             raise InvalidArgument(f"cwd: {cwd} is not a directory")
         raise NotFound(f"cwd: no such directory {cwd}")
-    env = build_env(user, init_env, spec.env)
+    if spec.login_env is not None:
+        env = {**spec.login_env, **spec.env}
+    else:
+        env = build_env(user, init_env, spec.env)
     argv = command_line(spec)
     exe = argv[0]
     if "/" not in exe:
@@ -282,6 +292,9 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
         exe = argv[0]
     mine: list[int] = []  # guestd's ends, closed on failure
     theirs: list[int] = []  # the child's ends, always closed in guestd after spawn
+    # The child inherits guestd's umask (posix_spawn has no umask action): set
+    # the login shell's around the spawn.
+    umask = os.umask(spec.umask) if spec.umask is not None else None
     try:
         if spec.pty is not None:
             master, slave = os.openpty()
@@ -295,6 +308,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
                 _with_ctty(argv), stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
             )
             popen.returncode = 0  # guestd reaps it by pid; keep Popen.__del__ out of it
+            confine(popen.pid)
             return Child(popen.pid, {"pty": master}, master)
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
@@ -309,6 +323,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             os.set_blocking(in_w, False)
             stdin = in_r
         pid = _posix_spawn(exe, argv, env, cwd, stdin, out_w, err_w)
+        confine(pid)
         return Child(pid, {"stdout": out_r, "stderr": err_r}, in_w)
     except OSError as exc:
         for fd in mine:
@@ -319,5 +334,7 @@ def spawn(spec: Spec, init_env: dict[str, str]) -> Child:
             os.close(fd)
         raise
     finally:
+        if umask is not None:
+            os.umask(umask)
         for fd in theirs:
             os.close(fd)

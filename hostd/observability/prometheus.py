@@ -38,7 +38,7 @@ LIFECYCLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13
 CALL_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
 )  # fmt: skip
-STATES = ("creating", "running", "paused")
+STATES = ("creating", "running", "paused", "error")
 LIFECYCLE_OPS = ("create", "kill", "pause", "resume")
 # How a create started its VM (the created event's message, hostd/sandboxes.py).
 CREATE_PATHS = ("warm_pool", "ready_snapshot", "cold_boot")
@@ -118,6 +118,8 @@ class LiveCollector(Collector):
             labels=list(SANDBOX_LABELS),
         )
         host_mem = g("sandbox_host_memory_bytes", "Memory charged to the sandbox's cgroup")
+        error = g("sandbox_error_info", "1 per sandbox in state error; why",
+                  (*SANDBOX_LABELS, "error"))  # fmt: skip
         by_state = dict.fromkeys(STATES, 0)
 
         for sb in live_sandboxes(self._mgr):
@@ -127,6 +129,8 @@ class LiveCollector(Collector):
             by_state[state] = by_state.get(state, 0) + 1
             info.add_metric([*lv, state], 1)
             end_at.add_metric(lv, float(rec.end_at))
+            if getattr(rec, "error", ""):
+                error.add_metric([*lv, str(rec.error)], 1)
             if sb.metrics:
                 s = sb.metrics[-1]
                 cpu_pct.add_metric(lv, s.cpu_used_pct)
@@ -145,7 +149,7 @@ class LiveCollector(Collector):
                 host_mem.add_metric(lv, v)
 
         yield from (info, end_at, cpu_pct, cpu_count, mem_used, mem_total, disk_used)
-        yield from (disk_total, sample_ts, host_cpu, host_mem)
+        yield from (disk_total, sample_ts, host_cpu, host_mem, error)
 
         node = g("sandboxes", "Sandboxes on this node by state", ["state"])
         for st, n in by_state.items():

@@ -24,6 +24,7 @@ STATE_TO_PB = {
     State.RUNNING: pb.SANDBOX_STATE_RUNNING,
     State.PAUSED: pb.SANDBOX_STATE_PAUSED,
     State.TERMINATED: pb.SANDBOX_STATE_TERMINATED,
+    State.ERROR: pb.SANDBOX_STATE_ERROR,
 }
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
@@ -63,6 +64,7 @@ def info(rec: SandboxRecord) -> pb.SandboxInfo:
         volume_mount_path=rec.volume_mount_path,
         secure=rec.secure,
         guest_ip=str(rec.network.get("guest_ip", "")),
+        error=rec.error,
     )
 
 

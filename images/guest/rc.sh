@@ -19,6 +19,30 @@ cp -a /opt/moru/init/dev/. /dev/
 mount -a || say "mount -a failed: $(cat /proc/mounts 2>&1)"
 mkdir /run/lock
 
+# Self-protection (guestd/limits.py): guestd and its loop in moru-agent, every
+# command guestd starts in a group of its own below moru-user, whose
+# memory.max and pids.max leave room for the agent; the agent also gets 10x
+# the CPU weight. A fork bomb or a memory hog then meets its own group's
+# limits and OOM killer, not guestd, and the next command still gets CPU.
+cg=/sys/fs/cgroup
+if echo "+memory +pids +cpu" >$cg/cgroup.subtree_control 2>/dev/null \
+    || echo "+memory +pids" >$cg/cgroup.subtree_control; then
+    mkdir -p $cg/moru-agent $cg/moru-user
+    while read -r key kb _; do [ "$key" = MemTotal: ] && break; done </proc/meminfo
+    reserve=$((kb / 8))
+    [ "$reserve" -lt 65536 ] && reserve=65536
+    echo "$(((kb - reserve) * 1024))" >$cg/moru-user/memory.max
+    pids=$((kb / 512))
+    [ "$pids" -lt 256 ] && pids=256
+    echo "$pids" >$cg/moru-user/pids.max
+    [ -e $cg/moru-agent/cpu.weight ] && echo 1000 >$cg/moru-agent/cpu.weight
+    # Each command gets a group of its own below moru-user (guestd/limits.py).
+    read -r ctl <$cg/cgroup.subtree_control
+    for c in $ctl; do echo "+$c" >$cg/moru-user/cgroup.subtree_control; done
+else
+    say "no cgroup controllers: user processes run without guest-side limits"
+fi
+
 hostname=moru
 net=
 clock=

@@ -32,7 +32,8 @@ class Guestd:
     """One guestd process; `close()` ends it by pid and removes its directory."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 ignored_signals: tuple[int, ...] = (), data_listener: bool = False) -> None:
+                 ignored_signals: tuple[int, ...] = (), data_listener: bool = False,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.dir = tempfile.mkdtemp(dir="/tmp", prefix="mg")
         self.sock = f"{self.dir}/g.sock"
         self.target = f"unix:{self.sock}"
@@ -45,7 +46,7 @@ class Guestd:
             command = [sys.executable, "-c", _IGNORING_TRAMPOLINE,
                        ",".join(map(str, ignored_signals)), *command]
         self.proc = subprocess.Popen(
-            command,
+            [*prefix, *command],  # prefix: a wrapper that execs the rest (same pid)
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from hostd.rundir import SHM_DIR, RunDir
 from moru_proto.guest.v1 import guest_pb2, guest_pb2_grpc, process_pb2, process_pb2_grpc
 from moru_proto.host.v1 import sandbox_pb2 as pb
 from moru_proto.host.v1 import sandbox_pb2_grpc, template_pb2_grpc
@@ -236,7 +237,8 @@ class Hostd:
     def kill_all(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        for s in self.list_all(states=[pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED]):
+        live = [pb.SANDBOX_STATE_RUNNING, pb.SANDBOX_STATE_PAUSED, pb.SANDBOX_STATE_ERROR]
+        for s in self.list_all(states=live):
             with contextlib.suppress(grpc.RpcError):
                 self.kill(s.sandbox_id)
 
@@ -254,7 +256,15 @@ class Hostd:
         socks = [p for p in self.state.rglob("*") if p.is_socket()]
         if socks:
             left.append(f"sockets {socks}")
+        if self.ram_files():
+            left.append(f"guest RAM files {self.ram_files()}")
         return left
+
+    def ram_files(self) -> list[Path]:
+        """Guest RAM files in /dev/shm of this hostd's sandboxes (RunDir.ram)."""
+        sdir = self.state / "sandboxes"
+        return [p for p in SHM_DIR.glob("moru-*.ram")
+                if RunDir(sdir / p.name[5:].rsplit("-", 1)[0]).ram == p]  # fmt: skip
 
     def close(self) -> list[str]:
         """Kills every sandbox, stops hostd, reports leftovers, then removes everything."""
@@ -270,6 +280,8 @@ class Hostd:
             for d in sorted(root.glob("**/"), key=lambda p: -len(p.parts)):
                 with contextlib.suppress(OSError):
                     d.rmdir()
+        for p in self.ram_files():
+            p.unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
         return left
 

@@ -1,4 +1,4 @@
-"""hostd's guest passthrough refuses the data-listener methods with a clear
+"""hostd's guest passthrough without a data relay refuses the data-listener methods with a clear
 status instead of handing out tickets its clients cannot use (real grpc.aio
 server, no guest needed: the refusal happens before any upstream call)."""
 
@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 
-from hostd.passthrough import NOT_FORWARDED, GuestPassthrough
+from hostd.passthrough import DATA_METHODS, GuestPassthrough
 from moru_proto.guest.v1 import filesystem_pb2 as fpb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
 
-def test_open_read_and_write_are_not_forwarded() -> None:
+def test_open_read_and_write_are_refused_without_a_data_relay() -> None:
     resolved: list[str] = []
 
     def resolve(sandbox_id: str, token: str) -> tuple[grpc.aio.Channel, str]:
@@ -48,4 +48,4 @@ def test_open_read_and_write_are_not_forwarded() -> None:
     asyncio.run(main())
     assert resolved == []
     names = {m.name for m in fpb.DESCRIPTOR.services_by_name["Filesystem"].methods}
-    assert {m.rsplit("/", 1)[1] for m in NOT_FORWARDED} <= names
+    assert {m.rsplit("/", 1)[1] for m in DATA_METHODS} <= names

@@ -27,7 +27,7 @@ import pytest
 from conftest import require_images
 from hostd_framework import EventWatcher, Hostd, our_pids, pb, running_hostd, wait_for
 
-from hostd.rundir import snapshot_meta
+from hostd.rundir import RunDir, snapshot_meta, snapshot_ram
 from hostd.vmm.base import SnapshotInfo
 from hostd.vmm.qemu.hotplug import EJECT_SCRIPT
 from hostd.vmm.snapfile import QEMU_MAGIC, read_info
@@ -117,7 +117,10 @@ def test_pause_to_disk_survives_hostd_restart_and_kill_leaks_nothing() -> None:
         assert (cg / "cgroup.procs").read_text().split() == []
         mem_paused = cgroup_memory(cg)
         assert mem_paused < 16 << 20, f"{mem_paused} bytes still charged while paused to disk"
-        assert (run_dir / "mem.snap").stat().st_size > 16 << 20
+        # The guest's RAM is on disk beside the device state, and gone from /dev/shm.
+        ram = snapshot_ram(run_dir / "mem.snap")
+        assert ram.stat().st_blocks * 512 > 16 << 20
+        assert not RunDir(run_dir).ram.exists()
         # Guest calls are refused; the clock is stopped (no expiry while paused).
         with pytest.raises(grpc.RpcError) as ei:
             h.run(s, "true")

@@ -280,7 +280,8 @@ def test_image_has_guestd_its_wheels_and_the_init(name: str) -> None:
     ]  # fmt: skip
     assert "gc.disable()" in launcher and "gc.freeze()" in launcher
     loop = debugfs(img, "cat /opt/moru/init/guestd-loop.sh")
-    assert '/opt/moru/bin/guestd --listen "vsock:$port" --guest' in loop
+    assert ('/opt/moru/bin/guestd --listen "vsock:$port" --data-listen "vsock:$data_port"'
+            ' --guest') in loop
     assert "python3.11" in ls(img, "/usr/bin") and "busybox" in ls(img, "/usr/bin")
     assert "resize2fs" in ls(img, "/usr/sbin")
     assert "user:x:1000:1000:" in debugfs(img, "cat /etc/passwd")

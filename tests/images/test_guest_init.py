@@ -176,13 +176,14 @@ def test_init_sets_up_the_guest_restarts_guestd_and_powers_off(
         f"moru.time={now} fake.grow=1",
     )  # fmt: skip
     # guestd is started with the agreed arguments and restarted when it dies.
-    assert b.lines("FAKE run 1 args:") == ["FAKE run 1 args: --listen vsock:50051 --guest"]
+    args = "--listen vsock:50051 --data-listen vsock:50052 --guest"
+    assert b.lines("FAKE run 1 args:") == [f"FAKE run 1 args: {args}"]
     restarts = b.lines("moru-init: guestd exited")
     assert restarts[:2] == [
         "moru-init: guestd exited with status 7; restart 1 in 0.1s",
         "moru-init: guestd exited with status 7; restart 2 in 0.5s",
     ]
-    assert "FAKE run 3 args: --listen vsock:50051 --guest" in b.console
+    assert f"FAKE run 3 args: {args}" in b.console
     assert b.value("pid1").startswith("init /usr/bin/busybox")
     assert b.value("hostname") == "sbx-test"
     assert b.value("addr") == "10.11.12.2/24"

@@ -27,7 +27,7 @@ from hostd.errors import sandbox_not_found
 from hostd.guest import open_channel
 from hostd.interceptors import EdgeInterceptor
 from hostd.observability import Observability, install_logging
-from hostd.passthrough import GuestPassthrough
+from hostd.passthrough import GuestPassthrough, Route
 from hostd.services.template import TemplateService
 from moru_proto.guest.v1 import process_pb2, process_pb2_grpc
 from moru_proto.host.v1 import template_pb2, template_pb2_grpc
@@ -36,6 +36,15 @@ from .fakes import FakeManager, sid
 from .promtext import parse, value
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class _NeverEnds:
+    """A sandbox whose end signal never fires (what the passthrough watches)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.id = sandbox_id
+        self.ended = asyncio.Event()
+        self.end_reason = ""
 
 
 @pytest.fixture
@@ -83,11 +92,11 @@ def test_rpcs_timed_by_method_and_errors_counted_by_code(tmp: Path, guestd: str)
         obs = Observability(mgr)
         upstream = open_channel(guestd)
 
-        def resolve(sandbox_id: str, token: str) -> tuple[grpc.aio.Channel, str]:
+        def resolve(sandbox_id: str, token: str) -> Route:
             logging.getLogger("hostd.test").info("resolving")  # tagged by the interceptor
             if sandbox_id != known:
                 raise sandbox_not_found(sandbox_id)
-            return upstream, ""
+            return Route(upstream, "", _NeverEnds(sandbox_id))
 
         server = grpc.aio.server(interceptors=[obs.interceptor, EdgeInterceptor("")])
         server.add_generic_rpc_handlers([GuestPassthrough(resolve)])

@@ -37,6 +37,7 @@ PUBLIC = {
     "PtySize",
     "RateLimitException",
     "Sandbox",
+    "SandboxEndedException",
     "SandboxException",
     "SandboxInfo",
     "SandboxMetrics",
@@ -57,6 +58,7 @@ EXCEPTIONS = {
     "NotFoundException",
     "PermissionDeniedException",
     "RateLimitException",
+    "SandboxEndedException",
     "SandboxException",
     "TimeoutException",
 }

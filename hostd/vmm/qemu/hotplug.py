@@ -162,7 +162,7 @@ async def ensure_probed(
             if bars_assigned(await c.execute("query-pci"), VSOCK_DEV) and await vhost_started(c):
                 await asyncio.sleep(VHOST_SETTLE)
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         if attempt + 1 == attempts:
             break
         with contextlib.suppress(QmpError):

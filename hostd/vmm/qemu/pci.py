@@ -260,18 +260,23 @@ class PciQemuVm(QemuVm):
     async def _copy_ram(self, src: Path, dst: Path) -> None:
         """A sparse copy (zero blocks become holes) by `cp`, run inside the VM's cgroups so
         the memory (and page cache) it allocates is charged to the sandbox, not to hostd."""
-        proc = await asyncio.create_subprocess_exec(
-            "cp", "--sparse=always", str(src), str(dst),
+        await self._finish_copy(await self._start_copy(src, dst, "always"), src, dst)
+
+    async def _start_copy(self, src: Path, dst: Path, sparse: str) -> asyncio.subprocess.Process:
+        """`cp --sparse=always` finds zero blocks itself (for a save: RAM has no holes
+        for them yet); `auto` keeps the holes a saved image has, copying in the kernel."""
+        return await asyncio.create_subprocess_exec(
+            "cp", f"--sparse={sparse}", str(src), str(dst),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=join_cgroups(self.spec.cgroup_procs_files),
         )  # fmt: skip
+
+    async def _finish_copy(self, proc: asyncio.subprocess.Process, src: Path, dst: Path) -> None:
         try:
             _, err = await proc.communicate()
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise
         if proc.returncode != 0:
             raise SnapshotError(
@@ -317,10 +322,18 @@ class PciQemuVm(QemuVm):
         write_spec(s)  # what a later pause to disk or an operator reads back
         f.ram.unlink(missing_ok=True)
         t0 = time.monotonic()
-        if info.format >= 2:
-            await self._copy_ram(snapshot_ram(snapshot), f.ram)
+        src = snapshot_ram(snapshot)
+        # The vsock backend starts while the RAM is copied; QEMU maps the file, so it waits.
+        copy = await self._start_copy(src, f.ram, "auto") if info.format >= 2 else None
+        try:
+            await self.start_vsock_backend()
+        except BaseException:
+            if copy is not None:
+                await _kill(copy)
+            raise
+        if copy is not None:
+            await self._finish_copy(copy, src, f.ram)
         t_ram = time.monotonic()
-        await self.start_vsock_backend()
         await self.start_qemu()
         t_qemu = time.monotonic()
         end = time.monotonic() + timeout
@@ -340,7 +353,8 @@ class PciQemuVm(QemuVm):
             ) from e
         if info.format < 2:
             await self._release_zero_pages()
-        log.info("%s: RAM file copied in %.3f s, QEMU up in %.3f s, state loaded in %.3f s",
+        log.info("%s: RAM file copied (vsock backend started) in %.3f s, QEMU up in %.3f s, "
+                 "state loaded in %.3f s",
                  s.sandbox_id, t_ram - t0, t_qemu - t_ram, time.monotonic() - t_qemu)  # fmt: skip
 
     async def _wait_loaded(self, c: QmpClient, snapshot: Path, end: float, timeout: float) -> None:  # noqa: ASYNC109
@@ -374,6 +388,12 @@ class PciQemuVm(QemuVm):
             return
         log.info("%s: released %d MiB of zero guest pages in %.2f s",
                  self.spec.sandbox_id, released >> 20, time.monotonic() - t0)  # fmt: skip
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
 
 
 def _punch_zero_pages(path: Path) -> int:

@@ -38,6 +38,10 @@ class _SandboxStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxS
     SANDBOX_STATE_RUNNING: _SandboxState.ValueType  # 2
     SANDBOX_STATE_PAUSED: _SandboxState.ValueType  # 3
     SANDBOX_STATE_TERMINATED: _SandboxState.ValueType  # 4
+    SANDBOX_STATE_ERROR: _SandboxState.ValueType  # 5
+    """Dead or unreachable and not repairable (SandboxInfo.error says why);
+    killed per the node's policy, listed until then.
+    """
 
 class SandboxState(_SandboxState, metaclass=_SandboxStateEnumTypeWrapper): ...
 
@@ -46,6 +50,10 @@ SANDBOX_STATE_CREATING: SandboxState.ValueType  # 1
 SANDBOX_STATE_RUNNING: SandboxState.ValueType  # 2
 SANDBOX_STATE_PAUSED: SandboxState.ValueType  # 3
 SANDBOX_STATE_TERMINATED: SandboxState.ValueType  # 4
+SANDBOX_STATE_ERROR: SandboxState.ValueType  # 5
+"""Dead or unreachable and not repairable (SandboxInfo.error says why);
+killed per the node's policy, listed until then.
+"""
 Global___SandboxState: _TypeAlias = SandboxState  # noqa: Y015
 
 class _EventType:
@@ -70,6 +78,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_POOL_MEMBER_REMOVED: _EventType.ValueType  # 9
     EVENT_TYPE_POOL_REFILL_FAILED: _EventType.ValueType  # 10
+    EVENT_TYPE_ERROR: _EventType.ValueType  # 11
+    """A health check found the sandbox dead or unreachable for good (state error)."""
+    EVENT_TYPE_REPAIRED: _EventType.ValueType  # 12
+    """A health check repaired the sandbox (vsock backend restarted, guestd re-initialised)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -89,6 +101,10 @@ sandbox_id is the member's, which a claim keeps as the sandbox's id.
 """
 EVENT_TYPE_POOL_MEMBER_REMOVED: EventType.ValueType  # 9
 EVENT_TYPE_POOL_REFILL_FAILED: EventType.ValueType  # 10
+EVENT_TYPE_ERROR: EventType.ValueType  # 11
+"""A health check found the sandbox dead or unreachable for good (state error)."""
+EVENT_TYPE_REPAIRED: EventType.ValueType  # 12
+"""A health check repaired the sandbox (vsock backend restarted, guestd re-initialised)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _EventReason:
@@ -106,6 +122,8 @@ class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReas
     EVENT_REASON_HOST_RESTART: _EventReason.ValueType  # 6
     EVENT_REASON_NODE_FULL: _EventReason.ValueType  # 7
     """A warm pool member gave its room to a sandbox on a full node."""
+    EVENT_REASON_HEALTH: _EventReason.ValueType  # 8
+    """Found by hostd's per-sandbox health check."""
 
 class EventReason(_EventReason, metaclass=_EventReasonEnumTypeWrapper): ...
 
@@ -118,6 +136,8 @@ EVENT_REASON_CREATE_FAILED: EventReason.ValueType  # 5
 EVENT_REASON_HOST_RESTART: EventReason.ValueType  # 6
 EVENT_REASON_NODE_FULL: EventReason.ValueType  # 7
 """A warm pool member gave its room to a sandbox on a full node."""
+EVENT_REASON_HEALTH: EventReason.ValueType  # 8
+"""Found by hostd's per-sandbox health check."""
 Global___EventReason: _TypeAlias = EventReason  # noqa: Y015
 
 @_typing.final
@@ -310,6 +330,7 @@ class SandboxInfo(_message.Message):
     VOLUME_MOUNT_PATH_FIELD_NUMBER: _builtins.int
     SECURE_FIELD_NUMBER: _builtins.int
     GUEST_IP_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     template_id: _builtins.str
     state: Global___SandboxState.ValueType
@@ -326,6 +347,8 @@ class SandboxInfo(_message.Message):
     secure: _builtins.bool
     guest_ip: _builtins.str
     """The guest's address inside the sandbox network, if it has one."""
+    error: _builtins.str
+    """Why the sandbox is in state error (empty otherwise)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -354,10 +377,11 @@ class SandboxInfo(_message.Message):
         volume_mount_path: _builtins.str = ...,
         secure: _builtins.bool = ...,
         guest_ip: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_at", b"end_at", "network", b"network", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "allow_internet_access", b"allow_internet_access", "cpu_count", b"cpu_count", "disk_mb", b"disk_mb", "end_at", b"end_at", "guest_ip", b"guest_ip", "memory_mb", b"memory_mb", "metadata", b"metadata", "network", b"network", "sandbox_id", b"sandbox_id", "secure", b"secure", "started_at", b"started_at", "state", b"state", "template_id", b"template_id", "traffic_token", b"traffic_token", "volume_id", b"volume_id", "volume_mount_path", b"volume_mount_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "allow_internet_access", b"allow_internet_access", "cpu_count", b"cpu_count", "disk_mb", b"disk_mb", "end_at", b"end_at", "error", b"error", "guest_ip", b"guest_ip", "memory_mb", b"memory_mb", "metadata", b"metadata", "network", b"network", "sandbox_id", b"sandbox_id", "secure", b"secure", "started_at", b"started_at", "state", b"state", "template_id", b"template_id", "traffic_token", b"traffic_token", "volume_id", b"volume_id", "volume_mount_path", b"volume_mount_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,7 +443,7 @@ class ListRequest(_message.Message):
 
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___SandboxState.ValueType]:
-        """Only sandboxes in one of these states; empty means running and paused."""
+        """Only sandboxes in one of these states; empty means running, paused and error."""
 
     def __init__(
         self,

@@ -1,0 +1,274 @@
+"""Commands and files through the SDK, each next to its floor measured in the same run.
+
+    /opt/moru/venv/bin/python benchmarks/bench_commands.py [--mb 64] [--runs 20]
+
+Starts a private hostd (own state dir, socket and cgroup root; networking
+off; images from $MORU_IMAGES_DIR) with one sandbox, and stops it afterwards.
+
+Floors, measured in the same sandbox:
+  * in-guest spawn of `bash -c true` (a Python loop inside the guest);
+  * the raw hybrid-vsock round trip and one-way throughput each way to a
+    Python server in the guest (host side: the sandbox's vhost-device-vsock
+    socket). One way, not a two-way echo: a many-MiB echo stalls on this
+    vsock device.
+
+Figures:
+  * commands.run("true") round trip vs (bash -c true + vsock RTT): target <= 1.5x;
+  * stdout streaming of `head -c N /dev/zero`: target >= 0.8 of guest->host;
+  * files.write / files.read of N MiB: target >= 0.85 of that direction;
+  * p50 of the 20 MB stdout of `head -c 20000000 /dev/zero | tr '\\0' a`;
+  * CPU per command of guestd (in the guest), hostd and the SDK process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "hostd"))
+
+import grpc  # noqa: E402
+from hostd_framework import Hostd  # noqa: E402
+
+from hostd.vsock import dial_socket, wait_ready  # noqa: E402
+from moru import Sandbox  # noqa: E402
+from moru_proto.guest.v1 import process_pb2, process_pb2_grpc  # noqa: E402
+
+ECHO_PORT = 5000
+# The raw floor's guest end: "echo N" (N one-byte round trips), "sink N"
+# (reads N bytes, answers one) or "source N" (sends N bytes).
+ECHO_SERVER = f"""
+import os, socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.bind((socket.VMADDR_CID_ANY, {ECHO_PORT}))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    if os.fork() == 0:
+        f = c.makefile("rb")
+        cmd, n = f.readline().split()
+        n = int(n)
+        if cmd == b"echo":
+            for _ in range(n):
+                c.sendall(f.read(1))
+        elif cmd == b"sink":
+            while n > 0:
+                d = f.read1(min(n, 1 << 20))
+                if not d:
+                    break
+                n -= len(d)
+            c.sendall(b"k")
+        else:
+            buf = b"a" * (1 << 20)
+            while n > 0:
+                k = min(n, len(buf))
+                c.sendall(buf[:k])
+                n -= k
+        os._exit(0)
+    c.close()
+"""
+SPAWN_FLOOR = """
+import os, statistics, sys, time
+n = int(sys.argv[1]); out = []
+for _ in range(n):
+    t = time.perf_counter()
+    pid = os.posix_spawn("/bin/bash", ["bash", "-c", "true"], os.environ)
+    os.waitpid(pid, 0)
+    out.append(time.perf_counter() - t)
+print(statistics.median(out))
+"""
+TWENTY_MB = "head -c 20000000 /dev/zero | tr '\\0' a"
+
+
+def median_time(fn: Callable[[], Any], runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def cpu_seconds(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _dial_blocking(uds: Path) -> socket.socket:
+    sock = await dial_socket(uds, ECHO_PORT, 10)
+    sock.setblocking(True)
+    sock.settimeout(120)
+    return sock
+
+
+def vsock_floors(uds: Path, mb: int, rounds: int) -> tuple[float, float, float]:
+    """Raw hybrid vsock to the guest: (median 1-byte round trip in s, host->guest
+    MB/s, guest->host MB/s). One direction at a time: a two-way echo of many
+    MiB stalls on this vsock device (both directions fill up)."""
+    total = mb << 20
+    s = asyncio.run(_dial_blocking(uds))
+    try:
+        s.sendall(f"echo {rounds}\n".encode())
+        rtts = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            s.sendall(b"x")
+            s.recv(1)
+            rtts.append(time.perf_counter() - t)
+    finally:
+        s.close()
+    s = asyncio.run(_dial_blocking(uds))
+    try:
+        chunk = os.urandom(1 << 20)
+        t = time.perf_counter()
+        s.sendall(f"sink {total}\n".encode())
+        for _ in range(mb):
+            s.sendall(chunk)
+        assert s.recv(1) == b"k"
+        up = total / (time.perf_counter() - t) / 1e6
+    finally:
+        s.close()
+    s = asyncio.run(_dial_blocking(uds))
+    try:
+        buf = bytearray(1 << 20)
+        t = time.perf_counter()
+        s.sendall(f"source {total}\n".encode())
+        left = total
+        while left:
+            n = s.recv_into(buf, min(left, len(buf)))
+            if not n:
+                raise ConnectionError("source connection closed early")
+            left -= n
+        down = total / (time.perf_counter() - t) / 1e6
+    finally:
+        s.close()
+    return statistics.median(rtts), up, down
+
+
+def line(name: str, value: str, floor: str, ratio: float, target: str) -> None:
+    print(f"  {name:34s} {value:>14s}   floor {floor:>14s}   ratio {ratio:6.2f}  (target {target})")
+
+
+def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
+    uds = next(h.state.rglob("v.sock"))
+    sbx.files.write("/tmp/echo.py", ECHO_SERVER)
+    sbx.files.write("/tmp/spawn.py", SPAWN_FLOOR)
+    print("starting the echo server in the guest")
+    sbx.commands.run("setsid python3 /tmp/echo.py </dev/null >/dev/null 2>&1 &")
+    asyncio.run(wait_ready(uds, ECHO_PORT, time.monotonic() + 120))
+    mb = args.mb
+    size = mb << 20
+
+    # -- floors ---------------------------------------------------------------
+    print("measuring floors")
+    spawn = float(sbx.commands.run(f"python3 /tmp/spawn.py {args.runs}", timeout=600).stdout)
+    rtt, up, down = vsock_floors(uds, mb, args.runs)
+    print(f"floors: in-guest bash -c true {spawn * 1e3:.1f} ms, vsock RTT {rtt * 1e3:.2f} ms,"
+          f" raw vsock host->guest {up:.1f} MB/s, guest->host {down:.1f} MB/s")
+
+    # -- round trip and CPU per command ----------------------------------------
+    n = args.runs
+    before_g = cpu_seconds(sbx.commands.run("cat /proc/$PPID/stat").stdout)
+    hostd_stat = Path(f"/proc/{h.proc.pid}/stat") if h.proc else None
+    before_h = cpu_seconds(hostd_stat.read_text()) if hostd_stat else 0.0
+    before_c = time.process_time()
+    rt = median_time(lambda: sbx.commands.run("true"), n, warmup=0)
+    after_c = time.process_time()
+    after_h = cpu_seconds(hostd_stat.read_text()) if hostd_stat else 0.0
+    after_g = cpu_seconds(sbx.commands.run("cat /proc/$PPID/stat").stdout)
+    floor = spawn + rtt
+    print("round trip")
+    line('commands.run("true") p50', f"{rt * 1e3:.1f} ms", f"{floor * 1e3:.1f} ms",
+         rt / floor, "<= 1.5")
+    # n+1: the second `cat` is counted too.
+    print(f"  CPU per command: guestd {(after_g - before_g) / (n + 1) * 1e3:.1f} ms (in-guest),"
+          f" hostd {(after_h - before_h) / n * 1e3:.1f} ms,"
+          f" SDK process {(after_c - before_c) / n * 1e3:.1f} ms")
+
+    # -- stdout streaming ----------------------------------------------------
+    print(f"throughput ({mb} MiB) vs raw vsock in the same direction")
+    cmd = f"head -c {size} /dev/zero"
+    t = median_time(lambda: sbx.commands.run(cmd, timeout=600), args.rounds, warmup=1)
+    line("stdout streaming", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
+         size / t / 1e6 / down, ">= 0.8")
+
+    # The same stream as raw gRPC through hostd (no SDK): where the time goes.
+    channel = grpc.insecure_channel(f"unix:{h.sock}",
+                                    options=[("grpc.max_receive_message_length", -1)])
+    stub = process_pb2_grpc.ProcessStub(channel)
+    md = sbx._core._target.metadata
+    req = process_pb2.StartRequest(config=process_pb2.ProcessConfig(shell=cmd))
+
+    def raw() -> None:
+        n = sum(len(ev.data.stdout) for ev in stub.Start(req, metadata=md))
+        assert n == size
+
+    t = median_time(raw, args.rounds, warmup=0)
+    channel.close()
+    line("  same, raw Process/Start via hostd", f"{size / t / 1e6:.1f} MB/s",
+         f"{down:.1f} MB/s", size / t / 1e6 / down, "-")
+
+    data = os.urandom(size)
+    path = "/tmp/bench.bin"
+    t = median_time(lambda: sbx.files.write(path, data), args.rounds, warmup=0)
+    line("files.write", f"{size / t / 1e6:.1f} MB/s", f"{up:.1f} MB/s",
+         size / t / 1e6 / up, ">= 0.85")
+
+    def read() -> None:
+        assert len(sbx.files.read(path, format="bytes")) == size
+
+    t = median_time(read, args.rounds, warmup=0)
+    line("files.read", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
+         size / t / 1e6 / down, ">= 0.85")
+
+    def twenty() -> None:
+        assert len(sbx.commands.run(TWENTY_MB, timeout=600).stdout) == 20_000_000
+
+    t = median_time(twenty, args.rounds, warmup=1)
+    line("20 MB stdout (head | tr) p50", f"{t * 1e3:.0f} ms",
+         f"{20e6 / down / 1e6 * 1e3:.0f} ms", t / (20e6 / down / 1e6), "printed")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="transfers per throughput figure")
+    ap.add_argument("--mb", type=int, default=64)
+    ap.add_argument("--template", default="base")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}"
+          f" ({os.cpu_count()} CPUs)")
+    h = Hostd(api_key="bench")
+    h.start(timeout=120)
+    try:
+        print("creating a sandbox")
+        sbx = Sandbox.create(args.template, timeout=3600, hostd=f"unix:{h.sock}",
+                             api_key="bench")
+        try:
+            bench(sbx, h, args)
+        finally:
+            sbx.kill()
+    finally:
+        left = h.close()
+        if left:
+            print(f"hostd left behind: {left}", file=sys.stderr)
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
