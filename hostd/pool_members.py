@@ -98,7 +98,8 @@ async def warm_member(sb: Sandbox) -> None:
     A restored guest has done nothing since its snapshot: the first command
     in it pays for TCG translating bash, the dynamic loader and the kernel's
     exec path in this QEMU process, for the page cache of what it reads, and
-    for guestd's lazy work (login environment, user lookup). Done here, a
+    for guestd's lazy work (the login environment, kept per user and Init
+    env, so a claim without envs reuses it; the user lookup). Done here, a
     claimed sandbox's first command pays none of it.
     """
     assert sb.res.channel is not None
