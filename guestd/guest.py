@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import re
 import signal
@@ -42,6 +43,9 @@ def _os_release() -> str:
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 IFACE = "eth0"
+# An Init at least this long is logged at INFO (DEBUG otherwise): the console is slow.
+SLOW_INIT_MS = 50.0
+log = logging.getLogger("guestd.guest")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -163,19 +167,52 @@ def _uptime() -> float:
         return 0.0
 
 
-def set_hostname(name: str) -> None:
-    """Kernel hostname, /etc/hostname and a /etc/hosts line for it."""
-    socket.sethostname(name)
-    with open("/etc/hostname", "w") as f:
-        f.write(name + "\n")
+def _read_text(path: str) -> str | None:
     try:
-        with open("/etc/hosts") as f:
-            lines = [ln for ln in f.read().splitlines() if not ln.startswith("127.0.1.1")]
+        with open(path) as f:
+            return f.read()
     except FileNotFoundError:
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    """Only when it differs: a rewrite on ext4 queues writeback, and a claim's
+    Init usually sets the name the member already has."""
+    if _read_text(path) != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def set_hostname(name: str) -> None:
+    """Kernel hostname, /etc/hostname and a /etc/hosts line for it (each only if it changes)."""
+    if socket.gethostname() != name:
+        socket.sethostname(name)
+    _write_text("/etc/hostname", name + "\n")
+    hosts = _read_text("/etc/hosts")
+    if hosts is None:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    else:
+        lines = [ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1")]
     lines.append(f"127.0.1.1\t{name}")
-    with open("/etc/hosts", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_text("/etc/hosts", "\n".join(lines) + "\n")
+
+
+class _Steps:
+    """How long each Init step took, for one log line (the claim path is timed by it)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.parts: list[str] = []
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts.append(f"{name} {(now - self.last) * 1000:.1f}")
+        self.last = now
+
+    def log(self, sandbox_id: str) -> None:
+        total = (time.perf_counter() - self.t0) * 1000
+        log.log(logging.INFO if total >= SLOW_INIT_MS else logging.DEBUG,
+                "Init %s took %.1f ms (%s)", sandbox_id, total, ", ".join(self.parts) or "-")
 
 
 class GuestService(guest_pb2_grpc.GuestServicer):
@@ -190,21 +227,27 @@ class GuestService(guest_pb2_grpc.GuestServicer):
             raise InvalidArgument(f"hostname: invalid host name {request.hostname!r}")
         if request.HasField("network"):
             check_network(request.network)
+        steps = _Steps()
         if s.guest_mode:
             if request.hostname:
                 set_hostname(request.hostname)
+                steps.done("hostname")
             if request.HasField("wall_clock"):
                 time.clock_settime(time.CLOCK_REALTIME, request.wall_clock.ToNanoseconds() / 1e9)
+                steps.done("clock")
             if request.entropy:
                 _mix_entropy(request.entropy)
+                steps.done("entropy")
             if request.HasField("network"):
                 await apply_network(request.network)
+                steps.done("network")
         s.env = dict(request.env)
         s.sandbox_id = request.sandbox_id
         s.template_id = request.template_id
         s.hostname = request.hostname or socket.gethostname()
         s.access_token = request.access_token
         s.initialized = True
+        steps.log(request.sandbox_id)
         return pb.InitResponse()
 
     async def Health(self, request: pb.HealthRequest, context: Ctx,

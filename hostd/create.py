@@ -237,6 +237,7 @@ class Creator:
         replaced at claim. Its store row stays `creating`, so a hostd restart
         discards it. The pool holds its capacity reservation.
         """
+        await self.claimer.settle()
         cfg = self.config
         manifest = self._load_template(shape.template)
         now = time.time()

@@ -2,7 +2,8 @@
 
 `hostd.pool.WarmPool` only counts; this module is what a member is to the
 rest of hostd. A member is made by `Creator.prepare_member` (the create
-path with a pool-only token and the lowest CPU weight); `Claimer.claim`
+path with a pool-only token and the lowest CPU weight) and warmed by
+`warm_member` (the SDK's first command, run once); `Claimer.claim`
 makes one the caller's sandbox: Init with its identity (id, hostname, env,
 a fresh token in place of the pool's, entropy, clock), its egress policy,
 its TTL and its store row.
@@ -22,15 +23,24 @@ from typing import Any
 from hostd.cgroups import DEFAULT_CPU_WEIGHT
 from hostd.config import Config
 from hostd.events import EventBus
-from hostd.guest import GuestClient
+from hostd.guest import TOKEN_HEADER, GuestClient
 from hostd.pool import PoolShape, WarmPool
 from hostd.resources import Capacity
 from hostd.sandbox import CreateOptions, Sandbox, egress_policy, new_sandbox_id
 from hostd.state import Action, transition
 from hostd.store import Store
 from images.manifest import TemplateManifest, TemplateNotFound
+from moru_proto.guest.v1 import process_pb2, process_pb2_grpc
 
 log = logging.getLogger("hostd.pool")
+
+# What a member runs once before it is ready: the SDK's commands.run("true") as sent.
+WARM_COMMAND = "true"
+WARM_TIMEOUT_SECONDS = 60.0
+# How long after a claim the next member's preparation waits: restoring one
+# (copying its RAM file, starting QEMU) takes both host cores for a moment,
+# which the claimed sandbox's first commands would otherwise share.
+REFILL_AFTER_CLAIM_SECONDS = 1.0
 
 # A member's CPU weight until claimed: 1% of a sandbox's, so preparing one never
 # slows the node's sandboxes.
@@ -59,9 +69,19 @@ def build_pool(
         targets[shape] = targets.get(shape, 0) + e.count
     if not targets:
         return None
+
+    async def prepare_warm(shape: PoolShape, mid: str) -> Sandbox:
+        sb = await prepare(shape, mid)
+        try:
+            await warm_member(sb)
+        except BaseException:
+            await destroy_member(sb)
+            raise
+        return sb
+
     return WarmPool(
         targets,
-        prepare=prepare,
+        prepare=prepare_warm,
         destroy=destroy_member,
         alive=member_alive,
         new_id=new_sandbox_id,
@@ -70,6 +90,28 @@ def build_pool(
         max_age=config.warm_pool_max_age_seconds,
         backoff_max=config.warm_pool_backoff_max_seconds,
     )
+
+
+async def warm_member(sb: Sandbox) -> None:
+    """Runs the first command a client would, as the default user, before the member is ready.
+
+    A restored guest has done nothing since its snapshot: the first command
+    in it pays for TCG translating bash, the dynamic loader and the kernel's
+    exec path in this QEMU process, for the page cache of what it reads, and
+    for guestd's lazy work (the login environment, kept per user and Init
+    env, so a claim without envs reuses it; the user lookup). Done here, a
+    claimed sandbox's first command pays none of it.
+    """
+    assert sb.res.channel is not None
+    stub = process_pb2_grpc.ProcessStub(sb.res.channel)
+    req = process_pb2.StartRequest(config=process_pb2.ProcessConfig(shell=WARM_COMMAND))
+    code: int | None = None
+    async for ev in stub.Start(req, metadata=((TOKEN_HEADER, sb.rec.access_token),),
+                               timeout=WARM_TIMEOUT_SECONDS):  # fmt: skip
+        if ev.WhichOneof("event") == "end":
+            code = ev.end.exit_code if ev.end.exited else -1
+    if code != 0:
+        raise RuntimeError(f"warm pool member {sb.id}: `{WARM_COMMAND}` ended with {code}")
 
 
 async def destroy_member(sb: Sandbox) -> None:
@@ -99,6 +141,14 @@ class Claimer:
         self.network = network
         self.capacity = capacity
         self._sandboxes = sandboxes
+        self._claimed_at = -REFILL_AFTER_CLAIM_SECONDS
+
+    async def settle(self) -> None:
+        """Returns once the last claim is REFILL_AFTER_CLAIM_SECONDS old (a refill waits here)."""
+        left = self._claimed_at + REFILL_AFTER_CLAIM_SECONDS - time.monotonic()
+        while left > 0:  # a claim during the wait moves the end
+            await asyncio.sleep(left)
+            left = self._claimed_at + REFILL_AFTER_CLAIM_SECONDS - time.monotonic()
 
     async def claim(
         self,
@@ -115,6 +165,7 @@ class Claimer:
 
         The member's capacity reservation (under its id) becomes the sandbox's.
         """
+        t0 = self._claimed_at = time.monotonic()
         sid, member = sb.id, sb.rec
         new = dataclasses.replace(
             member, metadata=metadata, envs=envs, secure=opts.secure,
@@ -134,6 +185,7 @@ class Claimer:
                     stack.callback(self._sandboxes.pop, sid, None)
                     sb.background = False
                     sb.res.cgroup.set_cpu_weight(DEFAULT_CPU_WEIGHT)
+                    t_policy = t_init = time.monotonic()
                     async with asyncio.timeout(self.config.create_deadline_seconds):
                         if self.network is not None and egress_policy(new) != egress_policy(member):
                             sb.stage = "applying the egress policy"
@@ -141,16 +193,19 @@ class Claimer:
                         sb.stage = "in Guest.Init"
                         assert sb.res.channel is not None
                         t_init = time.monotonic()
+                        t_policy = t_init - t_policy
                         await GuestClient(sb.res.channel, member.access_token).init(
                             sandbox_id=sid, template_id=new.template_id, hostname=new.hostname,
                             env={**template_env, **envs}, access_token=new.access_token,
                             rpc_timeout=30.0,
                         )  # fmt: skip
-                    t_init = time.monotonic() - t_init
+                    t_store = time.monotonic()
+                    t_init = t_store - t_init
                     new.state = transition(sid, new.state, Action.READY)
                     new.created_at = new.started_at = time.time()
                     new.end_at = new.started_at + ttl
                     self.store.put(new)
+                    t_store = time.monotonic() - t_store
                     stack.pop_all()
                     ok = True
             except Exception as e:
@@ -160,8 +215,11 @@ class Claimer:
             finally:
                 sb.gone = not ok
         sb.create_path = "warm_pool"
-        log.info("%s: claimed from the warm pool (Init %.3f s)", sid, t_init)
+        log.info("%s: claimed from the warm pool in %.1f ms (egress policy %.1f ms, Init %.1f ms,"
+                 " store %.1f ms)", sid, (time.monotonic() - t0) * 1000, t_policy * 1000,
+                 t_init * 1000, t_store * 1000)  # fmt: skip
         return sb
 
 
-__all__ = ["MEMBER_CPU_WEIGHT", "Claimer", "build_pool", "destroy_member", "member_alive"]
+__all__ = ["MEMBER_CPU_WEIGHT", "Claimer", "build_pool", "destroy_member", "member_alive",
+           "warm_member"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -101,3 +102,27 @@ def test_init_refuses_a_malformed_network_naming_the_field(
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (e.value.details() or "")
     assert not fresh_guestd.guest.Health(pb.HealthRequest()).initialized
+
+
+def test_init_logs_how_long_it_took_at_debug() -> None:
+    g = Guestd("--log-level", "DEBUG")
+    try:
+        g.guest.Init(pb.InitRequest(sandbox_id="sbx-timed"))
+        assert "Init sbx-timed took" in g.logs()
+    finally:
+        g.close()
+
+
+def test_identity_files_are_rewritten_only_when_they_change(tmp_path: Path) -> None:
+    from guestd.guest import _write_text
+
+    f = tmp_path / "hostname"
+    _write_text(str(f), "a\n")
+    before = f.stat()
+    _write_text(str(f), "a\n")  # the name a claimed member already has: untouched
+    assert f.stat().st_mtime_ns == before.st_mtime_ns and f.stat().st_ino == before.st_ino
+    f.chmod(0o444)  # a write would fail now
+    _write_text(str(f), "a\n")
+    f.chmod(0o644)
+    _write_text(str(f), "b\n")
+    assert f.read_text() == "b\n"
