@@ -76,7 +76,7 @@ def kernel_args(accel: str) -> list[str]:
     among them "APIC frequency too slow", which a vCPU starved during the
     APIC timer's calibration leads to and after which the boot never ends
     (hostd.readiness.BootStuck: a fresh VM is booted). A normal boot prints
-    two more lines.
+    nothing more than with `quiet` alone.
     """
     if resolve(accel) != "tcg":
         return []
