@@ -4,7 +4,7 @@
         --boots 10 --parallel 2 --ram file --quota 1.75 --load 2
 
 A boot "hangs" when guestd's console line has not come after --cpu-limit s
-of the VM's CPU time (a normal boot takes ~8.5 s) or --wall s, or when the
+of the VM's CPU time (a normal boot takes 8-11 s) or --wall s, or when the
 kernel said it disabled its APIC timer: the checks of hostd.readiness
 (BootStuck), which hostd's Create answers with a fresh VM. The kernel runs
 without `quiet` (loglevel=7), so the console shows where it stops; the script
