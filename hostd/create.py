@@ -34,7 +34,7 @@ from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient
 from hostd.pool import PoolShape, WarmPool
 from hostd.pool_members import MEMBER_CPU_WEIGHT, Claimer
-from hostd.readiness import VmExited, VsockSilent, wait_guestd
+from hostd.readiness import BootStuck, VmExited, VsockSilent, wait_guestd
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.resources import Capacity, Resources, vm_spec
 from hostd.rundir import RunDir
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hostd.create")
 
-BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent)
+BOOT_ATTEMPTS = 2  # VMs one Create may boot (a fresh one when vsock stays silent or boot is stuck)
 
 
 class Creator:
@@ -320,7 +320,7 @@ class Creator:
             try:
                 await self._wait_guest(vm, rec)
                 break
-            except VsockSilent as e:
+            except (VsockSilent, BootStuck) as e:
                 if attempt == BOOT_ATTEMPTS:
                     raise Unavailable(f"sandbox {rec.sandbox_id}: {e}") from None
                 log.warning("%s: %s; booting a fresh VM (attempt %d)", rec.sandbox_id, e,
@@ -408,7 +408,7 @@ class Creator:
         return True
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
-        """Waits for guestd as hostd.readiness says; VsockSilent: boot a fresh VM."""
+        """Waits for guestd as hostd.readiness says; VsockSilent, BootStuck: boot a fresh VM."""
         deadline = time.monotonic() + self.config.create_deadline_seconds
         try:
             await wait_guestd(vm, rec.guestd_port, deadline)

@@ -17,6 +17,7 @@ wait this way.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,11 @@ from hostd.vsock import wait_ready
 GUESTD_READY_LINE = "guestd listening on vsock"
 CONSOLE_GRACE = 120.0  # dial anyway after this long without the line
 VSOCK_SILENCE = 30.0  # how long the device may stay silent after the line
+# Kernel lines after which a boot never finishes.
+STUCK_BOOT_LINES = ("APIC frequency too slow",)
+# CPU seconds (VMM and vsock device) a boot may use before guestd's line: a
+# cold boot of base under TCG uses 8-11 s, a stuck one spins at 1-2 CPUs.
+BOOT_CPU_BUDGET = 30.0
 
 
 class BootingVm(Protocol):
@@ -35,10 +41,28 @@ class BootingVm(Protocol):
     def vsock_uds(self) -> Path: ...
     def is_alive(self) -> bool: ...
     def vsock_device_dead(self) -> bool: ...
+    @property
+    def pids(self) -> list[int]: ...
 
 
 class VsockSilent(Exception):
     """guestd listens (its console says so) but the vsock device never answers."""
+
+
+class BootStuck(Exception):
+    """The guest kernel stopped before guestd (it said so, or spun past BOOT_CPU_BUDGET)."""
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes have used so far; 0 for those gone."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class VmExited(Exception):
@@ -46,15 +70,23 @@ class VmExited(Exception):
 
 
 async def wait_console_line(
-    vm: BootingVm, line: str, until: float, *, interval: float = 0.05
+    vm: BootingVm,
+    line: str,
+    until: float,
+    *,
+    interval: float = 0.05,
+    cpu_budget: float | None = None,
 ) -> bool:
     """True once `line` is on the console; False at `until` without it.
 
     Reads only what the console gained since the last look (plus a line's
     length, in case it straddles two looks), so a chatty console can neither
-    hide the line nor make each look cost more. Raises VmExited.
+    hide the line nor make each look cost more. Raises VmExited, and BootStuck
+    on a STUCK_BOOT_LINES line or, with `cpu_budget`, once the VM's processes
+    have used that many CPU seconds without the line.
     """
-    offset, keep, tail = 0, len(line), b""
+    stuck = [s.encode() for s in STUCK_BOOT_LINES]
+    offset, keep, tail = 0, max(len(line), *map(len, stuck)), b""
     needle = line.encode()
     while time.monotonic() < until:
         if not vm.is_alive():
@@ -68,6 +100,11 @@ async def wait_console_line(
         offset += len(new)
         if needle in tail + new:
             return True
+        for s in stuck:
+            if s in tail + new:
+                raise BootStuck(f"the guest kernel said {s.decode()!r}: boot stuck")
+        if cpu_budget is not None and (used := cpu_seconds(vm.pids)) > cpu_budget:
+            raise BootStuck(f"no guestd after {used:.0f} s of the VM's CPU time: boot stuck")
         tail = (tail + new)[-keep:]
         await asyncio.sleep(interval)
     return False
@@ -80,12 +117,15 @@ async def wait_guestd(
     *,
     grace: float = CONSOLE_GRACE,
     silence: float = VSOCK_SILENCE,
+    cpu_budget: float | None = BOOT_CPU_BUDGET,
 ) -> None:
     """Returns once guestd accepts on `port`; `deadline` is a time.monotonic() value.
 
-    Raises VsockSilent (boot a fresh VM), VmExited, or TimeoutError past the deadline.
+    Raises VsockSilent or BootStuck (boot a fresh VM), VmExited, or TimeoutError
+    past the deadline.
     """
-    seen = await wait_console_line(vm, GUESTD_READY_LINE, min(deadline, time.monotonic() + grace))
+    seen = await wait_console_line(vm, GUESTD_READY_LINE, min(deadline, time.monotonic() + grace),
+                                   cpu_budget=cpu_budget)  # fmt: skip
     silent_by = min(deadline, time.monotonic() + silence) if seen else deadline
 
     def usable() -> bool:  # checked before each dial

@@ -31,7 +31,7 @@ import uvloop
 
 from hostd.cgroups import CgroupManager, SandboxCgroup
 from hostd.create import BOOT_ATTEMPTS
-from hostd.readiness import VsockSilent, wait_guestd
+from hostd.readiness import BootStuck, VsockSilent, wait_guestd
 from hostd.vmm.base import VmSpec
 from hostd.vmm.qemu import QemuVm, QemuVmm
 from hostd.vsock import VsockRelay
@@ -114,8 +114,9 @@ class BootedVm:
 
     def start(self, make_vm: Callable[[], QemuVm], ready_timeout: float) -> None:
         """Starts the VM and waits for guestd the way hostd does (hostd.readiness): console
-        line, then vsock. A VM whose vsock device stays silent is replaced once by
-        `make_vm()`, as hostd's Create does (vhost-device-vsock 0.3 flake)."""
+        line, then vsock. A VM whose vsock device stays silent or whose boot is stuck is
+        replaced once by `make_vm()`, as hostd's Create does (vhost-device-vsock 0.3
+        flake; APIC timer calibration of a starved vCPU, hostd.readiness)."""
         t0 = time.monotonic()
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             self.runner.run(self.vm.start())
@@ -125,7 +126,7 @@ class BootedVm:
                     wait_guestd(self.vm, self.manifest.guestd_port, deadline), ready_timeout + 10
                 )
                 break
-            except VsockSilent:
+            except (VsockSilent, BootStuck):
                 if attempt == BOOT_ATTEMPTS:
                     raise
                 self.runner.run(self.vm.destroy())

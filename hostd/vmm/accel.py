@@ -71,9 +71,15 @@ def kernel_args(accel: str) -> list[str]:
     it unsynchronized and fell back to the jiffies clocksource: clocks with
     4 ms resolution for every program in the guest, and clock_gettime as a
     real syscall instead of the vDSO (gRPC reads the clock constantly).
+
+    loglevel=5 (after the image's `quiet`): kernel warnings reach the console,
+    among them "APIC frequency too slow", which a vCPU starved during the
+    APIC timer's calibration leads to and after which the boot never ends
+    (hostd.readiness.BootStuck: a fresh VM is booted). A normal boot prints
+    nothing more than with `quiet` alone.
     """
-    if resolve(accel) == "tcg":
-        khz = host_tsc_khz()
-        if khz:
-            return [f"tsc_early_khz={khz}", "tsc=reliable"]
-    return []
+    if resolve(accel) != "tcg":
+        return []
+    khz = host_tsc_khz()
+    tsc = [f"tsc_early_khz={khz}", "tsc=reliable"] if khz else []
+    return [*tsc, "loglevel=5"]

@@ -45,5 +45,5 @@ def test_tcg_tells_the_kernel_the_tsc_frequency(tmp_path: Path) -> None:
     assert accel.host_tsc_khz(info) == 2445404
     assert accel.host_tsc_khz(tmp_path / "missing") is None
     args = accel.kernel_args("tcg")
-    assert len(args) == 2 and args[0].startswith("tsc_early_khz=") and args[1] == "tsc=reliable"
+    assert args[0].startswith("tsc_early_khz=") and args[1:3] == ["tsc=reliable", "loglevel=5"]
     assert accel.kernel_args("kvm") == []

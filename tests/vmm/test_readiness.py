@@ -9,6 +9,7 @@ boots go through the same code in every VM test.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import tempfile
@@ -21,7 +22,7 @@ import pytest
 import uvloop
 from fakevsock import FakeHybridVsock
 
-from hostd.readiness import GUESTD_READY_LINE, VmExited, VsockSilent, wait_guestd
+from hostd.readiness import GUESTD_READY_LINE, BootStuck, VmExited, VsockSilent, wait_guestd
 
 
 @dataclass
@@ -29,6 +30,7 @@ class StandInVm:
     dir: Path
     alive: bool = True
     device_dead: bool = False
+    pids: list[int] = field(default_factory=list)
     console_log: Path = field(init=False)
     vsock_uds: Path = field(init=False)
 
@@ -136,3 +138,31 @@ def test_a_dead_vsock_device_before_any_dial_is_not_dialled(vm: StandInVm) -> No
     with pytest.raises(VsockSilent, match="worker thread"):
         run(wait_guestd(vm, 50051, time.monotonic() + 10))
     assert time.monotonic() - t < 1
+
+
+def test_a_kernel_without_its_apic_timer_is_reported_stuck_at_once(vm: StandInVm) -> None:
+    # What a starved vCPU's APIC calibration ends in; the boot then stops at
+    # SMP bring-up (scripts/boot_hang.py reproduces it with real boots).
+    vm.say(
+        "[    2.2] ..... host bus clock speed is 0.0472 MHz.\n[    2.2] APIC frequency"
+        " too slow, disabling apic timer\n[    2.2] x86: Booting SMP configuration:\n"
+    )
+    t = time.monotonic()
+    with pytest.raises(BootStuck, match="APIC frequency too slow"):
+        run(wait_guestd(vm, 50051, time.monotonic() + 30))
+    assert time.monotonic() - t < 5  # not the deadline
+
+
+def test_a_boot_past_its_cpu_budget_without_guestd_is_stuck(vm: StandInVm) -> None:
+    vm.pids = [os.getpid()]  # this process has used some CPU: over a budget of 0.01 s
+    with pytest.raises(BootStuck, match="CPU time"):
+        run(wait_guestd(vm, 50051, time.monotonic() + 30, cpu_budget=0.01))
+    vm.say(f"{GUESTD_READY_LINE}:50051\n")  # the budget holds only until guestd's line
+
+    async def main() -> None:
+        dev = FakeHybridVsock(vm.vsock_uds, {50051})
+        await dev.start()
+        await wait_guestd(vm, 50051, time.monotonic() + 10, cpu_budget=0.01)
+        await dev.close()
+
+    run(main())
