@@ -231,8 +231,9 @@ class Creator:
     async def prepare_member(self, shape: PoolShape, mid: str) -> Sandbox:
         """A warm pool member: a sandbox made as Create makes one, with a pool-only token.
 
-        Not in the manager's table (never listed, reaped or sampled), at the
-        lowest CPU weight. Its host-side names (cgroup, netns, run dir) use the
+        Not in the manager's table (never listed, reaped or sampled); at the
+        lowest CPU weight once it is up (booted or restored at the normal one).
+        Its host-side names (cgroup, netns, run dir) use the
         id it will be claimed under; everything the guest knows of it is
         replaced at claim. Its store row stays `creating`, so a hostd restart
         discards it. The pool holds its capacity reservation.
@@ -256,6 +257,10 @@ class Creator:
             try:
                 async with asyncio.timeout(cfg.create_deadline_seconds):
                     await self._boot(sb, stack, manifest, dict(manifest.env))
+                # Only once it is up: a boot at this weight starves a vCPU, and the
+                # kernel's APIC timer calibration then stops the boot for good.
+                assert sb.res.cgroup is not None
+                sb.res.cgroup.set_cpu_weight(MEMBER_CPU_WEIGHT)
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"warm pool member {mid} was not ready within"
@@ -277,8 +282,6 @@ class Creator:
         sb.stage = "creating the cgroup"
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
-        if sb.background:
-            res.cgroup.set_cpu_weight(MEMBER_CPU_WEIGHT)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
