@@ -132,12 +132,18 @@ class Creator:
                 "network: egress rules need networking, which is disabled on this node"
             )
         if self.pool is not None and not opts.volume_id:
-            member = self.pool.claim(PoolShape(name, vcpus, memory_mb, disk_mb))
-            if member is not None:
+            shape = PoolShape(name, vcpus, memory_mb, disk_mb)
+            # A member that died a moment ago can still look alive (its QEMU is
+            # still exiting); its claim fails and destroys it: try the next one.
+            while (member := self.pool.claim(shape)) is not None:
                 got = await self.claimer.claim(member, opts, timeout, metadata, envs, allow_out,
                                                deny_out, manifest.env)  # fmt: skip
                 if got is not None:
                     return got
+                died = member.end_reason == "died while waiting"
+                self.bus.publish(Event(member.id, EventType.POOL_MEMBER_REMOVED,
+                                       Reason.VMM_EXITED if died else Reason.CREATE_FAILED,
+                                       name, member.end_reason))  # fmt: skip
 
         sid = new_sandbox_id()
         now = time.time()

@@ -179,6 +179,10 @@ class Claimer:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     stack.push_async_callback(destroy_member, sb)
+                    # Runs before the destroy: says whether the member had died (a
+                    # QEMU still exiting after a kill looked alive at the claim).
+                    stack.callback(lambda: sb.end("died while waiting" if not member_alive(sb)
+                                                  else "claim failed"))
                     stack.callback(self.capacity.release, sid)
                     sb.rec = new
                     self._sandboxes[sid] = sb
