@@ -273,7 +273,8 @@ class Hostd:
         finally:
             self.stop()
         left = self.check_clean()
-        for pid in our_pids(str(self.state)):
+        # Everything under our temp dir (state, and a test's network run dir: dnsmasq).
+        for pid in our_pids(str(self.root)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for root in cgroup_dirs(self.cgroup_root):
