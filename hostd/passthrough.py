@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import grpc
 
@@ -167,10 +167,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     resp: bytes = await call
                     return resp if data is None else data.issue(route.sandbox.id, resp)
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.abort_if_ended()
-                    if isinstance(e, grpc.aio.AioRpcError):
-                        await _abort(context, e)
-                    raise
+                    await w.fail(e)
 
         return handler
 
@@ -188,11 +185,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     async for resp in call:
                         yield resp
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.abort_if_ended()
-                    if isinstance(e, grpc.aio.AioRpcError):
-                        await _abort(context, e)
-                    else:
-                        raise
+                    await w.fail(e)
                 finally:
                     call.cancel()
 
@@ -212,10 +205,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     resp: bytes = await call
                     return resp
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.abort_if_ended()
-                    if isinstance(e, grpc.aio.AioRpcError):
-                        await _abort(context, e)
-                    raise
+                    await w.fail(e)
                 finally:
                     call.cancel()
 
@@ -235,11 +225,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     async for resp in call:
                         yield resp
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.abort_if_ended()
-                    if isinstance(e, grpc.aio.AioRpcError):
-                        await _abort(context, e)
-                    else:
-                        raise
+                    await w.fail(e)
                 finally:
                     call.cancel()
 
@@ -277,6 +263,14 @@ class _Watch:
             call.cancel()
 
         self._task = asyncio.get_running_loop().create_task(cancel_on_end())
+
+    async def fail(self, e: grpc.aio.AioRpcError | asyncio.CancelledError) -> NoReturn:
+        """The client's status for a failed upstream call: the end status when the
+        sandbox ended, else the upstream's own (a cancel stays a cancel)."""
+        await self.abort_if_ended()
+        if isinstance(e, grpc.aio.AioRpcError):
+            await _abort(self.context, e)
+        raise e
 
     async def abort_if_ended(self) -> None:
         """Aborts the client's call with the end status when the sandbox ended."""
