@@ -30,14 +30,13 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "hostd"))
 
 import grpc  # noqa: E402
+from bench_sdk import median_time  # noqa: E402
 from hostd_framework import Hostd  # noqa: E402
 
 from hostd.vsock import dial_socket, wait_ready  # noqa: E402
@@ -88,17 +87,6 @@ for _ in range(n):
 print(statistics.median(out))
 """
 TWENTY_MB = "head -c 20000000 /dev/zero | tr '\\0' a"
-
-
-def median_time(fn: Callable[[], Any], runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def cpu_seconds(stat: str) -> float:

@@ -35,7 +35,7 @@ from moru_proto.guest.v1 import filesystem_pb2_grpc, process_pb2, process_pb2_gr
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _median_time(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
+def median_time(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     samples = []
@@ -120,8 +120,8 @@ def _bench(sbx: Sandbox, address: str, key: str, args: argparse.Namespace) -> bo
     raw_t: list[float] = []
     sdk_t: list[float] = []
     for _ in range(3):
-        raw_t.append(_median_time(raw_run, args.runs // 3 or 1, warmup=2))
-        sdk_t.append(_median_time(sdk_run, args.runs // 3 or 1, warmup=2))
+        raw_t.append(median_time(raw_run, args.runs // 3 or 1, warmup=2))
+        sdk_t.append(median_time(sdk_run, args.runs // 3 or 1, warmup=2))
     raw_rt, sdk_rt = statistics.median(raw_t), statistics.median(sdk_t)
     ratio = sdk_rt / raw_rt
     ok_cmd = ratio <= 1.2
@@ -165,8 +165,8 @@ def _bench(sbx: Sandbox, address: str, key: str, args: argparse.Namespace) -> bo
         raw_s: list[float] = []
         sdk_s: list[float] = []
         for _ in range(args.rounds):
-            raw_s.append(_median_time(raw_fn, 1, warmup=0))
-            sdk_s.append(_median_time(sdk_fn, 1, warmup=0))
+            raw_s.append(median_time(raw_fn, 1, warmup=0))
+            sdk_s.append(median_time(sdk_fn, 1, warmup=0))
             print(f"  {name}: raw {raw_s[-1]:.2f} s, SDK {sdk_s[-1]:.2f} s", flush=True)
         raw_mbs = args.mb / statistics.median(raw_s)
         sdk_mbs = args.mb / statistics.median(sdk_s)
