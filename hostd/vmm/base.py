@@ -135,6 +135,11 @@ class Vm(abc.ABC):
     def is_alive(self) -> bool:
         """Whether the VMM process still runs."""
 
+    @property
+    def restore_steps(self) -> dict[str, float]:
+        """Seconds per step of the restore that started this VM, in order (empty: booted)."""
+        return {}
+
     # --- vsock health ----------------------------------------------------
     def vsock_device_dead(self) -> bool:
         """Whether the vsock device's worker is gone for good (it never answers again)."""

@@ -122,6 +122,11 @@ class PciQemuVm(QemuVm):
     def __init__(self, vmm: QemuVmm, spec: VmSpec) -> None:
         super().__init__(vmm, spec)
         self.incoming = False  # started to load a snapshot
+        self._restore_steps: dict[str, float] = {}
+
+    @property
+    def restore_steps(self) -> dict[str, float]:
+        return dict(self._restore_steps)
 
     def memory_backend(self, size: str) -> str:
         """Guest RAM as a file in /dev/shm, shared (vhost-user maps it; x-ignore-shared)."""
@@ -191,7 +196,8 @@ class PciQemuVm(QemuVm):
         await self.stop_vsock_backend()
         await self.start_vsock_backend()
         chardev = await hotplug.replug(c, self.files.vhost_user_sock)
-        await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev)
+        await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev,
+                                    rings_ready=self.vsock_rings_ready)  # fmt: skip
 
     # --- save ------------------------------------------------------------
     async def save(
@@ -295,8 +301,18 @@ class PciQemuVm(QemuVm):
             c = await self._qmp_client()
             async with c:
                 await c.execute("cont")
+                t1 = time.monotonic()
                 chardev = await hotplug.replug(c, self.files.vhost_user_sock)
-                await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev)
+                t2 = time.monotonic()
+                settle = await hotplug.ensure_probed(
+                    c, self.spec.sandbox_id, probe_wait, chardev=chardev,
+                    rings_ready=self.vsock_rings_ready,
+                )  # fmt: skip
+                t3 = time.monotonic()
+            self._restore_steps.update({
+                "cont": t1 - t0, "vsock device_add": t2 - t1,
+                "guest probes vsock": t3 - t2 - settle, "vsock settle": settle,
+            })  # fmt: skip
             log.info("%s: running, vsock device back in %.3f s", self.spec.sandbox_id,
                      time.monotonic() - t0)  # fmt: skip
         except BaseException as e:
@@ -353,6 +369,10 @@ class PciQemuVm(QemuVm):
             ) from e
         if info.format < 2:
             await self._release_zero_pages()
+        self._restore_steps.update({
+            "RAM copy + vsock backend": t_ram - t0, "QEMU start": t_qemu - t_ram,
+            "state load": time.monotonic() - t_qemu,
+        })  # fmt: skip
         log.info("%s: RAM file copied (vsock backend started) in %.3f s, QEMU up in %.3f s, "
                  "state loaded in %.3f s",
                  s.sandbox_id, t_ram - t0, t_qemu - t_ram, time.monotonic() - t_qemu)  # fmt: skip

@@ -98,6 +98,31 @@ def thread_names(pid: int) -> list[str] | None:
     return names
 
 
+def epoll_watches(pid: int) -> list[set[int]] | None:
+    """The `data` words registered in each epoll instance pid holds (/proc fdinfo); None when
+    pid is gone or its fds cannot be read."""
+    found: list[set[int]] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        data: set[int] = set()
+        for line in info.splitlines():
+            words = line.split()
+            if words[:1] == ["tfd:"] and "data:" in words:
+                with contextlib.suppress(ValueError, IndexError):
+                    data.add(int(words[words.index("data:") + 1], 16))  # printed in hex
+        found.append(data)
+    return found
+
+
 def read_tail(path: Path, nbytes: int = 2048) -> str:
     try:
         with path.open("rb") as f:

@@ -31,6 +31,7 @@ from hostd.vmm.base import AttachError, Vm, VmError, Vmm, VmSpec
 from hostd.vmm.qemu.process import (
     POLL,
     Proc,
+    epoll_watches,
     join_cgroups,
     read_tail,
     thread_names,
@@ -40,6 +41,9 @@ from hostd.vmm.specfile import write_spec
 
 # Name of vhost-user-backend's queue worker thread inside vhost-device-vsock.
 VSOCK_WORKER_THREAD = "vring_worker"
+# vhost-user-backend registers a virtqueue's kick eventfd in its worker's epoll
+# with the queue's index as data, then marks the queue ready: rx (0) and tx (1).
+VSOCK_RING_EVENTS = frozenset({0, 1})
 
 
 class QemuVm(Vm):
@@ -104,6 +108,22 @@ class QemuVm(Vm):
             self._vsk_worker_pid = p.pid
             return False
         return self._vsk_worker_pid == p.pid
+
+    def vsock_rings_ready(self) -> bool | None:
+        """Whether vhost-device-vsock has taken the rx and tx rings QEMU set up (their
+        kick fds are in its worker's epoll); None when that cannot be seen.
+
+        Only meaningful on a backend started fresh for the device now being
+        started (hostd never reuses one across a re-plug): until then, a host
+        dial ends its worker (`vsock_device_dead`).
+        """
+        p = self._vsk_proc
+        if p is None or not p.alive():
+            return None
+        watches = epoll_watches(p.pid)
+        if not watches:
+            return None
+        return any(VSOCK_RING_EVENTS <= data for data in watches)
 
     # --- start -----------------------------------------------------------
     def memory_backend(self, size: str) -> str:
