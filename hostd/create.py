@@ -297,6 +297,14 @@ class Creator:
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
         clock.mark("cgroup")
+        ready = self._ready_snapshot(rec, manifest)
+        staging = None
+        if ready is not None:
+            # The ready snapshot's RAM image and overlay are copied while the network is
+            # set up (QEMU needs the network, the copies do not).
+            stack.callback(RunDir(rec.run_dir).remove)
+            staging = asyncio.create_task(self._stage(vm_spec(rec, res.cgroup.procs_files), ready))
+            stack.push_async_callback(_cancelled, staging)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
@@ -324,9 +332,9 @@ class Creator:
             spec = dataclasses.replace(spec, extra_disks=(disk,))
         # Whichever VM is current is destroyed on failure (a retry replaces it).
         stack.push_async_callback(self._destroy_current_vm, res)
-        ready = self._ready_snapshot(rec, manifest)
         clock.mark("store row + spec")
-        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net, clock):
+        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net, clock,
+                                                        staging):  # fmt: skip
             return
         sb.create_path = "cold_boot"
         for attempt in range(1, BOOT_ATTEMPTS + 1):
@@ -395,8 +403,10 @@ class Creator:
         env: dict[str, str],
         net: Any,
         clock: StepClock,
+        staging: asyncio.Task[float] | None = None,
     ) -> bool:
-        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead."""
+        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead.
+        `staging`: the task copying the snapshot's RAM and overlay (`_stage`), if started."""
         assert self.ready is not None
         rec, res = sb.rec, sb.res
         t0 = time.monotonic()
@@ -406,15 +416,17 @@ class Creator:
             async with contextlib.AsyncExitStack() as sub:
                 async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
                     sb.stage = "restoring the ready snapshot"
+                    if staging is not None:
+                        clock.add({"RAM + overlay copy ||": await staging})
+                        clock.mark("copies done")
                     with self.ready.using(ready):
-                        vm = await self.ready.restore(spec, ready)
+                        vm = await self.ready.restore(spec, ready, staged=staging is not None)
                     res.vm = vm
                     steps = vm.restore_steps
                     clock.mark("restore")
                     if steps:  # the driver's own steps, the rest (overlay copy, checks) apart
                         restore = clock.steps.pop()[1]
-                        clock.add({"overlay copy + checks": restore - sum(steps.values()),
-                                   **steps})  # fmt: skip
+                        clock.add({"checks": restore - sum(steps.values()), **steps})
                     write_spec(spec)
                     sb.stage = "waiting for the restored guestd on vsock"
                     await wait_ready(vm.vsock_uds, rec.guestd_port,
@@ -444,6 +456,14 @@ class Creator:
                  rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
         return True
 
+    async def _stage(self, spec: VmSpec, ready: Path) -> float:
+        """Copies what a restore from `ready` reads into spec's run dir; returns the seconds."""
+        assert self.ready is not None
+        t0 = time.monotonic()
+        with self.ready.using(ready):
+            await self.ready.stage(spec, ready)
+        return time.monotonic() - t0
+
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
         """Waits for guestd as hostd.readiness says; VsockSilent, BootStuck: boot a fresh VM."""
         deadline = time.monotonic() + self.config.create_deadline_seconds
@@ -461,3 +481,11 @@ class Creator:
         vm = sb.res.vm
         tail = vm.console_tail(2048) if vm is not None else ""
         return f"\n--- guest console (tail) ---\n{tail}" if tail else ""
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancels task if it still runs and waits for it (its own cleanup done)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure here is reported where the task is awaited

@@ -41,6 +41,7 @@ import logging
 import os
 import shlex
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -291,12 +292,27 @@ class PciQemuVm(QemuVm):
             )
 
     # --- restore ---------------------------------------------------------
+    async def stage_ram(self, snapshot: Path, info: SnapshotInfo) -> None:
+        """Copies the snapshot's RAM image to this VM's RAM file (in its cgroups); on failure
+        or cancel, no copy runs on and no RAM file is left."""
+        f = self.files
+        f.ram.unlink(missing_ok=True)
+        if info.format < 2:
+            return  # RAM inside the stream
+        src = snapshot_ram(snapshot)
+        try:
+            await self._finish_copy(await self._start_copy(src, f.ram, "auto"), src, f.ram)
+        except BaseException:
+            f.ram.unlink(missing_ok=True)
+            raise
+
     async def restore_from(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
-                           probe_wait: float) -> None:  # fmt: skip
-        """Starts this (not yet started) VM from `snapshot`; on failure no process is left."""
+                           probe_wait: float, staged: bool = False) -> None:  # fmt: skip
+        """Starts this (not yet started) VM from `snapshot`; on failure no process is left.
+        `staged`: `stage_ram` ran (the RAM file is in place)."""
         self.incoming = True
         try:
-            await self._load(snapshot, info, timeout)
+            await self._load(snapshot, info, timeout, staged)
             t0 = time.monotonic()
             c = await self._qmp_client()
             async with c:
@@ -329,28 +345,20 @@ class PciQemuVm(QemuVm):
         finally:
             self.incoming = False  # a later re-exec (e.g. by an operator) would boot normally
 
-    async def _load(self, snapshot: Path, info: SnapshotInfo, timeout: float) -> None:  # noqa: ASYNC109
+    async def _load(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
+                    staged: bool) -> None:  # fmt: skip
         """RAM file in place, processes started, device state loaded; the VM stays stopped."""
         s, f = self.spec, self.files
         if not f.overlay.is_file():
             raise SnapshotCorrupt(f"the VM's disk overlay in {s.run_dir} is gone; cannot restore")
         self.check_spec()
         write_spec(s)  # what a later pause to disk or an operator reads back
-        f.ram.unlink(missing_ok=True)
         t0 = time.monotonic()
-        src = snapshot_ram(snapshot)
-        # The vsock backend starts while the RAM is copied; QEMU maps the file, so it waits.
-        copy = await self._start_copy(src, f.ram, "auto") if info.format >= 2 else None
-        try:
-            await self.start_vsock_backend()
-        except BaseException:
-            if copy is not None:
-                await _kill(copy)
-            raise
-        if copy is not None:
-            await self._finish_copy(copy, src, f.ram)
+        if not staged or (info.format >= 2 and not f.ram.is_file()):
+            await self.stage_ram(snapshot, info)
         t_ram = time.monotonic()
-        await self.start_qemu()
+        # QEMU meets the vsock backend only at the re-plug (its chardev is added then).
+        await _both(self.start_vsock_backend(), self.start_qemu())
         t_qemu = time.monotonic()
         end = time.monotonic() + timeout
         try:
@@ -370,10 +378,10 @@ class PciQemuVm(QemuVm):
         if info.format < 2:
             await self._release_zero_pages()
         self._restore_steps.update({
-            "RAM copy + vsock backend": t_ram - t0, "QEMU start": t_qemu - t_ram,
+            "RAM copy": t_ram - t0, "QEMU + vsock backend start": t_qemu - t_ram,
             "state load": time.monotonic() - t_qemu,
         })  # fmt: skip
-        log.info("%s: RAM file copied (vsock backend started) in %.3f s, QEMU up in %.3f s, "
+        log.info("%s: RAM file copied in %.3f s, QEMU and vsock backend up in %.3f s, "
                  "state loaded in %.3f s",
                  s.sandbox_id, t_ram - t0, t_qemu - t_ram, time.monotonic() - t_qemu)  # fmt: skip
 
@@ -408,6 +416,19 @@ class PciQemuVm(QemuVm):
             return
         log.info("%s: released %d MiB of zero guest pages in %.2f s",
                  self.spec.sandbox_id, released >> 20, time.monotonic() - t0)  # fmt: skip
+
+
+async def _both(a: Coroutine[Any, Any, Any], b: Coroutine[Any, Any, Any]) -> None:
+    """Runs a and b at once; if one fails, the other is cancelled and waited for (so it
+    starts nothing after the caller cleans up), then the first error is raised."""
+    tasks = [asyncio.ensure_future(a), asyncio.ensure_future(b)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -466,6 +487,7 @@ class PciQemuVmm(QemuVmm):
         *,
         timeout: float = 600.0,  # noqa: ASYNC109
         probe_wait: float = 30.0,
+        staged: bool = False,
     ) -> PciQemuVm:
         """Starts the VM saved at `snapshot` (same spec) and returns it running with a fresh
         vsock device. Raises SnapshotNotFound, SnapshotCorrupt (bad file or spec mismatch;
@@ -478,5 +500,9 @@ class PciQemuVmm(QemuVmm):
                 f"the spec asks for {spec.vcpus} vCPUs and {spec.memory_mb} MiB"
             )
         vm = self.create(spec)
-        await vm.restore_from(snapshot, info, timeout, probe_wait)
+        await vm.restore_from(snapshot, info, timeout, probe_wait, staged)
         return vm
+
+    async def stage_restore(self, spec: VmSpec, snapshot: Path) -> None:
+        """The snapshot's RAM image copied to spec's RAM file (in its cgroups), ahead."""
+        await self.create(spec).stage_ram(snapshot, read_info(snapshot))

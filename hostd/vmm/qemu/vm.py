@@ -353,7 +353,12 @@ class QemuVm(Vm):
         procs = [p for p in (self._vmm_proc, self._vsk_proc) if p is not None]
         for p in procs:
             p.kill()
-        stuck = [p.name for p in procs if not await p.wait(10.0)]
+        try:
+            stuck = [p.name for p in procs if not await p.wait(10.0)]
+        finally:
+            # Even when a process is stuck or the wait is cancelled: the name goes now,
+            # the memory once the last mapping does (a stuck QEMU's RAM file leaked here).
+            self.files.ram.unlink(missing_ok=True)
         if stuck:
             raise VmError(
                 f"VM {self.spec.sandbox_id}: {', '.join(stuck)} did not exit after SIGKILL"
@@ -368,8 +373,10 @@ class QemuVm(Vm):
                 raise VmError(f"VM {self.spec.sandbox_id}: vhost-device-vsock did not exit")
 
     async def destroy(self) -> None:
-        await self.stop()
-        await asyncio.to_thread(self.files.remove)
+        try:
+            await self.stop()
+        finally:
+            await asyncio.to_thread(self.files.remove)
 
     @property
     def vmm_pid(self) -> int | None:
