@@ -431,7 +431,7 @@ class Creator:
                     sb.stage = "waiting for the restored guestd on vsock"
                     await wait_ready(vm.vsock_uds, rec.guestd_port,
                                      time.monotonic() + self.config.ready_snapshot_restore_seconds,
-                                     alive=vm.is_alive, interval=0.05)  # fmt: skip
+                                     alive=vm.is_alive, interval=0.01)  # fmt: skip
                     clock.mark("guestd reachable")
                     sb.stage = "starting the vsock relay"
                     await res.connect(vm, rec, sub)

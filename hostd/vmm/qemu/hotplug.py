@@ -173,7 +173,7 @@ async def ensure_probed(
         while time.monotonic() < end:
             if bars_assigned(await c.execute("query-pci"), VSOCK_DEV) and await vhost_started(c):
                 return await settle(rings_ready)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
         if attempt + 1 == attempts:
             break
         with contextlib.suppress(QmpError):
