@@ -41,7 +41,6 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from hostd.vmm.base import (
     VmSpec,
 )
 from hostd.vmm.qemu.hotplug import EJECT_SCRIPT, ROOT_PORT, VSOCK_CHARDEV, VSOCK_DEV
-from hostd.vmm.qemu.process import join_cgroups, read_tail
+from hostd.vmm.qemu.process import join_cgroups, read_tail, run_both
 from hostd.vmm.qemu.vm import QemuVm, QemuVmm
 from hostd.vmm.qmp import QmpClient, QmpError
 from hostd.vmm.snapfile import (
@@ -358,7 +357,7 @@ class PciQemuVm(QemuVm):
             await self.stage_ram(snapshot, info)
         t_ram = time.monotonic()
         # QEMU meets the vsock backend only at the re-plug (its chardev is added then).
-        await _both(self.start_vsock_backend(), self.start_qemu())
+        await run_both(self.start_vsock_backend(), self.start_qemu())
         t_qemu = time.monotonic()
         end = time.monotonic() + timeout
         try:
@@ -416,19 +415,6 @@ class PciQemuVm(QemuVm):
             return
         log.info("%s: released %d MiB of zero guest pages in %.2f s",
                  self.spec.sandbox_id, released >> 20, time.monotonic() - t0)  # fmt: skip
-
-
-async def _both(a: Coroutine[Any, Any, Any], b: Coroutine[Any, Any, Any]) -> None:
-    """Runs a and b at once; if one fails, the other is cancelled and waited for (so it
-    starts nothing after the caller cleans up), then the first error is raised."""
-    tasks = [asyncio.ensure_future(a), asyncio.ensure_future(b)]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -8,10 +8,24 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 POLL = 0.01
+
+
+async def run_both(a: Coroutine[Any, Any, Any], b: Coroutine[Any, Any, Any]) -> None:
+    """Runs a and b at once; if one fails, the other is cancelled and waited for (so it
+    starts nothing after the caller cleans up), then the first error is raised."""
+    tasks = [asyncio.ensure_future(a), asyncio.ensure_future(b)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def join_cgroups(procs_files: tuple[Path, ...]) -> Callable[[], None]:
