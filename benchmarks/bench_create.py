@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import re
 import shutil
 import signal
 import socket
@@ -175,6 +176,9 @@ class Bench:
         found: dict[str, list[float]] = {}
         text = self.h.log.read_text(errors="replace")
         for ln in text.splitlines():
+            m = re.search(r"created (\S+) \(template .*\) in ([0-9.]+) s", ln)
+            if m and m.group(1) in sids:  # the manager's whole Create: + first metrics sample
+                found.setdefault("hostd Create RPC (all of it)", []).append(float(m.group(2)))
             got = parse_steps(ln)
             if got is None or not any(f"{sid}: " in ln for sid in sids):
                 continue
