@@ -137,6 +137,20 @@ def epoll_watches(pid: int) -> list[set[int]] | None:
     return found
 
 
+def thread_wchans(pid: int) -> list[str] | None:
+    """Where each of pid's threads sleeps in the kernel (/proc wchan; "0" when running or
+    hidden); None when pid is gone."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip())
+    return out
+
+
 def read_tail(path: Path, nbytes: int = 2048) -> str:
     try:
         with path.open("rb") as f:

@@ -35,6 +35,7 @@ from hostd.vmm.qemu.process import (
     join_cgroups,
     read_tail,
     thread_names,
+    thread_wchans,
 )
 from hostd.vmm.qmp import QmpError, qmp_command
 from hostd.vmm.specfile import write_spec
@@ -44,6 +45,8 @@ VSOCK_WORKER_THREAD = "vring_worker"
 # vhost-user-backend registers a virtqueue's kick eventfd in its worker's epoll
 # with the queue's index as data, then marks the queue ready: rx (0) and tx (1).
 VSOCK_RING_EVENTS = frozenset({0, 1})
+# Where vhost-user-backend's request thread sleeps while it waits for QEMU's next message.
+VHOST_USER_WAIT = "unix_stream_read_generic"
 
 
 class QemuVm(Vm):
@@ -111,7 +114,10 @@ class QemuVm(Vm):
 
     def vsock_rings_ready(self) -> bool | None:
         """Whether vhost-device-vsock has taken the rx and tx rings QEMU set up (their
-        kick fds are in its worker's epoll); None when that cannot be seen.
+        kick fds are in its worker's epoll) and every set-up message QEMU sent (ring
+        enables after the kicks): its request thread sleeps waiting for the next one.
+        None when that cannot be seen. Meaningful once QEMU says `vhost-started` (it has
+        sent them all then).
 
         Only meaningful on a backend started fresh for the device now being
         started (hostd never reuses one across a re-plug): until then, a host
@@ -123,7 +129,12 @@ class QemuVm(Vm):
         watches = epoll_watches(p.pid)
         if not watches:
             return None
-        return any(VSOCK_RING_EVENTS <= data for data in watches)
+        if not any(VSOCK_RING_EVENTS <= data for data in watches):
+            return False
+        wchans = thread_wchans(p.pid)
+        if not wchans or all(w in ("", "0") for w in wchans):
+            return None  # wchan hidden (or every thread running): cannot tell
+        return VHOST_USER_WAIT in wchans
 
     # --- start -----------------------------------------------------------
     def memory_backend(self, size: str) -> str:
