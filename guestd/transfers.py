@@ -5,13 +5,15 @@ frames, out again) and runs it all on one event loop. For bulk data a client
 that can reach guestd directly asks with Filesystem.OpenRead or OpenWrite,
 which check the request exactly as Read and Write do, under the same access
 token, and return a one-use ticket. The client connects to the data
-listener and sends the ticket; then a read is the file's bytes sent from a
-mapping of the page cache and a write is the bytes received into aligned
-buffers that a second thread writes with O_DIRECT, followed by a
-TransferResult frame: either way the guest CPU copies each byte once, as the
-raw vsock floor does (under TCG every guest copy is emulated and was the
-bottleneck). Each transfer runs in a worker thread with blocking syscalls,
-off the event loop, so a big transfer never delays a command's events.
+listener and sends the ticket; then a read is the file's bytes, read with
+O_DIRECT by a second thread into aligned buffers and sent from them, and a
+write is the bytes received into aligned buffers that a second thread writes
+with O_DIRECT, followed by a TransferResult frame: either way the guest CPU
+copies each byte once, as the raw vsock floor does (under TCG every guest
+copy is emulated and was the bottleneck). Small reads, and files where
+O_DIRECT is refused, are sent from a mapping of the page cache. Each
+transfer runs in a worker thread with blocking syscalls, off the event loop,
+so a big transfer never delays a command's events.
 
 The ticket (32 random bytes) is the only credential on this socket: it was
 issued over an authenticated call, is single-use and expires after
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -38,7 +42,7 @@ import grpc
 
 from guestd.allocator import keep_bulk_buffers
 from guestd.errors import FailedPrecondition, status_of
-from guestd.files import ReadSource, Upload
+from guestd.files import DIRECT_ALIGN, ReadSource, Upload
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 if TYPE_CHECKING:
@@ -68,12 +72,79 @@ def _send_file(conn: socket.socket, src: ReadSource, offset: int, length: int) -
     if not length:
         return
     if stat.S_ISREG(os.fstat(src.fd).st_mode):
+        if length >= DIRECT_MIN and _set_direct(src.fd, True):
+            _send_direct(conn, src.fd, offset, length)
+            return
         try:
             _send_mapped(conn, src.fd, offset, length)
             return
         except _NotMappable:
             pass
     _send_copied(conn, src.fd, offset, length)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False  # a file system without O_DIRECT (tmpfs on older kernels)
+    return True
+
+
+def _send_direct(conn: socket.socket, fd: int, offset: int, length: int) -> None:
+    """A second thread reads the file with O_DIRECT into page-aligned buffers
+    while this one sends them: the disk device fills the buffers, so the guest
+    CPU copies each byte once (into the socket) and no page is added to the
+    page cache. A file just uploaded through here is not cached, and filling
+    the cache page by page cost more under TCG than the copy it saves: QEMU's
+    CPU per 64 MiB read was ~2.6 s from a mapping of an uncached file, ~1.7 s
+    this way (~1.7 s from a mapping of a cached one; raw vsock source ~1.4 s).
+    The kernel writes dirty cached pages back before it reads around them."""
+    buffers = [mmap.mmap(-1, RECV_BUFFER) for _ in range(DIRECT_BUFFERS)]
+    free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+    full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | BaseException | None] = (
+        queue.SimpleQueue())
+    for b in buffers:
+        free.put(b)
+    end = offset + length
+    start = offset - offset % DIRECT_ALIGN
+
+    def read() -> None:
+        try:
+            pos = start
+            while pos < end and (buf := free.get()) is not None:
+                try:
+                    n = os.preadv(fd, [buf], pos)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not _set_direct(fd, False):
+                        raise
+                    n = os.preadv(fd, [buf], pos)  # an alignment this device will not take
+                skip = max(0, offset - pos)
+                full.put((buf, skip, min(n, end - pos)))
+                if n < len(buf):
+                    break  # the end of the file (it may have shrunk)
+                pos += n
+            full.put(None)
+        except BaseException as exc:  # handed to the sending thread
+            full.put(exc)
+
+    reader = threading.Thread(target=read, name="transfer-read", daemon=True)
+    reader.start()
+    try:
+        while (item := full.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            buf, skip, n = item
+            if n > skip:
+                with memoryview(buf) as whole, whole[skip:n] as part:
+                    conn.sendall(part)
+            free.put(buf)
+    finally:
+        free.put(None)
+        reader.join()
+        for b in buffers:
+            b.close()
 
 
 class _NotMappable(Exception):

@@ -169,8 +169,9 @@ def test_without_a_data_listener_open_says_so(guestd: Guestd, tmpdir_short: str)
 def test_unaligned_sizes_and_offsets_through_the_direct_paths(data_guestd: Guestd,
                                                               tmpdir_short: str) -> None:
     """Uploads of DIRECT_MIN or more go through O_DIRECT with a buffered tail;
-    reads through page-cache mappings: sizes and offsets off every alignment,
-    a read crossing mapping windows, a file in /dev/shm (tmpfs) as well."""
+    reads of DIRECT_MIN or more with O_DIRECT, smaller ones from page-cache
+    mappings: sizes and offsets off every alignment, reads crossing buffers and
+    mapping windows, a file in /dev/shm (tmpfs) as well."""
     from guestd.transfers import DIRECT_MIN, MAP_WINDOW
 
     g = data_guestd
@@ -185,7 +186,8 @@ def test_unaligned_sizes_and_offsets_through_the_direct_paths(data_guestd: Guest
             assert resp.bytes_written == size
             with open(path, "rb") as f:
                 assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
-            for offset, length in ((0, 0), (4095, 0), (MAP_WINDOW - 3, MAP_WINDOW + 10)):
+            for offset, length in ((0, 0), (4095, 0), (MAP_WINDOW - 3, MAP_WINDOW + 10),
+                                   (4097, 3 * MB)):  # under DIRECT_MIN: mapped
                 got = bytearray()
                 _, n = read_file(g.fs, pb.ReadRequest(path=path, offset=offset, length=length),
                                  got.extend)
