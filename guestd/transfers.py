@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -134,11 +134,14 @@ def _receive_file(conn: socket.socket, upload: Upload) -> pb.TransferResult:
 
 
 class _Job:
-    """What a ticket stands for, run once on a worker thread."""
+    """What a ticket stands for, run once on a worker thread (or, with
+    `run_async`, on the event loop: a command's output channel)."""
 
-    def __init__(self, run: Callable[[socket.socket], None], discard: Callable[[], None]) -> None:
+    def __init__(self, run: Callable[[socket.socket], None], discard: Callable[[], None],
+                 run_async: Callable[[socket.socket], Awaitable[None]] | None = None) -> None:
         self.run = run
         self.discard = discard
+        self.run_async = run_async
 
 
 class Transfers:
@@ -166,6 +169,12 @@ class Transfers:
         hit = self._pending.pop(ticket, None)
         if hit is not None:
             hit[0].discard()
+
+    def issue_stream(self, run: Callable[[socket.socket], Awaitable[None]],
+                     discard: Callable[[], None]) -> bytes:
+        """A ticket whose connection `run` serves on the event loop, with no idle
+        limit, for as long as it takes (guestd.process.channel)."""
+        return self._issue(_Job(lambda _: None, discard, run))
 
     def open_read(self, src: ReadSource, request: pb.ReadRequest) -> pb.Transfer:
         """Takes ownership of `src.fd` (see require_listener)."""
@@ -242,6 +251,9 @@ class Transfers:
             job, timer = hit
             timer.cancel()
             log.debug("data listener: transfer starts")
+            if job.run_async is not None:
+                await job.run_async(conn)
+                return
             # Blocking calls on the worker, each waiting at most IDLE_TIMEOUT.
             # (Not SO_RCVTIMEO: Python's setsockopt takes only ints on AF_VSOCK.)
             conn.settimeout(IDLE_TIMEOUT)

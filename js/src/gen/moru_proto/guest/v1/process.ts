@@ -86,11 +86,37 @@ export interface StartRequest {
    * process group is killed and the end event has timed_out set.
    */
   timeoutSeconds: number;
+  /**
+   * Ask for the output over an output channel (see OutputChannel) instead of
+   * data events. Ignored when guestd has no data listener: the start event
+   * then carries no channel and output comes as data events, as without it.
+   */
+  outputChannel: boolean;
 }
 
 export interface StartEvent {
   pid: number;
   tag: string;
+  /** Set when output_channel was asked for and granted. */
+  output: OutputChannel | undefined;
+}
+
+/**
+ * A one-use ticket for guestd's data listener (as Filesystem.OpenRead's):
+ * connect to `address`, send the ticket, then read frames until the channel
+ * closes. A frame is a 5-byte header, a kind byte and a big-endian uint32
+ * length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty data;
+ * 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as in
+ * OutputDropped); 5 end of output (length 0; the process has ended and all
+ * of its output was sent). Frames come in the order data events would. The
+ * event stream then carries the end event. When the channel breaks, or its
+ * ticket is not used within 30 s, the rest of the output comes as data events
+ * on the event stream, so a reader takes the channel's frames until it
+ * closes and then the stream's events.
+ */
+export interface OutputChannel {
+  ticket: Buffer;
+  address: string;
 }
 
 export interface DataEvent {
@@ -141,6 +167,8 @@ export interface ConnectRequest {
     | undefined;
   /** Skip the replay of kept output and follow only new output. */
   liveOnly: boolean;
+  /** As StartRequest.output_channel. */
+  outputChannel: boolean;
 }
 
 export interface ListRequest {
@@ -632,7 +660,7 @@ export const ProcessConfig_EnvEntry: MessageFns<ProcessConfig_EnvEntry> = {
 };
 
 function createBaseStartRequest(): StartRequest {
-  return { config: undefined, tag: "", pty: undefined, stdin: false, timeoutSeconds: 0 };
+  return { config: undefined, tag: "", pty: undefined, stdin: false, timeoutSeconds: 0, outputChannel: false };
 }
 
 export const StartRequest: MessageFns<StartRequest> = {
@@ -651,6 +679,9 @@ export const StartRequest: MessageFns<StartRequest> = {
     }
     if (message.timeoutSeconds !== 0) {
       writer.uint32(41).double(message.timeoutSeconds);
+    }
+    if (message.outputChannel !== false) {
+      writer.uint32(48).bool(message.outputChannel);
     }
     return writer;
   },
@@ -708,6 +739,14 @@ export const StartRequest: MessageFns<StartRequest> = {
             message.timeoutSeconds = reader.double();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.outputChannel = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -731,6 +770,11 @@ export const StartRequest: MessageFns<StartRequest> = {
         : isSet(object.timeout_seconds)
         ? globalThis.Number(object.timeout_seconds)
         : 0,
+      outputChannel: isSet(object.outputChannel)
+        ? globalThis.Boolean(object.outputChannel)
+        : isSet(object.output_channel)
+        ? globalThis.Boolean(object.output_channel)
+        : false,
     };
   },
 
@@ -751,6 +795,9 @@ export const StartRequest: MessageFns<StartRequest> = {
     if (message.timeoutSeconds !== 0) {
       obj.timeoutSeconds = floatToJson(message.timeoutSeconds);
     }
+    if (message.outputChannel !== false) {
+      obj.outputChannel = message.outputChannel;
+    }
     return obj;
   },
 
@@ -766,12 +813,13 @@ export const StartRequest: MessageFns<StartRequest> = {
     message.pty = (object.pty !== undefined && object.pty !== null) ? PtySize.fromPartial(object.pty) : undefined;
     message.stdin = object.stdin ?? false;
     message.timeoutSeconds = object.timeoutSeconds ?? 0;
+    message.outputChannel = object.outputChannel ?? false;
     return message;
   },
 };
 
 function createBaseStartEvent(): StartEvent {
-  return { pid: 0, tag: "" };
+  return { pid: 0, tag: "", output: undefined };
 }
 
 export const StartEvent: MessageFns<StartEvent> = {
@@ -781,6 +829,9 @@ export const StartEvent: MessageFns<StartEvent> = {
     }
     if (message.tag !== "") {
       writer.uint32(18).string(message.tag);
+    }
+    if (message.output !== undefined) {
+      OutputChannel.encode(message.output, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -814,6 +865,14 @@ export const StartEvent: MessageFns<StartEvent> = {
             message.tag = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.output = OutputChannel.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -830,6 +889,7 @@ export const StartEvent: MessageFns<StartEvent> = {
     return {
       pid: isSet(object.pid) ? globalThis.Number(object.pid) : 0,
       tag: isSet(object.tag) ? globalThis.String(object.tag) : "",
+      output: isSet(object.output) ? OutputChannel.fromJSON(object.output) : undefined,
     };
   },
 
@@ -841,6 +901,9 @@ export const StartEvent: MessageFns<StartEvent> = {
     if (message.tag !== "") {
       obj.tag = message.tag;
     }
+    if (message.output !== undefined) {
+      obj.output = OutputChannel.toJSON(message.output);
+    }
     return obj;
   },
 
@@ -851,6 +914,94 @@ export const StartEvent: MessageFns<StartEvent> = {
     const message = createBaseStartEvent();
     message.pid = object.pid ?? 0;
     message.tag = object.tag ?? "";
+    message.output = (object.output !== undefined && object.output !== null)
+      ? OutputChannel.fromPartial(object.output)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseOutputChannel(): OutputChannel {
+  return { ticket: Buffer.alloc(0), address: "" };
+}
+
+export const OutputChannel: MessageFns<OutputChannel> = {
+  encode(message: OutputChannel, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticket.length !== 0) {
+      writer.uint32(10).bytes(message.ticket);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OutputChannel {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOutputChannel();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticket = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OutputChannel {
+    return {
+      ticket: isSet(object.ticket) ? Buffer.from(bytesFromBase64(object.ticket)) : Buffer.alloc(0),
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+    };
+  },
+
+  toJSON(message: OutputChannel): unknown {
+    const obj: any = {};
+    if (message.ticket.length !== 0) {
+      obj.ticket = base64FromBytes(message.ticket);
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<OutputChannel>, I>>(base?: I): OutputChannel {
+    return OutputChannel.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<OutputChannel>, I>>(object: I): OutputChannel {
+    const message = createBaseOutputChannel();
+    message.ticket = object.ticket ?? Buffer.alloc(0);
+    message.address = object.address ?? "";
     return message;
   },
 };
@@ -1418,7 +1569,7 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
 };
 
 function createBaseConnectRequest(): ConnectRequest {
-  return { process: undefined, liveOnly: false };
+  return { process: undefined, liveOnly: false, outputChannel: false };
 }
 
 export const ConnectRequest: MessageFns<ConnectRequest> = {
@@ -1428,6 +1579,9 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
     }
     if (message.liveOnly !== false) {
       writer.uint32(16).bool(message.liveOnly);
+    }
+    if (message.outputChannel !== false) {
+      writer.uint32(24).bool(message.outputChannel);
     }
     return writer;
   },
@@ -1461,6 +1615,14 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
             message.liveOnly = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.outputChannel = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1481,6 +1643,11 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
         : isSet(object.live_only)
         ? globalThis.Boolean(object.live_only)
         : false,
+      outputChannel: isSet(object.outputChannel)
+        ? globalThis.Boolean(object.outputChannel)
+        : isSet(object.output_channel)
+        ? globalThis.Boolean(object.output_channel)
+        : false,
     };
   },
 
@@ -1491,6 +1658,9 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
     }
     if (message.liveOnly !== false) {
       obj.liveOnly = message.liveOnly;
+    }
+    if (message.outputChannel !== false) {
+      obj.outputChannel = message.outputChannel;
     }
     return obj;
   },
@@ -1504,6 +1674,7 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
       ? ProcessSelector.fromPartial(object.process)
       : undefined;
     message.liveOnly = object.liveOnly ?? false;
+    message.outputChannel = object.outputChannel ?? false;
     return message;
   },
 };

@@ -1,0 +1,106 @@
+"""A command's output over the data listener: length-prefixed frames, not gRPC events.
+
+Each output event through gRPC costs guestd a message's worth of Python and
+HTTP/2 work, and hostd the same again; in a TCG guest that, not vsock, bounds
+output streaming. With StartRequest.output_channel the start event carries a
+one-use ticket for the data listener (guestd.transfers); the client connects
+and this sender writes the same events the Start stream would carry, as frames
+(format in process.proto, OutputChannel), straight from the process's
+`OutputLog`: no copy, one send per chunk. The Start stream stays open for the
+end event, which it sends only after the channel has sent everything (so a
+client that reads the channel to its close and then the stream keeps order).
+
+The sender uses the stream's own cursor, so backpressure and replay work as
+for data events. If the channel breaks, or its ticket is never used, the
+sender gives up and the stream sends the rest as data events from where the
+cursor stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from guestd.process.manager import Data, Dropped, End, ManagedProcess
+
+if TYPE_CHECKING:
+    from guestd.process.output import Cursor
+
+log = logging.getLogger("guestd.process.channel")
+
+HEADER = struct.Struct(">BI")  # kind, length
+KINDS = {"stdout": 1, "stderr": 2, "pty": 3}
+DROPPED = 4
+END = 5
+DROPPED_BODY = struct.Struct(">QQQ")  # stdout, stderr, pty bytes
+JOIN_BELOW = 64 * 1024  # smaller data goes out with its header in one send
+
+
+def frame_parts(ev: Data | Dropped | End) -> list[bytes | memoryview]:
+    """The frame for one event as the buffers to send (data is not copied when large)."""
+    if isinstance(ev, Data):
+        n = sum(len(p) for p in ev.parts)
+        head = HEADER.pack(KINDS[ev.kind], n)
+        if n < JOIN_BELOW:
+            return [b"".join((head, *ev.parts))]
+        return [head, *ev.parts]
+    if isinstance(ev, Dropped):
+        b = ev.bytes_by_kind
+        body = DROPPED_BODY.pack(b.get("stdout", 0), b.get("stderr", 0), b.get("pty", 0))
+        return [HEADER.pack(DROPPED, len(body)) + body]
+    return [HEADER.pack(END, 0)]
+
+
+class OutputSender:
+    """Sends one reader's output over a data-listener connection."""
+
+    def __init__(self, proc: ManagedProcess, cursor: Cursor, keepalive: float) -> None:
+        self._proc = proc
+        self._cursor = cursor
+        self._keepalive = keepalive
+        self._done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[object] | None = None
+        self._closed = False
+
+    async def run(self, conn: socket.socket) -> None:
+        """Serves the connection until the end frame is sent, the peer goes or close()."""
+        if self._closed or self._done.done():
+            return
+        self._task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        sent_end = False
+        try:
+            async for ev in self._proc.follow(self._cursor, self._keepalive):
+                if isinstance(ev, Data | Dropped | End):
+                    for buf in frame_parts(ev):
+                        await loop.sock_sendall(conn, buf)
+                    sent_end = isinstance(ev, End)
+        except OSError as exc:  # the client or hostd's relay went away
+            log.info("output channel of pid %d ended early: %r", self._proc.pid, exc)
+        finally:
+            self._task = None
+            self._finish(sent_end)
+
+    def _finish(self, sent_end: bool) -> None:
+        if not self._done.done():
+            self._done.set_result(sent_end)
+
+    def discard(self) -> None:
+        """The ticket expired unused (or guestd stops): the stream carries the output."""
+        self._finish(False)
+
+    def close(self) -> None:
+        """The stream ended (client gone, guestd stopping): stop sending."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        self._finish(False)
+
+    async def wait(self, patience: float) -> bool | None:
+        """True: everything through the end was sent; False: the rest goes as
+        data events; None: still sending after `patience` seconds."""
+        done, _ = await asyncio.wait({self._done}, timeout=patience)
+        return self._done.result() if done else None
