@@ -3,11 +3,12 @@
 Each output event through gRPC costs guestd a message's worth of Python and
 HTTP/2 work, and hostd the same again; in a TCG guest that, not vsock, bounds
 output streaming. With StartRequest.output_channel the start event carries a
-one-use ticket for the data listener (guestd.transfers); the client connects
-and this sender writes the same events the Start stream would carry, as frames
-(format in process.proto, OutputChannel), straight from the process's
-`OutputLog`: no copy, one send per chunk. The Start stream stays open for the
-end event, which it sends only after the channel has sent everything (so a
+one-use ticket for the data listener (guestd.transfers). Output goes as data
+events until the client connects (`connected`); the stream then stops
+following, sends ToChannel and lets this sender write the rest as frames
+(format in process.proto, OutputChannel) straight from the process's
+`OutputLog`: no copy, one send per chunk. The stream stays open for the end
+event, which it sends only after the channel has sent everything (so a
 client that reads the channel to its close and then the stream keeps order).
 
 The sender uses the stream's own cursor, so backpressure and replay work as
@@ -61,7 +62,10 @@ class OutputSender:
         self._proc = proc
         self._cursor = cursor
         self._keepalive = keepalive
-        self._done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.connected: asyncio.Future[None] = loop.create_future()
+        self._go: asyncio.Future[None] = loop.create_future()
+        self._done: asyncio.Future[bool] = loop.create_future()
         self._task: asyncio.Task[object] | None = None
         self._closed = False
 
@@ -72,7 +76,9 @@ class OutputSender:
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         sent_end = False
+        self.connected.set_result(None)
         try:
+            await self._go  # the stream has stopped following this cursor
             async for ev in self._proc.follow(self._cursor, self._keepalive):
                 if isinstance(ev, Data | Dropped | End):
                     for buf in frame_parts(ev):
@@ -83,6 +89,11 @@ class OutputSender:
         finally:
             self._task = None
             self._finish(sent_end)
+
+    def start_sending(self) -> None:
+        """Called by the stream once it no longer follows the cursor."""
+        if not self._go.done():
+            self._go.set_result(None)
 
     def _finish(self, sent_end: bool) -> None:
         if not self._done.done():

@@ -1,5 +1,6 @@
-"""Output channels: a command's output as frames on the data listener (process.proto,
-OutputChannel), with the end event on the Start stream after them."""
+"""Output channels: once the client connects, a command's output as frames on the
+data listener (process.proto, OutputChannel), with the end event on the Start
+stream after them."""
 
 from __future__ import annotations
 
@@ -70,27 +71,52 @@ def read_frames(s: socket.socket, r: Result, limit: int = -1) -> bool:
     return False
 
 
-def run_channel(events: Iterator[pb.ProcessEvent]) -> tuple[Result, list[str]]:
-    """Start event, the whole channel, then the rest of the stream; (result, stream kinds)."""
+def feed(r: Result, ev: pb.ProcessEvent) -> None:
+    """One stream event into `r` (as guestd_harness.collect does)."""
+    one = collect([ev])
+    r.stdout += one.stdout
+    r.stderr += one.stderr
+    r.order += one.order
+    for k, v in one.dropped.items():
+        r.dropped[k] = r.dropped.get(k, 0) + v
+    r.end = one.end or r.end
+
+
+def run_channel(events: Iterator[pb.ProcessEvent]) -> tuple[Result, bool]:
+    """Connects the channel at once; (result of events and frames, whether guestd switched)."""
     first = next(events)
     r = Result(pid=first.start.pid)
+    switched = False
     with open_channel(first) as s:
-        assert read_frames(s, r)
-        assert s.recv(1) == b""  # closed after the end frame
-    rest = collect(events)
-    assert not rest.stdout and not rest.stderr  # nothing twice
-    r.end = rest.end
-    return r, [k for k, _ in rest.order]
+        for ev in events:
+            if ev.HasField("to_channel"):
+                assert not switched
+                switched = True
+                assert read_frames(s, r)
+                assert s.recv(1) == b""  # closed after the end frame
+            else:
+                feed(r, ev)
+    return r, switched
 
 
 def test_interleaved_output_keeps_order_and_exit_code(g: Guestd) -> None:
     cmd = ("for i in 1 2 3; do echo out$i; sleep 0.05; echo err$i >&2; sleep 0.05; done;"
            " exit 3")
-    r, _ = run_channel(g.process.Start(shell(cmd, output_channel=True)))
+    r, switched = run_channel(g.process.Start(shell(cmd, output_channel=True)))
+    assert switched
     assert r.stdout == b"out1\nout2\nout3\n"
     assert r.stderr == b"err1\nerr2\nerr3\n"
     assert [k for k, _ in r.order] == ["stdout", "stderr"] * 3
     assert r.end is not None and r.end.exit_code == 3 and r.end.exited
+
+
+def test_output_stays_on_the_stream_until_the_channel_is_connected(g: Guestd) -> None:
+    events = list(g.process.Start(shell("echo hi; echo ho >&2", output_channel=True)))
+    assert events[0].start.output.ticket
+    assert not any(ev.HasField("to_channel") for ev in events)
+    r = collect(events)
+    assert (r.stdout, r.stderr) == (b"hi\n", b"ho\n")
+    assert r.end is not None and r.end.exit_code == 0
 
 
 def test_without_a_data_listener_output_comes_as_events(guestd: Guestd) -> None:
@@ -106,16 +132,19 @@ def test_connect_replays_kept_output_over_a_channel(g: Guestd) -> None:
     started.cancel()  # the process outlives its stream
     time.sleep(0.2)
     sel = pb.ProcessSelector(pid=pid)
-    r, _ = run_channel(g.process.Connect(pb.ConnectRequest(process=sel, output_channel=True)))
+    r, switched = run_channel(g.process.Connect(pb.ConnectRequest(process=sel,
+                                                                  output_channel=True)))
+    assert switched
     assert r.stdout == b"early\nlate\n"
     assert r.end is not None and r.end.exit_code == 0
 
 
 def test_a_broken_channel_hands_the_rest_to_the_stream(g: Guestd) -> None:
-    events = g.process.Start(shell("seq 1 300000", output_channel=True))
+    events = g.process.Start(shell("sleep 0.3; seq 1 300000", output_channel=True))
     first = next(events)
     r = Result()
     with open_channel(first) as s:
+        assert next(events).HasField("to_channel")
         read_frames(s, r, limit=1)
     assert r.stdout  # some output came over the channel
     rest = collect(events)
@@ -135,6 +164,10 @@ def test_1gb_over_a_channel_with_bounded_rss(g: Guestd) -> None:
     total = 0
     t0 = time.monotonic()
     with open_channel(first) as s:
+        for ev in events:
+            if ev.HasField("to_channel"):
+                break
+            total += len(ev.data.stdout)
         buf = bytearray(1 << 20)
         while True:
             kind, n = struct.unpack(">BI", _exactly(s, 5))

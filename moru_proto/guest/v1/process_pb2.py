@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!moru_proto/guest/v1/process.proto\x12\rmoru.guest.v1\";\n\x0fProcessSelector\x12\r\n\x03pid\x18\x01 \x01(\rH\x00\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"%\n\x07PtySize\x12\x0c\n\x04\x63ols\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\"\xa7\x01\n\rProcessConfig\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\r\n\x05shell\x18\x02 \x01(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.moru.guest.v1.ProcessConfig.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x01\n\x0cStartRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.moru.guest.v1.ProcessConfig\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12#\n\x03pty\x18\x03 \x01(\x0b\x32\x16.moru.guest.v1.PtySize\x12\r\n\x05stdin\x18\x04 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x16\n\x0eoutput_channel\x18\x06 \x01(\x08\"T\n\nStartEvent\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12,\n\x06output\x18\x03 \x01(\x0b\x32\x1c.moru.guest.v1.OutputChannel\"0\n\rOutputChannel\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"H\n\tDataEvent\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\r\n\x03pty\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06output\"N\n\rOutputDropped\x12\x14\n\x0cstdout_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x02 \x01(\x04\x12\x11\n\tpty_bytes\x18\x03 \x01(\x04\"o\n\x08\x45ndEvent\x12\x11\n\texit_code\x18\x01 \x01(\x11\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x08\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x0b\n\tKeepAlive\"\xf5\x01\n\x0cProcessEvent\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.moru.guest.v1.StartEventH\x00\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x18.moru.guest.v1.DataEventH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.moru.guest.v1.EndEventH\x00\x12-\n\tkeepalive\x18\x04 \x01(\x0b\x32\x18.moru.guest.v1.KeepAliveH\x00\x12/\n\x07\x64ropped\x18\x05 \x01(\x0b\x32\x1c.moru.guest.v1.OutputDroppedH\x00\x42\x07\n\x05\x65vent\"l\n\x0e\x43onnectRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x11\n\tlive_only\x18\x02 \x01(\x08\x12\x16\n\x0eoutput_channel\x18\x03 \x01(\x08\"$\n\x0bListRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\"\xb2\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12,\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1c.moru.guest.v1.ProcessConfig\x12\x0b\n\x03pty\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12$\n\x03\x65nd\x18\x06 \x01(\x0b\x32\x17.moru.guest.v1.EndEvent\x12\x17\n\x0fstarted_at_unix\x18\x07 \x01(\x01\"=\n\x0cListResponse\x12-\n\tprocesses\x18\x01 \x03(\x0b\x32\x1a.moru.guest.v1.ProcessInfo\"Q\n\x10SendInputRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x13\n\x11SendInputResponse\"b\n\x12StreamInputRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\",\n\x13StreamInputResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"D\n\x11\x43loseStdinRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\"\x14\n\x12\x43loseStdinResponse\"i\n\x11SendSignalRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x13\n\x0bsignal_name\x18\x03 \x01(\t\"\x14\n\x12SendSignalResponse\"f\n\rResizeRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12$\n\x04size\x18\x02 \x01(\x0b\x32\x16.moru.guest.v1.PtySize\"\x10\n\x0eResizeResponse2\xed\x04\n\x07Process\x12\x43\n\x05Start\x12\x1b.moru.guest.v1.StartRequest\x1a\x1b.moru.guest.v1.ProcessEvent0\x01\x12G\n\x07\x43onnect\x12\x1d.moru.guest.v1.ConnectRequest\x1a\x1b.moru.guest.v1.ProcessEvent0\x01\x12?\n\x04List\x12\x1a.moru.guest.v1.ListRequest\x1a\x1b.moru.guest.v1.ListResponse\x12N\n\tSendInput\x12\x1f.moru.guest.v1.SendInputRequest\x1a .moru.guest.v1.SendInputResponse\x12V\n\x0bStreamInput\x12!.moru.guest.v1.StreamInputRequest\x1a\".moru.guest.v1.StreamInputResponse(\x01\x12Q\n\nCloseStdin\x12 .moru.guest.v1.CloseStdinRequest\x1a!.moru.guest.v1.CloseStdinResponse\x12Q\n\nSendSignal\x12 .moru.guest.v1.SendSignalRequest\x1a!.moru.guest.v1.SendSignalResponse\x12\x45\n\x06Resize\x12\x1c.moru.guest.v1.ResizeRequest\x1a\x1d.moru.guest.v1.ResizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!moru_proto/guest/v1/process.proto\x12\rmoru.guest.v1\";\n\x0fProcessSelector\x12\r\n\x03pid\x18\x01 \x01(\rH\x00\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"%\n\x07PtySize\x12\x0c\n\x04\x63ols\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\"\xa7\x01\n\rProcessConfig\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\r\n\x05shell\x18\x02 \x01(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.moru.guest.v1.ProcessConfig.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x01\n\x0cStartRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.moru.guest.v1.ProcessConfig\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12#\n\x03pty\x18\x03 \x01(\x0b\x32\x16.moru.guest.v1.PtySize\x12\r\n\x05stdin\x18\x04 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x16\n\x0eoutput_channel\x18\x06 \x01(\x08\"T\n\nStartEvent\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12,\n\x06output\x18\x03 \x01(\x0b\x32\x1c.moru.guest.v1.OutputChannel\"0\n\rOutputChannel\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"H\n\tDataEvent\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\r\n\x03pty\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06output\"N\n\rOutputDropped\x12\x14\n\x0cstdout_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x02 \x01(\x04\x12\x11\n\tpty_bytes\x18\x03 \x01(\x04\"o\n\x08\x45ndEvent\x12\x11\n\texit_code\x18\x01 \x01(\x11\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x08\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x0b\n\tKeepAlive\"\x0b\n\tToChannel\"\xa5\x02\n\x0cProcessEvent\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.moru.guest.v1.StartEventH\x00\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x18.moru.guest.v1.DataEventH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.moru.guest.v1.EndEventH\x00\x12-\n\tkeepalive\x18\x04 \x01(\x0b\x32\x18.moru.guest.v1.KeepAliveH\x00\x12/\n\x07\x64ropped\x18\x05 \x01(\x0b\x32\x1c.moru.guest.v1.OutputDroppedH\x00\x12.\n\nto_channel\x18\x06 \x01(\x0b\x32\x18.moru.guest.v1.ToChannelH\x00\x42\x07\n\x05\x65vent\"l\n\x0e\x43onnectRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x11\n\tlive_only\x18\x02 \x01(\x08\x12\x16\n\x0eoutput_channel\x18\x03 \x01(\x08\"$\n\x0bListRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\"\xb2\x01\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12,\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1c.moru.guest.v1.ProcessConfig\x12\x0b\n\x03pty\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12$\n\x03\x65nd\x18\x06 \x01(\x0b\x32\x17.moru.guest.v1.EndEvent\x12\x17\n\x0fstarted_at_unix\x18\x07 \x01(\x01\"=\n\x0cListResponse\x12-\n\tprocesses\x18\x01 \x03(\x0b\x32\x1a.moru.guest.v1.ProcessInfo\"Q\n\x10SendInputRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x13\n\x11SendInputResponse\"b\n\x12StreamInputRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\",\n\x13StreamInputResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"D\n\x11\x43loseStdinRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\"\x14\n\x12\x43loseStdinResponse\"i\n\x11SendSignalRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x13\n\x0bsignal_name\x18\x03 \x01(\t\"\x14\n\x12SendSignalResponse\"f\n\rResizeRequest\x12/\n\x07process\x18\x01 \x01(\x0b\x32\x1e.moru.guest.v1.ProcessSelector\x12$\n\x04size\x18\x02 \x01(\x0b\x32\x16.moru.guest.v1.PtySize\"\x10\n\x0eResizeResponse2\xed\x04\n\x07Process\x12\x43\n\x05Start\x12\x1b.moru.guest.v1.StartRequest\x1a\x1b.moru.guest.v1.ProcessEvent0\x01\x12G\n\x07\x43onnect\x12\x1d.moru.guest.v1.ConnectRequest\x1a\x1b.moru.guest.v1.ProcessEvent0\x01\x12?\n\x04List\x12\x1a.moru.guest.v1.ListRequest\x1a\x1b.moru.guest.v1.ListResponse\x12N\n\tSendInput\x12\x1f.moru.guest.v1.SendInputRequest\x1a .moru.guest.v1.SendInputResponse\x12V\n\x0bStreamInput\x12!.moru.guest.v1.StreamInputRequest\x1a\".moru.guest.v1.StreamInputResponse(\x01\x12Q\n\nCloseStdin\x12 .moru.guest.v1.CloseStdinRequest\x1a!.moru.guest.v1.CloseStdinResponse\x12Q\n\nSendSignal\x12 .moru.guest.v1.SendSignalRequest\x1a!.moru.guest.v1.SendSignalResponse\x12\x45\n\x06Resize\x12\x1c.moru.guest.v1.ResizeRequest\x1a\x1d.moru.guest.v1.ResizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,36 +55,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDEVENT']._serialized_end=900
   _globals['_KEEPALIVE']._serialized_start=902
   _globals['_KEEPALIVE']._serialized_end=913
-  _globals['_PROCESSEVENT']._serialized_start=916
-  _globals['_PROCESSEVENT']._serialized_end=1161
-  _globals['_CONNECTREQUEST']._serialized_start=1163
-  _globals['_CONNECTREQUEST']._serialized_end=1271
-  _globals['_LISTREQUEST']._serialized_start=1273
-  _globals['_LISTREQUEST']._serialized_end=1309
-  _globals['_PROCESSINFO']._serialized_start=1312
-  _globals['_PROCESSINFO']._serialized_end=1490
-  _globals['_LISTRESPONSE']._serialized_start=1492
-  _globals['_LISTRESPONSE']._serialized_end=1553
-  _globals['_SENDINPUTREQUEST']._serialized_start=1555
-  _globals['_SENDINPUTREQUEST']._serialized_end=1636
-  _globals['_SENDINPUTRESPONSE']._serialized_start=1638
-  _globals['_SENDINPUTRESPONSE']._serialized_end=1657
-  _globals['_STREAMINPUTREQUEST']._serialized_start=1659
-  _globals['_STREAMINPUTREQUEST']._serialized_end=1757
-  _globals['_STREAMINPUTRESPONSE']._serialized_start=1759
-  _globals['_STREAMINPUTRESPONSE']._serialized_end=1803
-  _globals['_CLOSESTDINREQUEST']._serialized_start=1805
-  _globals['_CLOSESTDINREQUEST']._serialized_end=1873
-  _globals['_CLOSESTDINRESPONSE']._serialized_start=1875
-  _globals['_CLOSESTDINRESPONSE']._serialized_end=1895
-  _globals['_SENDSIGNALREQUEST']._serialized_start=1897
-  _globals['_SENDSIGNALREQUEST']._serialized_end=2002
-  _globals['_SENDSIGNALRESPONSE']._serialized_start=2004
-  _globals['_SENDSIGNALRESPONSE']._serialized_end=2024
-  _globals['_RESIZEREQUEST']._serialized_start=2026
-  _globals['_RESIZEREQUEST']._serialized_end=2128
-  _globals['_RESIZERESPONSE']._serialized_start=2130
-  _globals['_RESIZERESPONSE']._serialized_end=2146
-  _globals['_PROCESS']._serialized_start=2149
-  _globals['_PROCESS']._serialized_end=2770
+  _globals['_TOCHANNEL']._serialized_start=915
+  _globals['_TOCHANNEL']._serialized_end=926
+  _globals['_PROCESSEVENT']._serialized_start=929
+  _globals['_PROCESSEVENT']._serialized_end=1222
+  _globals['_CONNECTREQUEST']._serialized_start=1224
+  _globals['_CONNECTREQUEST']._serialized_end=1332
+  _globals['_LISTREQUEST']._serialized_start=1334
+  _globals['_LISTREQUEST']._serialized_end=1370
+  _globals['_PROCESSINFO']._serialized_start=1373
+  _globals['_PROCESSINFO']._serialized_end=1551
+  _globals['_LISTRESPONSE']._serialized_start=1553
+  _globals['_LISTRESPONSE']._serialized_end=1614
+  _globals['_SENDINPUTREQUEST']._serialized_start=1616
+  _globals['_SENDINPUTREQUEST']._serialized_end=1697
+  _globals['_SENDINPUTRESPONSE']._serialized_start=1699
+  _globals['_SENDINPUTRESPONSE']._serialized_end=1718
+  _globals['_STREAMINPUTREQUEST']._serialized_start=1720
+  _globals['_STREAMINPUTREQUEST']._serialized_end=1818
+  _globals['_STREAMINPUTRESPONSE']._serialized_start=1820
+  _globals['_STREAMINPUTRESPONSE']._serialized_end=1864
+  _globals['_CLOSESTDINREQUEST']._serialized_start=1866
+  _globals['_CLOSESTDINREQUEST']._serialized_end=1934
+  _globals['_CLOSESTDINRESPONSE']._serialized_start=1936
+  _globals['_CLOSESTDINRESPONSE']._serialized_end=1956
+  _globals['_SENDSIGNALREQUEST']._serialized_start=1958
+  _globals['_SENDSIGNALREQUEST']._serialized_end=2063
+  _globals['_SENDSIGNALRESPONSE']._serialized_start=2065
+  _globals['_SENDSIGNALRESPONSE']._serialized_end=2085
+  _globals['_RESIZEREQUEST']._serialized_start=2087
+  _globals['_RESIZEREQUEST']._serialized_end=2189
+  _globals['_RESIZERESPONSE']._serialized_start=2191
+  _globals['_RESIZERESPONSE']._serialized_end=2207
+  _globals['_PROCESS']._serialized_start=2210
+  _globals['_PROCESS']._serialized_end=2831
 # @@protoc_insertion_point(module_scope)

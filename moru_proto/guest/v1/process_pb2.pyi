@@ -210,17 +210,19 @@ Global___StartEvent: _TypeAlias = StartEvent  # noqa: Y015
 
 @_typing.final
 class OutputChannel(_message.Message):
-    """A one-use ticket for guestd's data listener (as Filesystem.OpenRead's):
-    connect to `address`, send the ticket, then read frames until the channel
-    closes. A frame is a 5-byte header, a kind byte and a big-endian uint32
-    length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty data;
-    4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as in
-    OutputDropped); 5 end of output (length 0; the process has ended and all
-    of its output was sent). Frames come in the order data events would. The
-    event stream then carries the end event. When the channel breaks, or its
-    ticket is not used within 30 s, the rest of the output comes as data events
-    on the event stream, so a reader takes the channel's frames until it
-    closes and then the stream's events.
+    """A one-use ticket for guestd's data listener (as Filesystem.OpenRead's).
+    Output comes as data events until the client connects to `address` and
+    sends the ticket (a client may do so only once output turns out to be
+    large; a short command then never pays for the connection). guestd then
+    sends a ToChannel event, and the output continues on the connection as
+    frames until it closes: a 5-byte header, a kind byte and a big-endian
+    uint32 length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty
+    data; 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as
+    in OutputDropped); 5 end of output (length 0: the process has ended and all
+    of its output was sent). Frames keep the order data events would have. The
+    end event follows on the event stream. If the connection breaks, the rest
+    of the output comes as data events again, after the frames. A ticket not
+    used within 30 s expires; output then simply stays on the event stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -355,6 +357,25 @@ class KeepAlive(_message.Message):
 Global___KeepAlive: _TypeAlias = KeepAlive  # noqa: Y015
 
 @_typing.final
+class ToChannel(_message.Message):
+    """The output continues on the output channel (see OutputChannel): read its
+    frames until it closes, then this stream's events again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToChannel: _TypeAlias = ToChannel  # noqa: Y015
+
+@_typing.final
 class ProcessEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -363,6 +384,7 @@ class ProcessEvent(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     KEEPALIVE_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    TO_CHANNEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartEvent: ...
     @_builtins.property
@@ -373,6 +395,8 @@ class ProcessEvent(_message.Message):
     def keepalive(self) -> Global___KeepAlive: ...
     @_builtins.property
     def dropped(self) -> Global___OutputDropped: ...
+    @_builtins.property
+    def to_channel(self) -> Global___ToChannel: ...
     def __init__(
         self,
         *,
@@ -381,12 +405,13 @@ class ProcessEvent(_message.Message):
         end: Global___EndEvent | None = ...,
         keepalive: Global___KeepAlive | None = ...,
         dropped: Global___OutputDropped | None = ...,
+        to_channel: Global___ToChannel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start", "to_channel", b"to_channel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start", "to_channel", b"to_channel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "data", "end", "keepalive", "dropped"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "data", "end", "keepalive", "dropped", "to_channel"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

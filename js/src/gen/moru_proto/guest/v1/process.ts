@@ -102,17 +102,19 @@ export interface StartEvent {
 }
 
 /**
- * A one-use ticket for guestd's data listener (as Filesystem.OpenRead's):
- * connect to `address`, send the ticket, then read frames until the channel
- * closes. A frame is a 5-byte header, a kind byte and a big-endian uint32
- * length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty data;
- * 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as in
- * OutputDropped); 5 end of output (length 0; the process has ended and all
- * of its output was sent). Frames come in the order data events would. The
- * event stream then carries the end event. When the channel breaks, or its
- * ticket is not used within 30 s, the rest of the output comes as data events
- * on the event stream, so a reader takes the channel's frames until it
- * closes and then the stream's events.
+ * A one-use ticket for guestd's data listener (as Filesystem.OpenRead's).
+ * Output comes as data events until the client connects to `address` and
+ * sends the ticket (a client may do so only once output turns out to be
+ * large; a short command then never pays for the connection). guestd then
+ * sends a ToChannel event, and the output continues on the connection as
+ * frames until it closes: a 5-byte header, a kind byte and a big-endian
+ * uint32 length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty
+ * data; 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as
+ * in OutputDropped); 5 end of output (length 0: the process has ended and all
+ * of its output was sent). Frames keep the order data events would have. The
+ * end event follows on the event stream. If the connection breaks, the rest
+ * of the output comes as data events again, after the frames. A ticket not
+ * used within 30 s expires; output then simply stays on the event stream.
  */
 export interface OutputChannel {
   ticket: Buffer;
@@ -153,12 +155,20 @@ export interface EndEvent {
 export interface KeepAlive {
 }
 
+/**
+ * The output continues on the output channel (see OutputChannel): read its
+ * frames until it closes, then this stream's events again.
+ */
+export interface ToChannel {
+}
+
 export interface ProcessEvent {
   start?: StartEvent | undefined;
   data?: DataEvent | undefined;
   end?: EndEvent | undefined;
   keepalive?: KeepAlive | undefined;
   dropped?: OutputDropped | undefined;
+  toChannel?: ToChannel | undefined;
 }
 
 export interface ConnectRequest {
@@ -1429,8 +1439,67 @@ export const KeepAlive: MessageFns<KeepAlive> = {
   },
 };
 
+function createBaseToChannel(): ToChannel {
+  return {};
+}
+
+export const ToChannel: MessageFns<ToChannel> = {
+  encode(_: ToChannel, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToChannel {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToChannel();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): ToChannel {
+    return {};
+  },
+
+  toJSON(_: ToChannel): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToChannel>, I>>(base?: I): ToChannel {
+    return ToChannel.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToChannel>, I>>(_: I): ToChannel {
+    const message = createBaseToChannel();
+    return message;
+  },
+};
+
 function createBaseProcessEvent(): ProcessEvent {
-  return { start: undefined, data: undefined, end: undefined, keepalive: undefined, dropped: undefined };
+  return {
+    start: undefined,
+    data: undefined,
+    end: undefined,
+    keepalive: undefined,
+    dropped: undefined,
+    toChannel: undefined,
+  };
 }
 
 export const ProcessEvent: MessageFns<ProcessEvent> = {
@@ -1449,6 +1518,9 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
     }
     if (message.dropped !== undefined) {
       OutputDropped.encode(message.dropped, writer.uint32(42).fork()).join();
+    }
+    if (message.toChannel !== undefined) {
+      ToChannel.encode(message.toChannel, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1506,6 +1578,14 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
             message.dropped = OutputDropped.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.toChannel = ToChannel.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1525,6 +1605,11 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
       end: isSet(object.end) ? EndEvent.fromJSON(object.end) : undefined,
       keepalive: isSet(object.keepalive) ? KeepAlive.fromJSON(object.keepalive) : undefined,
       dropped: isSet(object.dropped) ? OutputDropped.fromJSON(object.dropped) : undefined,
+      toChannel: isSet(object.toChannel)
+        ? ToChannel.fromJSON(object.toChannel)
+        : isSet(object.to_channel)
+        ? ToChannel.fromJSON(object.to_channel)
+        : undefined,
     };
   },
 
@@ -1545,6 +1630,9 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
     if (message.dropped !== undefined) {
       obj.dropped = OutputDropped.toJSON(message.dropped);
     }
+    if (message.toChannel !== undefined) {
+      obj.toChannel = ToChannel.toJSON(message.toChannel);
+    }
     return obj;
   },
 
@@ -1563,6 +1651,9 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
       : undefined;
     message.dropped = (object.dropped !== undefined && object.dropped !== null)
       ? OutputDropped.fromPartial(object.dropped)
+      : undefined;
+    message.toChannel = (object.toChannel !== undefined && object.toChannel !== null)
+      ? ToChannel.fromPartial(object.toChannel)
       : undefined;
     return message;
   },

@@ -1,0 +1,87 @@
+"""Through a real hostd and microVM: large command output moves to an output
+channel on hostd's data relay (moru._output_channel) with today's semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import moru._output_channel as output_channel
+from moru import Sandbox
+from moru.exceptions import CommandExitException
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The channels the SDK opened (a spy: the real open runs)."""
+    seen: list[Any] = []
+    real = output_channel.OutputChannel.open
+
+    async def spy(info: Any) -> Any:
+        ch = await real(info)
+        seen.append(ch)
+        return ch
+
+    monkeypatch.setattr(output_channel.OutputChannel, "open", spy)
+    yield seen
+
+
+def test_large_output_over_the_channel_keeps_order_and_exit_code(
+        shared_sandbox: Sandbox, opened: list[Any]) -> None:
+    kinds: list[str] = []
+    with pytest.raises(CommandExitException) as ei:
+        shared_sandbox.commands.run(
+            "echo first >&2; head -c 5000000 /dev/zero | tr '\\0' a; echo last >&2; exit 4",
+            on_stdout=lambda s: kinds.append("out"), on_stderr=lambda s: kinds.append("err"))
+    r = ei.value
+    assert len(opened) == 1 and opened[0] is not None
+    assert r.exit_code == 4
+    assert r.stdout == "a" * 5_000_000
+    assert r.stderr == "first\nlast\n"
+    assert kinds[0] == "err" and kinds[-1] == "err" and set(kinds[1:-1]) == {"out"}
+
+
+def test_small_output_stays_on_the_stream(shared_sandbox: Sandbox, opened: list[Any]) -> None:
+    assert shared_sandbox.commands.run("echo hi").stdout == "hi\n"
+    assert opened == []
+
+
+def test_connect_to_a_running_command_streams_over_a_channel(
+        shared_sandbox: Sandbox, opened: list[Any]) -> None:
+    cmd = "echo early; sleep 1; head -c 3000000 /dev/zero | tr '\\0' b; sleep 0.5; echo done"
+    h = shared_sandbox.commands.run(cmd, background=True)
+    h.disconnect()  # the process goes on; connect replays what it kept
+    again = shared_sandbox.commands.connect(h.pid)
+    assert again.wait().stdout == "early\n" + "b" * 3_000_000 + "done\n"
+    assert len(opened) == 1
+
+
+def _guestd_hwm_kib(sbx: Sandbox) -> int:
+    # The command's parent is guestd.
+    out = sbx.commands.run("grep VmHWM /proc/$PPID/status").stdout
+    return int(out.split()[1])
+
+
+def test_guestd_memory_stays_bounded_on_a_large_stream(
+        shared_sandbox: Sandbox, opened: list[Any]) -> None:
+    size = 256 << 20
+    cmd = f"head -c {size} /dev/zero"
+    shared_sandbox.commands.run(f"head -c {32 << 20} /dev/zero", timeout=600)  # warm up
+    base = _guestd_hwm_kib(shared_sandbox)
+    n = 0
+
+    def count(s: str) -> None:
+        nonlocal n
+        n += len(s)
+
+    h = shared_sandbox.commands.run(cmd, background=True, timeout=600, on_stdout=count)
+    h.wait()
+    grown_mib = (_guestd_hwm_kib(shared_sandbox) - base) / 1024
+    print(f"guestd VmHWM +{grown_mib:.1f} MiB for {size >> 20} MiB of stdout")
+    assert n == size
+    assert len(opened) == 2
+    assert grown_mib < 64, f"guestd peak RSS grew by {grown_mib:.1f} MiB"
