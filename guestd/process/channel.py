@@ -77,6 +77,7 @@ class OutputSender:
         loop = asyncio.get_running_loop()
         sent_end = False
         self.connected.set_result(None)
+        self._proc.wake()  # the stream stops following and hands the cursor over
         try:
             await self._go  # the stream has stopped following this cursor
             async for ev in self._proc.follow(self._cursor, self._keepalive):

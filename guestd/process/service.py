@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import signal as signals
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, cast
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from guestd.errors import InvalidArgument
 from guestd.process.channel import OutputSender
 from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
-from guestd.process.output import Cursor, Part
+from guestd.process.output import Part
 from guestd.process.spawn import Spec
 from guestd.rpc_types import Ctx
 from guestd.wire import len_key, varint
@@ -133,10 +132,6 @@ def event_pb(ev: Event) -> pb.ProcessEvent | bytes:
     return pb.ProcessEvent(keepalive=pb.KeepAlive())
 
 
-async def _anext(gen: AsyncGenerator[Event, None]) -> Event:
-    return await gen.__anext__()
-
-
 def info_pb(p: ManagedProcess) -> pb.ProcessInfo:
     s = p.spec
     cfg = pb.ProcessConfig(argv=s.argv, shell=s.shell, env=s.env, cwd=s.cwd, user=s.user)
@@ -174,12 +169,12 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
                 start.output.address = t.address
             yield pb.ProcessEvent(start=start)
             if sender is not None:
-                ended = False
-                async for msg in self._until_connected(proc, cursor, sender):
-                    ended = isinstance(msg, pb.ProcessEvent) and msg.HasField("end")
-                    yield msg
-                if ended or not sender.connected.done():
-                    return  # the process ended before the client connected
+                # Events as usual until the end, or until the client connects.
+                async for ev in proc.follow(cursor, self.m.keepalive, until=sender.connected):
+                    yield event_pb(ev)
+                    if isinstance(ev, End):
+                        return
+                proc.hold(cursor)  # still counted for backpressure while handed over
                 sender.start_sending()
                 yield pb.ProcessEvent(to_channel=pb.ToChannel())
                 while (sent_all := await sender.wait(self.m.keepalive)) is None:
@@ -193,30 +188,6 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
             if sender is not None:
                 sender.close()
             proc.detach(cursor)
-
-    async def _until_connected(self, proc: ManagedProcess, cursor: Cursor, sender: OutputSender,
-                               ) -> AsyncIterator[pb.ProcessEvent | bytes]:
-        """Events as usual until the end, or until the client connects the channel."""
-        gen = cast("AsyncGenerator[Event, None]", proc.follow(cursor, self.m.keepalive))
-        try:
-            while True:
-                nxt = asyncio.ensure_future(_anext(gen))
-                await asyncio.wait((nxt, sender.connected), return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    # Cancelled while waiting for output: nothing was taken from the cursor.
-                    nxt.cancel()
-                    await asyncio.wait((nxt,))
-                    if nxt.cancelled() or nxt.exception() is not None:
-                        return
-                try:
-                    ev = nxt.result()
-                except StopAsyncIteration:
-                    return
-                yield event_pb(ev)
-                if isinstance(ev, End):
-                    return
-        finally:
-            await gen.aclose()
 
     async def Start(  # type: ignore[override]  # bytes: pre-serialized events
         self, request: pb.StartRequest, context: Ctx,

@@ -3,6 +3,7 @@ channel on hostd's data relay (moru._output_channel) with today's semantics."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 import moru._output_channel as output_channel
 from moru import Sandbox
-from moru.exceptions import CommandExitException
+from moru.exceptions import CommandExitException, SandboxEndedException
 
 pytestmark = pytest.mark.vm
 
@@ -60,6 +61,52 @@ def test_connect_to_a_running_command_streams_over_a_channel(
     assert len(opened) == 1
 
 
+HANG = 60.0  # a call not ended this long after its sandbox counts as hung
+
+
+def _stream_in_thread(sbx: Sandbox, opened: list[Any]) -> tuple[threading.Event, list[Any]]:
+    """A never-ending stream of output, running until its call ends; waits until
+    its output moved to a channel."""
+    done = threading.Event()
+    errors: list[Any] = []
+    before = len(opened)
+
+    def go() -> None:
+        try:
+            sbx.commands.run("while :; do head -c 1000000 /dev/zero; sleep 0.2; done", timeout=0,
+                             on_stdout=lambda s: None)
+        except BaseException as e:  # recorded for the test
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=go, daemon=True).start()
+    for _ in range(600):
+        if len(opened) > before or done.is_set():
+            break
+        done.wait(0.1)
+    assert len(opened) > before, "the output never moved to a channel"
+    return done, errors
+
+
+def test_calls_on_a_channel_end_when_the_sandbox_pauses_or_is_killed(
+        hostd: Any, opened: list[Any]) -> None:
+    sbx = Sandbox.create(timeout=1800)
+    try:
+        # A pause leaves the channel's connection open on a frozen guest.
+        done, errors = _stream_in_thread(sbx, opened)
+        sbx.beta_pause()
+        assert done.wait(HANG), "the call hung after its sandbox paused"
+        assert isinstance(errors[0], SandboxEndedException) and errors[0].reason == "paused"
+        back = Sandbox.connect(sbx.sandbox_id)
+        done, errors = _stream_in_thread(back, opened)
+        back.kill()
+        assert done.wait(HANG), "the call hung after its sandbox was killed"
+        assert isinstance(errors[0], SandboxEndedException) and errors[0].reason == "killed"
+    finally:
+        sbx.kill()
+
+
 def _guestd_hwm_kib(sbx: Sandbox) -> int:
     # The command's parent is guestd.
     out = sbx.commands.run("grep VmHWM /proc/$PPID/status").stdout
@@ -68,7 +115,7 @@ def _guestd_hwm_kib(sbx: Sandbox) -> int:
 
 def test_guestd_memory_stays_bounded_on_a_large_stream(
         shared_sandbox: Sandbox, opened: list[Any]) -> None:
-    size = 256 << 20
+    size = 128 << 20  # 128x guestd's output buffer; 1 GiB: benchmarks/bench_commands.py
     cmd = f"head -c {size} /dev/zero"
     shared_sandbox.commands.run(f"head -c {32 << 20} /dev/zero", timeout=600)  # warm up
     base = _guestd_hwm_kib(shared_sandbox)
