@@ -102,7 +102,7 @@ def run_channel(events: Iterator[pb.ProcessEvent]) -> tuple[Result, bool]:
 def test_interleaved_output_keeps_order_and_exit_code(g: Guestd) -> None:
     cmd = ("for i in 1 2 3; do echo out$i; sleep 0.05; echo err$i >&2; sleep 0.05; done;"
            " exit 3")
-    r, switched = run_channel(g.process.Start(shell(cmd, output_channel=True)))
+    r, switched = run_channel(iter(g.process.Start(shell(cmd, output_channel=True))))
     assert switched
     assert r.stdout == b"out1\nout2\nout3\n"
     assert r.stderr == b"err1\nerr2\nerr3\n"
@@ -128,19 +128,19 @@ def test_without_a_data_listener_output_comes_as_events(guestd: Guestd) -> None:
 
 def test_connect_replays_kept_output_over_a_channel(g: Guestd) -> None:
     started = g.process.Start(shell("echo early; sleep 0.5; echo late"))
-    pid = next(started).start.pid
-    started.cancel()  # the process outlives its stream
+    pid = next(iter(started)).start.pid
+    started.cancel()  # type: ignore[no-untyped-call]  # the process outlives its stream
     time.sleep(0.2)
     sel = pb.ProcessSelector(pid=pid)
-    r, switched = run_channel(g.process.Connect(pb.ConnectRequest(process=sel,
-                                                                  output_channel=True)))
+    r, switched = run_channel(iter(g.process.Connect(pb.ConnectRequest(process=sel,
+                                                                       output_channel=True))))
     assert switched
     assert r.stdout == b"early\nlate\n"
     assert r.end is not None and r.end.exit_code == 0
 
 
 def test_a_broken_channel_hands_the_rest_to_the_stream(g: Guestd) -> None:
-    events = g.process.Start(shell("sleep 0.3; seq 1 300000", output_channel=True))
+    events = iter(g.process.Start(shell("sleep 0.3; seq 1 300000", output_channel=True)))
     first = next(events)
     r = Result()
     with open_channel(first) as s:
@@ -156,10 +156,10 @@ def test_a_broken_channel_hands_the_rest_to_the_stream(g: Guestd) -> None:
 
 def test_1gb_over_a_channel_with_bounded_rss(g: Guestd) -> None:
     for _ in range(2):  # warm up: the baseline includes the first stream's buffers
-        run_channel(g.process.Start(argv("head", "-c", str(32 << 20), "/dev/zero",
-                                         output_channel=True)))
+        run_channel(iter(g.process.Start(argv("head", "-c", str(32 << 20), "/dev/zero",
+                                              output_channel=True))))
     base = g.vm_hwm_kib()
-    events = g.process.Start(argv("head", "-c", str(GB), "/dev/zero", output_channel=True))
+    events = iter(g.process.Start(argv("head", "-c", str(GB), "/dev/zero", output_channel=True)))
     first = next(events)
     total = 0
     t0 = time.monotonic()
