@@ -11,6 +11,11 @@ following, sends ToChannel and lets this sender write the rest as frames
 event, which it sends only after the channel has sent everything (so a
 client that reads the channel to its close and then the stream keeps order).
 
+Sends block in a worker thread (the GIL is released while the kernel copies):
+vsock reports a socket writable whenever the host returns any credit, so a
+non-blocking send from the event loop woke guestd for every few KiB and cost
+it more CPU in a TCG guest than the copy itself.
+
 The sender uses the stream's own cursor, so backpressure and replay work as
 for data events. If the channel breaks, or its ticket is never used, the
 sender gives up and the stream sends the rest as data events from where the
@@ -20,9 +25,11 @@ cursor stands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from guestd.process.manager import Data, Dropped, End, ManagedProcess
@@ -38,6 +45,20 @@ DROPPED = 4
 END = 5
 DROPPED_BODY = struct.Struct(">QQQ")  # stdout, stderr, pty bytes
 JOIN_BELOW = 64 * 1024  # smaller data goes out with its header in one send
+SENDERS = 64  # channels sending at once; a client that stops reading holds one
+_pool: ThreadPoolExecutor | None = None
+
+
+def _senders() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(SENDERS, thread_name_prefix="output")
+    return _pool
+
+
+def _send_all(conn: socket.socket, bufs: list[bytes | memoryview]) -> None:
+    for buf in bufs:
+        conn.sendall(buf)
 
 
 def frame_parts(ev: Data | Dropped | End) -> list[bytes | memoryview]:
@@ -67,6 +88,7 @@ class OutputSender:
         self._go: asyncio.Future[None] = loop.create_future()
         self._done: asyncio.Future[bool] = loop.create_future()
         self._task: asyncio.Task[object] | None = None
+        self._conn: socket.socket | None = None
         self._closed = False
 
     async def run(self, conn: socket.socket) -> None:
@@ -74,21 +96,23 @@ class OutputSender:
         if self._closed or self._done.done():
             return
         self._task = asyncio.current_task()
+        self._conn = conn
         loop = asyncio.get_running_loop()
         sent_end = False
         self.connected.set_result(None)
         self._proc.wake()  # the stream stops following and hands the cursor over
         try:
             await self._go  # the stream has stopped following this cursor
+            conn.setblocking(True)
             async for ev in self._proc.follow(self._cursor, self._keepalive):
                 if isinstance(ev, Data | Dropped | End):
-                    for buf in frame_parts(ev):
-                        await loop.sock_sendall(conn, buf)
+                    await loop.run_in_executor(_senders(), _send_all, conn, frame_parts(ev))
                     sent_end = isinstance(ev, End)
         except OSError as exc:  # the client or hostd's relay went away
             log.info("output channel of pid %d ended early: %r", self._proc.pid, exc)
         finally:
             self._task = None
+            self._conn = None
             self._finish(sent_end)
 
     def start_sending(self) -> None:
@@ -107,6 +131,9 @@ class OutputSender:
     def close(self) -> None:
         """The stream ended (client gone, guestd stopping): stop sending."""
         self._closed = True
+        if self._conn is not None:  # wakes a send blocked in its thread
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
         if self._task is not None:
             self._task.cancel()
         self._finish(False)
