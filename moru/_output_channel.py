@@ -83,6 +83,11 @@ class OutputChannel:
 
     def close(self) -> None:
         self._done = True
+        if self._sock.fileno() >= 0:
+            try:  # a read in flight must not watch a closed (maybe reused) fd
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            except RuntimeError:  # no loop running: nothing watches it
+                pass
         self._sock.close()
 
     async def _exactly(self, view: memoryview) -> int:
