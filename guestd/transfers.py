@@ -176,6 +176,13 @@ class Transfers:
         limit, for as long as it takes (guestd.process.channel)."""
         return self._issue(_Job(lambda _: None, discard, run))
 
+    def revoke(self, ticket: bytes) -> None:
+        """Drops an unused ticket now (its stream ended), as if it expired."""
+        hit = self._pending.pop(ticket, None)
+        if hit is not None:
+            hit[1].cancel()
+            hit[0].discard()
+
     def open_read(self, src: ReadSource, request: pb.ReadRequest) -> pb.Transfer:
         """Takes ownership of `src.fd` (see require_listener)."""
         length = src.available if not request.length else min(request.length, src.available)

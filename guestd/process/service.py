@@ -160,9 +160,9 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
         # while the start event is still on its way.
         cursor = proc.attach(live_only)
         sender: OutputSender | None = None
+        start = pb.StartEvent(pid=proc.pid, tag=proc.tag)
+        t = self.transfers
         try:
-            start = pb.StartEvent(pid=proc.pid, tag=proc.tag)
-            t = self.transfers
             if channel and t is not None and t.address:
                 sender = OutputSender(proc, cursor, self.m.keepalive)
                 start.output.ticket = t.issue_stream(sender.run, sender.discard)
@@ -187,6 +187,8 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
         finally:
             if sender is not None:
                 sender.close()
+                if t is not None:
+                    t.revoke(start.output.ticket)  # unused: no need to keep it 30 s
             proc.detach(cursor)
 
     async def Start(  # type: ignore[override]  # bytes: pre-serialized events
