@@ -11,7 +11,7 @@ import pytest
 
 import moru._output_channel as output_channel
 from moru import Sandbox
-from moru.exceptions import CommandExitException, SandboxEndedException
+from moru.exceptions import CommandExitException, SandboxEndedException, TimeoutException
 
 pytestmark = pytest.mark.vm
 
@@ -36,14 +36,15 @@ def test_large_output_over_the_channel_keeps_order_and_exit_code(
     kinds: list[str] = []
     with pytest.raises(CommandExitException) as ei:
         shared_sandbox.commands.run(
-            "echo first >&2; head -c 5000000 /dev/zero | tr '\\0' a; echo last >&2; exit 4",
+            "echo first >&2; sleep 0.5; head -c 5000000 /dev/zero | tr '\\0' a; sleep 0.5;"
+            " echo last >&2; exit 4",
             on_stdout=lambda s: kinds.append("out"), on_stderr=lambda s: kinds.append("err"))
     r = ei.value
     assert len(opened) == 1 and opened[0] is not None
     assert r.exit_code == 4
     assert r.stdout == "a" * 5_000_000
     assert r.stderr == "first\nlast\n"
-    assert kinds[0] == "err" and kinds[-1] == "err" and set(kinds[1:-1]) == {"out"}
+    assert kinds[0] == "err" and kinds[-1] == "err" and set(kinds[1:-1]) == {"out"}, kinds
 
 
 def test_small_output_stays_on_the_stream(shared_sandbox: Sandbox, opened: list[Any]) -> None:
@@ -59,6 +60,24 @@ def test_connect_to_a_running_command_streams_over_a_channel(
     again = shared_sandbox.commands.connect(h.pid)
     assert again.wait().stdout == "early\n" + "b" * 3_000_000 + "done\n"
     assert len(opened) == 1
+
+
+def test_timeout_and_kill_of_a_command_on_a_channel(
+        shared_sandbox: Sandbox, opened: list[Any]) -> None:
+    cmd = "head -c 2000000 /dev/zero; sleep 600"
+    with pytest.raises(TimeoutException):
+        shared_sandbox.commands.run(cmd, timeout=3)
+    assert len(opened) == 1
+    h = shared_sandbox.commands.run(cmd, background=True, timeout=0)
+    for _ in range(600):  # all of it, so the kill cuts nothing short
+        if len(h.stdout) == 2_000_000:
+            break
+        threading.Event().wait(0.1)
+    assert len(opened) == 2, "the output never moved to a channel"
+    assert h.kill() is True
+    with pytest.raises(CommandExitException) as ei:
+        h.wait()
+    assert ei.value.exit_code == -1 and len(ei.value.stdout) == 2_000_000
 
 
 HANG = 60.0  # a call not ended this long after its sandbox counts as hung
