@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -321,11 +321,14 @@ def _widen_vsock_buffer(conn: socket.socket) -> None:
 
 
 class _Job:
-    """What a ticket stands for, run once on a worker thread."""
+    """What a ticket stands for, run once on a worker thread (or, with
+    `run_async`, on the event loop: a command's output channel)."""
 
-    def __init__(self, run: Callable[[socket.socket], None], discard: Callable[[], None]) -> None:
+    def __init__(self, run: Callable[[socket.socket], None], discard: Callable[[], None],
+                 run_async: Callable[[socket.socket], Awaitable[None]] | None = None) -> None:
         self.run = run
         self.discard = discard
+        self.run_async = run_async
 
 
 class Transfers:
@@ -352,6 +355,19 @@ class Transfers:
     def _expire(self, ticket: bytes) -> None:
         hit = self._pending.pop(ticket, None)
         if hit is not None:
+            hit[0].discard()
+
+    def issue_stream(self, run: Callable[[socket.socket], Awaitable[None]],
+                     discard: Callable[[], None]) -> bytes:
+        """A ticket whose connection `run` serves on the event loop, with no idle
+        limit, for as long as it takes (guestd.process.channel)."""
+        return self._issue(_Job(lambda _: None, discard, run))
+
+    def revoke(self, ticket: bytes) -> None:
+        """Drops an unused ticket now (its stream ended), as if it expired."""
+        hit = self._pending.pop(ticket, None)
+        if hit is not None:
+            hit[1].cancel()
             hit[0].discard()
 
     def open_read(self, src: ReadSource, request: pb.ReadRequest) -> pb.Transfer:
@@ -429,6 +445,9 @@ class Transfers:
             job, timer = hit
             timer.cancel()
             log.debug("data listener: transfer starts")
+            if job.run_async is not None:
+                await job.run_async(conn)
+                return
             # Blocking calls on the worker, each waiting at most IDLE_TIMEOUT.
             # (Not SO_RCVTIMEO: Python's setsockopt takes only ints on AF_VSOCK.)
             conn.settimeout(IDLE_TIMEOUT)
