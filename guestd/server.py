@@ -260,8 +260,9 @@ class Guestd:
                                       keepalive=cfg.keepalive_seconds)
         self.server = grpc.aio.server(interceptors=[EdgeInterceptor(self.state)],
                                       options=SERVER_OPTIONS)
-        process_pb2_grpc.add_ProcessServicer_to_server(ProcessService(self.manager), self.server)
         self.transfers = Transfers(cfg.data_listen)
+        process_pb2_grpc.add_ProcessServicer_to_server(
+            ProcessService(self.manager, self.transfers), self.server)
         filesystem_pb2_grpc.add_FilesystemServicer_to_server(
             FilesystemService(cfg.keepalive_seconds, self.transfers), self.server)
         guest_pb2_grpc.add_GuestServicer_to_server(GuestService(self.state, Metrics()),

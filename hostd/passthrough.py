@@ -17,6 +17,9 @@ channel) never got a status at all.
 
 Filesystem OpenRead/OpenWrite name guestd's data listener inside the guest:
 with a DataRelay their answers are rewritten to point at it (hostd.data_relay).
+So is the output channel of Process Start/Connect (its ticket is in the start
+event, the stream's first message); without a DataRelay the request's
+output_channel is cleared, so output comes as data events.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ DATA_METHODS = frozenset({
     "/moru.guest.v1.Filesystem/OpenRead",
     "/moru.guest.v1.Filesystem/OpenWrite",
 })
+
+# Their start event may carry an output channel ticket for the data listener.
+OUTPUT_METHODS: dict[str, Callable[[bytes], Any]] = {
+    "/moru.guest.v1.Process/Start": process_pb2.StartRequest.FromString,
+    "/moru.guest.v1.Process/Connect": process_pb2.ConnectRequest.FromString,
+}
 
 END_REASON_HEADER = "moru-end-reason"
 END_SANDBOX_HEADER = "moru-sandbox-id"
@@ -135,6 +144,8 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if not cs and not ss:
             return grpc.unary_unary_rpc_method_handler(self._uu(method))
         if not cs and ss:
+            if method in OUTPUT_METHODS:
+                return grpc.unary_stream_rpc_method_handler(self._output(method, self._data))
             return grpc.unary_stream_rpc_method_handler(self._us(method))
         if cs and not ss:
             return grpc.stream_unary_rpc_method_handler(self._su(method))
@@ -168,6 +179,8 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     return resp if data is None else data.issue(route.sandbox.id, resp)
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     await w.fail(e)
+                finally:
+                    call.cancel()
 
         return handler
 
@@ -188,6 +201,31 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     await w.fail(e)
                 finally:
                     call.cancel()
+
+        return handler
+
+    def _output(self, method: str, data: DataRelay | None) -> Callable[..., Any]:
+        """Start/Connect: the output channel through the relay, or none without one."""
+        us = self._us(method)
+        parse = OUTPUT_METHODS[method]
+
+        async def handler(
+            request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[bytes]:
+            if data is None:
+                req = parse(request)
+                if req.output_channel:
+                    req.output_channel = False
+                    request = req.SerializeToString()
+                async for resp in us(request, context):
+                    yield resp
+                return
+            first = True
+            async for resp in us(request, context):
+                if first:
+                    first = False
+                    resp = _relay_output(data, _md(context).get(SANDBOX_HEADER, ""), resp)
+                yield resp
 
         return handler
 
@@ -230,6 +268,18 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     call.cancel()
 
         return handler
+
+
+def _relay_output(data: DataRelay, sandbox_id: str, resp: bytes) -> bytes:
+    """A start event's output channel, pointed at the relay (other events as they are)."""
+    ev = process_pb2.ProcessEvent.FromString(resp)
+    out = ev.start.output
+    if not ev.HasField("start") or not out.ticket:
+        return resp
+    ours = filesystem_pb2.Transfer.FromString(data.issue(sandbox_id, filesystem_pb2.Transfer(
+        ticket=out.ticket, address=out.address).SerializeToString()))
+    out.ticket, out.address = ours.ticket, ours.address
+    return ev.SerializeToString()
 
 
 class _Watch:

@@ -4,6 +4,8 @@ A command's `timeout` is the command's own: it travels to guestd as
 `timeout_seconds`, which kills the process group when it expires. The SDK puts
 no gRPC deadline on the output stream, so a long command is never cut off by
 the client, and a process outlives its stream (reattach with `connect(pid)`).
+Large output moves to an output channel where hostd offers one
+(moru._output_channel); small output stays on the event stream.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from moru._connection import EOF
 from moru._guest import GuestTarget
 from moru._models import CommandResult, ProcessInfo
 from moru._output import Chunk, OutputCollector
+from moru._output_channel import CHANNEL_AFTER, Frame, OutputChannel
+from moru._output_channel import usable as channel_usable
 from moru_proto.guest.v1 import process_pb2 as pb
 
 OutputCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
@@ -72,7 +76,11 @@ class AsyncCommandHandle:
 
     Output is pumped in a task from the moment the handle exists, feeding the
     callbacks in order, the collected result, and `async for` iteration over
-    (stdout, stderr, pty) chunks.
+    (stdout, stderr, pty) chunks. Given an output channel ticket, the handle
+    connects it once CHANNEL_AFTER bytes came as events; after guestd's
+    ToChannel event it reads the channel's frames (watching the event stream
+    for an error, e.g. the sandbox ending), then the stream's events again
+    (the end, or output guestd could not send over the channel).
     """
 
     def __init__(
@@ -87,10 +95,16 @@ class AsyncCommandHandle:
         pump: bool = True,
         first: pb.ProcessEvent | None = None,
         on_pty: DataCallback | None = None,
+        channel: pb.OutputChannel | None = None,
     ) -> None:
         self._target = target
         self._pid = pid
         self._call = call
+        self._ticket = channel if channel is not None and channel.ticket else None
+        self._event_bytes = 0  # output that came as events (the channel is worth it past some)
+        self._connecting: asyncio.Future[OutputChannel | None] | None = None
+        self._channel: OutputChannel | None = None
+        self._upstream: asyncio.Future[pb.ProcessEvent | None] | None = None
         self._collector = OutputCollector(pid)
         self._pending: list[pb.ProcessEvent] = [first] if first is not None else []
         self._eof = False
@@ -123,27 +137,117 @@ class AsyncCommandHandle:
         end = self._collector.end
         return None if end is None else end.exit_code
 
+    async def _read_event(self) -> pb.ProcessEvent | None:
+        with self._target.errors(f"reading output of process {self._pid}"):
+            while True:
+                ev = await self._call.read()
+                if ev is EOF:
+                    return None
+                if ev.WhichOneof("event") != "keepalive":
+                    return ev  # type: ignore[no-any-return]
+
     async def _next_event(self) -> pb.ProcessEvent | None:
         """The next non-keepalive event, or None when the stream ended."""
         if self._pending:
             return self._pending.pop(0)
         if self._eof:
             return None
-        with self._target.errors(f"reading output of process {self._pid}"):
-            while True:
-                ev = await self._call.read()
-                if ev is EOF:
-                    self._eof = True
-                    return None
-                if ev.WhichOneof("event") != "keepalive":
-                    return ev  # type: ignore[no-any-return]
+        if self._upstream is not None:
+            up, self._upstream = self._upstream, None
+            ev = await up
+        else:
+            ev = await self._read_event()
+        if ev is None:
+            self._eof = True
+        return ev
+
+    async def _next_frame(self, channel: OutputChannel) -> Frame | None:
+        """The channel's next frame (None: it is done). Meanwhile the event
+        stream is read too: its error (the sandbox ended) ends the channel."""
+        read = asyncio.ensure_future(channel.read())
+        try:
+            while not read.done():
+                if self._upstream is None and not self._eof and not self._pending:
+                    self._upstream = asyncio.ensure_future(self._read_event())
+                up = self._upstream
+                if up is None or up.done():
+                    await asyncio.wait((read,))
+                    break
+                await asyncio.wait((read, up), return_when=asyncio.FIRST_COMPLETED)
+                if up.done() and up.exception() is not None:
+                    self._upstream = None
+                    self._close_channel()
+                    raise up.exception()  # type: ignore[misc]
+            frame = read.result()
+        finally:
+            if not read.done():
+                read.cancel()
+        if frame is None:
+            self._close_channel()
+        return frame
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            if not connecting.done():
+                connecting.cancel()
+            elif not connecting.cancelled() and connecting.exception() is None:
+                opened = connecting.result()
+                if opened is not None:
+                    opened.close()
+
+    def _maybe_connect(self, ev: pb.ProcessEvent) -> None:
+        """Connects the channel once the output turns out to be large."""
+        if self._ticket is None or self._connecting is not None:
+            return
+        d = ev.data
+        self._event_bytes += len(d.stdout) + len(d.stderr) + len(d.pty)
+        if self._event_bytes >= CHANNEL_AFTER:
+            self._connecting = asyncio.ensure_future(OutputChannel.open(self._ticket))
+
+    async def _switch(self) -> None:
+        """guestd's ToChannel: the output continues on the channel we connected."""
+        connecting, self._connecting = self._connecting, None
+        channel = await connecting if connecting is not None else None
+        if channel is None:
+            from moru._errors import SandboxException
+
+            raise SandboxException(f"process {self._pid}: guestd moved the output to a"
+                                   " channel this client did not connect")
+        self._channel = channel
+
+    def close(self) -> None:
+        """Stops reading: the stream, the channel and a read in flight (internal;
+        the process keeps running)."""
+        self._call.cancel()
+        self._close_channel()
+        if self._upstream is not None:
+            self._upstream.cancel()
+            self._upstream = None
 
     async def _step(self) -> tuple[bool, Chunk | None]:
-        """Consumes one event; (more to come, chunk). Calls the callbacks."""
-        ev = await self._next_event()
-        if ev is None:
-            return False, None
-        chunk = self._collector.feed(ev)
+        """Consumes one event or frame; (more to come, chunk). Calls the callbacks."""
+        chunk: Chunk | None = None
+        frame = await self._next_frame(self._channel) if self._channel is not None else None
+        if frame is not None:
+            chunk = self._collector.feed_frame(frame)
+        else:
+            ev = await self._next_event()
+            if ev is None:
+                self._close_channel()
+                return False, None
+            which = ev.WhichOneof("event")
+            if which == "to_channel":
+                await self._switch()
+                return True, None
+            if which == "data":
+                self._maybe_connect(ev)
+            elif which == "end":
+                self._close_channel()
+            chunk = self._collector.feed(ev)
         if chunk is not None:
             await _call_back(self._on_stdout, chunk[0])
             await _call_back(self._on_stderr, chunk[1])
@@ -202,7 +306,7 @@ class AsyncCommandHandle:
 
     async def disconnect(self) -> None:
         """Stops receiving output; the process keeps running (see connect(pid))."""
-        self._call.cancel()
+        self.close()
         if self._pump is not None:
             self._pump.cancel()
             try:
@@ -244,6 +348,11 @@ async def _close_stdin(target: GuestTarget, pid: int) -> None:
 
 async def start_call(target: GuestTarget, req: pb.StartRequest) -> tuple[int, Any]:
     """Starts a process; returns its pid and the open event stream (no deadline)."""
+    start, call = await _start(target, req)
+    return start.pid, call
+
+
+async def _start(target: GuestTarget, req: pb.StartRequest) -> tuple[pb.StartEvent, Any]:
     call = target.process().Start(req, metadata=target.metadata)
     with target.errors(f"starting {_validate.excerpt(req.config.shell)}"):
         while True:
@@ -255,16 +364,34 @@ async def start_call(target: GuestTarget, req: pb.StartRequest) -> tuple[int, An
                     f"guest closed the stream before {req.config.shell!r} started"
                 )
             if ev.WhichOneof("event") == "start":
-                return ev.start.pid, call
+                return ev.start, call
 
 
-async def connect_call(target: GuestTarget, pid: int) -> tuple[Any, pb.ProcessEvent | None]:
+async def started_handle(target: GuestTarget, req: pb.StartRequest, **kw: Any,
+                         ) -> AsyncCommandHandle:
+    """Starts `req` (asking for an output channel where hostd can give one) and
+    returns its handle; `kw` as AsyncCommandHandle's."""
+    req.output_channel = channel_usable(target)
+    start, call = await _start(target, req)
+    return AsyncCommandHandle(target, start.pid, call, channel=start.output, **kw)
+
+
+async def connected_handle(target: GuestTarget, pid: int, **kw: Any) -> AsyncCommandHandle:
+    """Attaches to `pid` (replaying its kept output) and returns its handle."""
+    call, first = await connect_call(target, pid, channel_usable(target))
+    return AsyncCommandHandle(target, pid, call, first=first,
+                              channel=first.start.output if first is not None else None, **kw)
+
+
+async def connect_call(target: GuestTarget, pid: int, output_channel: bool = False,
+                       ) -> tuple[Any, pb.ProcessEvent | None]:
     """Attaches to a process's output (replaying what guestd kept).
 
     Reads the first event so an unknown pid fails here, not at the first read.
     """
     call = target.process().Connect(
-        pb.ConnectRequest(process=_selector(pid)), metadata=target.metadata
+        pb.ConnectRequest(process=_selector(pid), output_channel=output_channel),
+        metadata=target.metadata,
     )
     with target.errors(f"connecting to process {pid}"):
         while True:
@@ -298,13 +425,9 @@ class AsyncCommands:
         `timeout` (seconds, 0/None for none) limits the command itself; by
         default 60 s in the foreground and none in the background."""
         timeout = command_timeout(timeout, background)
-        pid, call = await start_call(
-            self._target, _start_request(cmd, envs, cwd, user, timeout, stdin)
-        )
-        handle = AsyncCommandHandle(
+        handle = await started_handle(
             self._target,
-            pid,
-            call,
+            _start_request(cmd, envs, cwd, user, timeout, stdin),
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             timeout=timeout,
@@ -315,7 +438,7 @@ class AsyncCommands:
         try:
             return await handle.wait()
         finally:
-            call.cancel()
+            handle.close()
 
     async def connect(
         self,
@@ -325,15 +448,8 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = None,
     ) -> AsyncCommandHandle:
         """A handle to a running process; replays its kept output first."""
-        call, first = await connect_call(self._target, pid)
-        return AsyncCommandHandle(
-            self._target,
-            pid,
-            call,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            timeout=timeout,
-            first=first,
+        return await connected_handle(
+            self._target, pid, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout
         )
 
     async def list(self) -> list[ProcessInfo]:

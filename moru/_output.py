@@ -1,7 +1,8 @@
 """Turns a process's event stream into output chunks and a CommandResult.
 
 Shared by the async and the sync command handles, so both decode, collect
-and judge a command's end the same way. No I/O here.
+and judge a command's end the same way, whether the output came as events or
+over an output channel (moru._output_channel). No I/O here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import codecs
 
 from moru._errors import CommandExitException, SandboxException, TimeoutException
 from moru._models import CommandResult
+from moru._output_channel import Frame, Output
 from moru_proto.guest.v1 import process_pb2 as pb
 
 # One output chunk as iteration yields it: (stdout, stderr, pty); one is set.
@@ -60,6 +62,21 @@ class OutputCollector:
             dr = ev.dropped
             self.dropped += dr.stdout_bytes + dr.stderr_bytes + dr.pty_bytes
         return None
+
+    def feed_frame(self, frame: Frame) -> Chunk | None:
+        """Takes one output channel frame, as `feed` takes an event."""
+        if not isinstance(frame, Output):
+            self.dropped += frame.nbytes
+            return None
+        if frame.kind == "stdout":
+            s = self._dec_out.decode(frame.data)
+            self._out.append(s)
+            return (s, None, None)
+        if frame.kind == "stderr":
+            s = self._dec_err.decode(frame.data)
+            self._err.append(s)
+            return (None, s, None)
+        return (None, None, bytes(frame.data))
 
     @property
     def stdout(self) -> str:

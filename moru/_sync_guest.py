@@ -19,8 +19,8 @@ from moru._commands import (
     AsyncCommands,
     _start_request,
     command_timeout,
-    connect_call,
-    start_call,
+    connected_handle,
+    started_handle,
 )
 from moru._files import AsyncFiles, AsyncWatchHandle, ReadFormat, WriteData
 from moru._guest import GuestTarget
@@ -30,8 +30,8 @@ from moru._output import Chunk
 SyncCallback = Callable[[str], Any]
 
 
-async def _cancel(call: Any) -> None:
-    call.cancel()
+async def _close(core: AsyncCommandHandle) -> None:
+    core.close()
 
 
 class CommandHandle:
@@ -139,7 +139,7 @@ class CommandHandle:
     def disconnect(self) -> None:
         """Stops receiving output; the process keeps running."""
         self._disconnected = True
-        _loop.run(_cancel(self._core._call))
+        _loop.run(_close(self._core))
         if self._thread is not None:
             self._thread.join()
 
@@ -206,18 +206,14 @@ class Commands:
             return result
         req = _start_request(cmd, envs, cwd, user, timeout, stdin)
 
-        async def start() -> AsyncCommandHandle:
-            pid, call = await start_call(self._target, req)
-            return AsyncCommandHandle(self._target, pid, call, timeout=timeout, pump=False)
-
-        core = _loop.run(start())
+        core = _loop.run(started_handle(self._target, req, timeout=timeout, pump=False))
         handle = CommandHandle(core, on_stdout, on_stderr, background)
         if background:
             return handle
         try:
             return handle.wait()
         finally:
-            _loop.run(_cancel(core._call))
+            _loop.run(_close(core))
 
     def connect(
         self,
@@ -228,13 +224,8 @@ class Commands:
     ) -> CommandHandle:
         """A handle to a running process; its kept output is replayed first."""
 
-        async def attach() -> AsyncCommandHandle:
-            call, first = await connect_call(self._target, pid)
-            return AsyncCommandHandle(
-                self._target, pid, call, timeout=timeout, pump=False, first=first
-            )
-
-        return CommandHandle(_loop.run(attach()), on_stdout, on_stderr, background=True)
+        core = _loop.run(connected_handle(self._target, pid, timeout=timeout, pump=False))
+        return CommandHandle(core, on_stdout, on_stderr, background=True)
 
     def list(self) -> list[ProcessInfo]:
         return _loop.run(self._core.list())

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from guestd.process.spawn import Spec, User, _as_user, build_env, resolve_user
+from guestd.process.watch_files import DirWatch
 
 BASH = "/bin/bash"
 SYSTEM_FILES = ("/etc/profile", "/etc/bash.bashrc")
@@ -48,6 +49,7 @@ class Login:
 class _Kept:
     stamp: Stamp
     login: Login | None  # None: the login shell failed; use `bash -l -c`
+    checked: int = -1  # the DirWatch generation in which `stamp` was last found current
 
 
 def _stat(path: str) -> tuple[str, int, int, int, int] | None:
@@ -91,6 +93,9 @@ class LoginEnvs:
         self._running: dict[tuple[object, ...], asyncio.Future[_Kept]] = {}
         self._dir_stat: tuple[str, int, int, int, int] | None = None
         self._dir_entries: tuple[str, ...] = ()
+        # Spares the stats while nothing changed in /etc, /etc/profile.d or a home.
+        self._watch = DirWatch()
+        self._homes: dict[str, None] = {}  # watched homes, oldest first
 
     def _profile_d(self) -> list[tuple[str, int, int, int, int] | None]:
         """The directory's stat and its *.sh entries' (listed again only when it changed)."""
@@ -123,11 +128,33 @@ class LoginEnvs:
             return spec
         return replace(spec, login_env=login.env, umask=login.umask)
 
+    def _watch_dirs(self, home: str) -> frozenset[str]:
+        return frozenset({*(os.path.dirname(p) for p in SYSTEM_FILES), PROFILE_DIR,
+                          *([home] if home else [])})
+
+    def _watchable(self, stamp: Stamp) -> bool:
+        """No symlinked file (its target's directory is not watched)."""
+        return all(s is None or not os.path.islink(s[0]) for s in stamp)
+
     async def get(self, user: User, base: dict[str, str]) -> Login | None:
         key = (user.name, user.uid, user.gid, tuple(sorted(base.items())))
-        stamp = self.stamp(base.get("HOME", ""))
+        home = base.get("HOME", "")
         kept = self._kept.get(key)
+        dirs = self._watch_dirs(home)
+        if (kept is not None and kept.checked == self._watch.generation
+                and self._watch.quiet(dirs)):
+            return kept.login  # nothing changed since its stamp was found current
+        if not self._watch.quiet(dirs):
+            # Arm before taking the stats, so a change after them is an event.
+            if home and home not in self._homes:
+                self._homes[home] = None
+                if len(self._homes) > MAX_KEPT:
+                    self._homes.pop(next(iter(self._homes)))
+            self._watch.arm(dirs | set(self._homes))
+        stamp = self.stamp(home)
         if kept is not None and kept.stamp == stamp:
+            if self._watchable(stamp):
+                kept.checked = self._watch.generation
             return kept.login
         running = self._running.get(key)
         if running is None:
@@ -141,7 +168,11 @@ class LoginEnvs:
         return kept.login
 
     async def _compute(self, user: User, base: dict[str, str], stamp: Stamp) -> _Kept:
-        return _Kept(stamp, await asyncio.to_thread(capture, user, base))
+        # The generation before the capture: a change while it runs re-arms the
+        # watch, and the stamp is then compared again.
+        generation = self._watch.generation
+        login = await asyncio.to_thread(capture, user, base)
+        return _Kept(stamp, login, generation if self._watchable(stamp) else -1)
 
 
 def capture(user: User, base: dict[str, str]) -> Login | None:

@@ -322,16 +322,26 @@ class ManagedProcess:
         self._cursors[id(cursor)] = cursor
         return cursor
 
+    def hold(self, cursor: Cursor) -> None:
+        """Counts `cursor` for backpressure again (a reader handing it on: output channel)."""
+        self._cursors[id(cursor)] = cursor
+
+    def wake(self) -> None:
+        """Wakes followers waiting for output (to see their `until`)."""
+        self._notify()
+
     def detach(self, cursor: Cursor) -> None:
         if self._cursors.pop(id(cursor), None) is not None and self._paused:
             self._resume()
 
-    async def follow(self, cursor: Cursor, keepalive: float) -> AsyncIterator[Event]:
-        """Events for one reader until the process ends (replay, then live)."""
+    async def follow(self, cursor: Cursor, keepalive: float,
+                     until: asyncio.Future[None] | None = None) -> AsyncIterator[Event]:
+        """Events for one reader until the process ends (replay, then live), or
+        until `until` is done (seen between events; wake() to see it at once)."""
         key = id(cursor)
         self._cursors[key] = cursor
         try:
-            while True:
+            while until is None or not until.done():
                 dropped, item = self.log.take_parts(cursor, MESSAGE_MAX)
                 if dropped:
                     yield Dropped(dropped)

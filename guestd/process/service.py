@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import signal as signals
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from guestd.errors import InvalidArgument
+from guestd.process.channel import OutputSender
 from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
 from guestd.process.output import Part
 from guestd.process.spawn import Spec
@@ -14,6 +16,9 @@ from guestd.rpc_types import Ctx
 from guestd.wire import len_key, varint
 from moru_proto.guest.v1 import process_pb2 as pb
 from moru_proto.guest.v1 import process_pb2_grpc
+
+if TYPE_CHECKING:
+    from guestd.transfers import Transfers
 
 MAX_PTY_SIDE = 10_000
 
@@ -138,8 +143,9 @@ def info_pb(p: ManagedProcess) -> pb.ProcessInfo:
 
 
 class ProcessService(process_pb2_grpc.ProcessServicer):
-    def __init__(self, manager: ProcessManager) -> None:
+    def __init__(self, manager: ProcessManager, transfers: Transfers | None = None) -> None:
         self.m = manager
+        self.transfers = transfers  # output channels need its data listener
 
     def _get(self, sel: pb.ProcessSelector) -> ManagedProcess:
         which = sel.WhichOneof("selector")
@@ -147,31 +153,56 @@ class ProcessService(process_pb2_grpc.ProcessServicer):
             raise InvalidArgument("process: a pid or tag selector is required")
         return self.m.get(pid=sel.pid, tag=sel.tag) if which == "pid" else self.m.get(tag=sel.tag)
 
-    async def _stream(self, proc: ManagedProcess, live_only: bool,
+    async def _stream(self, proc: ManagedProcess, live_only: bool, channel: bool,
                       ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         # Attach before the first await: a reader that is not yet attached does
         # not hold the process back, so its output could overflow the buffer
         # while the start event is still on its way.
         cursor = proc.attach(live_only)
+        sender: OutputSender | None = None
+        start = pb.StartEvent(pid=proc.pid, tag=proc.tag)
+        t = self.transfers
         try:
-            yield pb.ProcessEvent(start=pb.StartEvent(pid=proc.pid, tag=proc.tag))
+            if channel and t is not None and t.address:
+                sender = OutputSender(proc, cursor, self.m.keepalive)
+                start.output.ticket = t.issue_stream(sender.run, sender.discard)
+                start.output.address = t.address
+            yield pb.ProcessEvent(start=start)
+            if sender is not None:
+                # Events as usual until the end, or until the client connects.
+                async for ev in proc.follow(cursor, self.m.keepalive, until=sender.connected):
+                    yield event_pb(ev)
+                    if isinstance(ev, End):
+                        return
+                proc.hold(cursor)  # still counted for backpressure while handed over
+                sender.start_sending()
+                yield pb.ProcessEvent(to_channel=pb.ToChannel())
+                while (sent_all := await sender.wait(self.m.keepalive)) is None:
+                    yield pb.ProcessEvent(keepalive=pb.KeepAlive())
+                if sent_all and proc.end is not None:
+                    yield pb.ProcessEvent(end=end_pb(proc.end))
+                    return
             async for ev in proc.follow(cursor, self.m.keepalive):
                 yield event_pb(ev)
         finally:
+            if sender is not None:
+                sender.close()
+                if t is not None:
+                    t.revoke(start.output.ticket)  # unused: no need to keep it 30 s
             proc.detach(cursor)
 
     async def Start(  # type: ignore[override]  # bytes: pre-serialized events
         self, request: pb.StartRequest, context: Ctx,
     ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         proc = self.m.start(await self.m.logins.prepare(spec_of(request)))
-        async for ev in self._stream(proc, False):
+        async for ev in self._stream(proc, False, request.output_channel):
             yield ev
 
     async def Connect(  # type: ignore[override]  # bytes: pre-serialized events
         self, request: pb.ConnectRequest, context: Ctx,
     ) -> AsyncIterator[pb.ProcessEvent | bytes]:
         proc = self._get(request.process)
-        async for ev in self._stream(proc, request.live_only):
+        async for ev in self._stream(proc, request.live_only, request.output_channel):
             yield ev
 
     async def List(self, request: pb.ListRequest, context: Ctx,

@@ -136,3 +136,43 @@ def test_kept_per_base_environment() -> None:
     finally:
         g.close()
     assert not os.path.exists(g.profile_d)
+
+
+def test_unchanged_files_are_not_stat_ed_again(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While nothing changed, a command costs no stats of the profile files
+    (an inotify watch answers); a change is still picked up at the next command."""
+    import asyncio
+
+    from guestd.process import login as mod
+    from guestd.process.spawn import resolve_user
+
+    etc, profile_d, home = tmp_path / "etc", tmp_path / "etc" / "profile.d", tmp_path / "home"
+    profile_d.mkdir(parents=True)
+    home.mkdir()
+    (etc / "profile").write_text("export A=1\n")
+    monkeypatch.setattr(mod, "SYSTEM_FILES", (str(etc / "profile"),))
+    monkeypatch.setattr(mod, "PROFILE_DIR", str(profile_d))
+    captures: list[int] = []
+    monkeypatch.setattr(mod, "capture", lambda u, b: captures.append(1) or mod.Login({}, 0o22))
+    stats: list[str] = []
+    real = mod._stat
+    monkeypatch.setattr(mod, "_stat", lambda p: stats.append(p) or real(p))
+    envs = mod.LoginEnvs(dict)
+    user, base = resolve_user(""), {"HOME": str(home)}
+
+    async def run() -> None:
+        await envs.get(user, base)
+        await envs.get(user, base)  # stats once more to find the stamp current
+        stats.clear()
+        for _ in range(3):
+            await envs.get(user, base)
+        assert stats == [] and len(captures) == 1
+        for path in (profile_d / "x.sh", home / ".profile", etc / "profile"):
+            path.write_text("export B=2\n")
+            await envs.get(user, base)
+            assert stats, path
+            stats.clear()
+        assert len(captures) == 4
+
+    asyncio.run(run())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,3 +164,54 @@ def test_without_a_data_listener_open_says_so(guestd: Guestd, tmpdir_short: str)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "--data-listen" in (e.value.details() or "")
     assert os.listdir(tmpdir_short) == []
+
+
+def test_unaligned_sizes_and_offsets_through_the_direct_paths(data_guestd: Guestd,
+                                                              tmpdir_short: str) -> None:
+    """Uploads of DIRECT_MIN or more go through O_DIRECT with a buffered tail;
+    reads of DIRECT_MIN or more with O_DIRECT, smaller ones from page-cache
+    mappings: sizes and offsets off every alignment, reads crossing buffers and
+    mapping windows, a file in /dev/shm (tmpfs) as well."""
+    from guestd.transfers import DIRECT_MIN, MAP_WINDOW
+
+    g = data_guestd
+    shm = tempfile.mkdtemp(dir="/dev/shm", prefix="moru-t")
+    try:
+        for d, size in ((tmpdir_short, DIRECT_MIN + 4097), (tmpdir_short, 2 * MAP_WINDOW + 1),
+                        (shm, DIRECT_MIN + 1)):
+            data = os.urandom(size)
+            path = f"{d}/odd.bin"
+            resp = write_file(g.fs, pb.WriteHeader(path=path, size=size),
+                              [data[i:i + 3 * MB + 7] for i in range(0, size, 3 * MB + 7)])
+            assert resp.bytes_written == size
+            with open(path, "rb") as f:
+                assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+            for offset, length in ((0, 0), (4095, 0), (MAP_WINDOW - 3, MAP_WINDOW + 10),
+                                   (4097, 3 * MB)):  # under DIRECT_MIN: mapped
+                got = bytearray()
+                _, n = read_file(g.fs, pb.ReadRequest(path=path, offset=offset, length=length),
+                                 got.extend)
+                want = data[offset:offset + length] if length else data[offset:]
+                assert n == len(want) and bytes(got) == want, (path, offset, length)
+            assert os.listdir(d) == ["odd.bin"]
+            os.unlink(path)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_a_file_truncated_during_a_read_ends_short(data_guestd: Guestd,
+                                                   tmpdir_short: str) -> None:
+    g = data_guestd
+    path = f"{tmpdir_short}/shrinks.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(64 * MB))
+    t = g.fs.OpenRead(pb.ReadRequest(path=path))
+    got = 0
+    with connect(t.address) as s:
+        s.sendall(t.ticket)
+        got += len(s.recv(MB))
+        os.truncate(path, 2 * MB)
+        while more := s.recv(MB):
+            got += len(more)
+    assert MB <= got < 64 * MB
+    assert g.fs.Stat(pb.StatRequest(path=path)).entry.size == 2 * MB  # guestd still answers

@@ -78,6 +78,40 @@ def test_sdk_large_files_round_trip(shared_sandbox: Sandbox) -> None:
     shared_sandbox.commands.run("rm -f /tmp/big.bin /tmp/big.txt /tmp/relay.bin")
 
 
+def test_sdk_reads_in_parts_and_as_a_user(shared_sandbox: Sandbox) -> None:
+    """A file just over the first Read's CHUNK (the rest by a second Read), one
+    over DATA_MIN (the rest over the relay) written and read as `user`, and a
+    file replaced between the parts (read whole again)."""
+    from moru._files import CHUNK
+
+    sbx = shared_sandbox
+    for size, user in ((CHUNK + 3, None), (DATA_MIN + 4097, "user")):
+        data = os.urandom(size)
+        info = sbx.files.write("/home/user/parts.bin", data, user=user)
+        assert info.owner == (user or "root")
+        back = sbx.files.read("/home/user/parts.bin", format="bytes", user=user)
+        assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+    sbx.commands.run("rm -f /home/user/parts.bin")
+
+
+def test_sdk_read_of_a_file_replaced_between_the_parts(shared_sandbox: Sandbox,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from moru import _transfer
+
+    sbx = shared_sandbox
+    old, new = os.urandom(DATA_MIN + 1), os.urandom(DATA_MIN + 2)
+    sbx.files.write("/tmp/replaced.bin", old)
+    real = _transfer.read_after
+
+    async def replace_first(*args: Any) -> Any:
+        await sbx._core.files.write("/tmp/replaced.bin", new)
+        return await real(*args)
+
+    monkeypatch.setattr(_transfer, "read_after", replace_first)
+    assert sbx.files.read("/tmp/replaced.bin", format="bytes") == new
+    sbx.commands.run("rm -f /tmp/replaced.bin")
+
+
 def test_login_environment_of_the_image_is_kept_and_refreshed(shared_sandbox: Sandbox) -> None:
     sbx = shared_sandbox
     had_profile = sbx.files.exists("/root/.profile")

@@ -140,6 +140,7 @@ class StartRequest(_message.Message):
     PTY_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_CHANNEL_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Optional name to find the process by later; unique among running ones."""
     stdin: _builtins.bool
@@ -147,6 +148,11 @@ class StartRequest(_message.Message):
     timeout_seconds: _builtins.float
     """The process's own timeout in seconds; 0 means none. On expiry its whole
     process group is killed and the end event has timed_out set.
+    """
+    output_channel: _builtins.bool
+    """Ask for the output over an output channel (see OutputChannel) instead of
+    data events. Ignored when guestd has no data listener: the start event
+    then carries no channel and output comes as data events, as without it.
     """
     @_builtins.property
     def config(self) -> Global___ProcessConfig: ...
@@ -164,10 +170,11 @@ class StartRequest(_message.Message):
         pty: Global___PtySize | None = ...,
         stdin: _builtins.bool = ...,
         timeout_seconds: _builtins.float = ...,
+        output_channel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "pty", b"pty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "pty", b"pty", "stdin", b"stdin", "tag", b"tag", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "output_channel", b"output_channel", "pty", b"pty", "stdin", b"stdin", "tag", b"tag", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,21 +186,64 @@ class StartEvent(_message.Message):
 
     PID_FIELD_NUMBER: _builtins.int
     TAG_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     tag: _builtins.str
+    @_builtins.property
+    def output(self) -> Global___OutputChannel:
+        """Set when output_channel was asked for and granted."""
+
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
         tag: _builtins.str = ...,
+        output: Global___OutputChannel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "pid", b"pid", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartEvent: _TypeAlias = StartEvent  # noqa: Y015
+
+@_typing.final
+class OutputChannel(_message.Message):
+    """A one-use ticket for guestd's data listener (as Filesystem.OpenRead's).
+    Output comes as data events until the client connects to `address` and
+    sends the ticket (a client may do so only once output turns out to be
+    large; a short command then never pays for the connection). guestd then
+    sends a ToChannel event, and the output continues on the connection as
+    frames until it closes: a 5-byte header, a kind byte and a big-endian
+    uint32 length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty
+    data; 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as
+    in OutputDropped); 5 end of output (length 0: the process has ended and all
+    of its output was sent). Frames keep the order data events would have. The
+    end event follows on the event stream. If the connection breaks, the rest
+    of the output comes as data events again, after the frames. A ticket not
+    used within 30 s expires; output then simply stays on the event stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.bytes
+    address: _builtins.str
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.bytes = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputChannel: _TypeAlias = OutputChannel  # noqa: Y015
 
 @_typing.final
 class DataEvent(_message.Message):
@@ -307,6 +357,25 @@ class KeepAlive(_message.Message):
 Global___KeepAlive: _TypeAlias = KeepAlive  # noqa: Y015
 
 @_typing.final
+class ToChannel(_message.Message):
+    """The output continues on the output channel (see OutputChannel): read its
+    frames until it closes, then this stream's events again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToChannel: _TypeAlias = ToChannel  # noqa: Y015
+
+@_typing.final
 class ProcessEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -315,6 +384,7 @@ class ProcessEvent(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     KEEPALIVE_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    TO_CHANNEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartEvent: ...
     @_builtins.property
@@ -325,6 +395,8 @@ class ProcessEvent(_message.Message):
     def keepalive(self) -> Global___KeepAlive: ...
     @_builtins.property
     def dropped(self) -> Global___OutputDropped: ...
+    @_builtins.property
+    def to_channel(self) -> Global___ToChannel: ...
     def __init__(
         self,
         *,
@@ -333,12 +405,13 @@ class ProcessEvent(_message.Message):
         end: Global___EndEvent | None = ...,
         keepalive: Global___KeepAlive | None = ...,
         dropped: Global___OutputDropped | None = ...,
+        to_channel: Global___ToChannel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start", "to_channel", b"to_channel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped", b"dropped", "end", b"end", "event", b"event", "keepalive", b"keepalive", "start", b"start", "to_channel", b"to_channel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "data", "end", "keepalive", "dropped"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "data", "end", "keepalive", "dropped", "to_channel"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -350,8 +423,11 @@ class ConnectRequest(_message.Message):
 
     PROCESS_FIELD_NUMBER: _builtins.int
     LIVE_ONLY_FIELD_NUMBER: _builtins.int
+    OUTPUT_CHANNEL_FIELD_NUMBER: _builtins.int
     live_only: _builtins.bool
     """Skip the replay of kept output and follow only new output."""
+    output_channel: _builtins.bool
+    """As StartRequest.output_channel."""
     @_builtins.property
     def process(self) -> Global___ProcessSelector: ...
     def __init__(
@@ -359,10 +435,11 @@ class ConnectRequest(_message.Message):
         *,
         process: Global___ProcessSelector | None = ...,
         live_only: _builtins.bool = ...,
+        output_channel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["process", b"process"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_only", b"live_only", "process", b"process"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_only", b"live_only", "output_channel", b"output_channel", "process", b"process"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,11 +86,39 @@ export interface StartRequest {
    * process group is killed and the end event has timed_out set.
    */
   timeoutSeconds: number;
+  /**
+   * Ask for the output over an output channel (see OutputChannel) instead of
+   * data events. Ignored when guestd has no data listener: the start event
+   * then carries no channel and output comes as data events, as without it.
+   */
+  outputChannel: boolean;
 }
 
 export interface StartEvent {
   pid: number;
   tag: string;
+  /** Set when output_channel was asked for and granted. */
+  output: OutputChannel | undefined;
+}
+
+/**
+ * A one-use ticket for guestd's data listener (as Filesystem.OpenRead's).
+ * Output comes as data events until the client connects to `address` and
+ * sends the ticket (a client may do so only once output turns out to be
+ * large; a short command then never pays for the connection). guestd then
+ * sends a ToChannel event, and the output continues on the connection as
+ * frames until it closes: a 5-byte header, a kind byte and a big-endian
+ * uint32 length, followed by that many bytes: kind 1 stdout, 2 stderr, 3 pty
+ * data; 4 dropped (three big-endian uint64: stdout, stderr and pty bytes, as
+ * in OutputDropped); 5 end of output (length 0: the process has ended and all
+ * of its output was sent). Frames keep the order data events would have. The
+ * end event follows on the event stream. If the connection breaks, the rest
+ * of the output comes as data events again, after the frames. A ticket not
+ * used within 30 s expires; output then simply stays on the event stream.
+ */
+export interface OutputChannel {
+  ticket: Buffer;
+  address: string;
 }
 
 export interface DataEvent {
@@ -127,12 +155,20 @@ export interface EndEvent {
 export interface KeepAlive {
 }
 
+/**
+ * The output continues on the output channel (see OutputChannel): read its
+ * frames until it closes, then this stream's events again.
+ */
+export interface ToChannel {
+}
+
 export interface ProcessEvent {
   start?: StartEvent | undefined;
   data?: DataEvent | undefined;
   end?: EndEvent | undefined;
   keepalive?: KeepAlive | undefined;
   dropped?: OutputDropped | undefined;
+  toChannel?: ToChannel | undefined;
 }
 
 export interface ConnectRequest {
@@ -141,6 +177,8 @@ export interface ConnectRequest {
     | undefined;
   /** Skip the replay of kept output and follow only new output. */
   liveOnly: boolean;
+  /** As StartRequest.output_channel. */
+  outputChannel: boolean;
 }
 
 export interface ListRequest {
@@ -632,7 +670,7 @@ export const ProcessConfig_EnvEntry: MessageFns<ProcessConfig_EnvEntry> = {
 };
 
 function createBaseStartRequest(): StartRequest {
-  return { config: undefined, tag: "", pty: undefined, stdin: false, timeoutSeconds: 0 };
+  return { config: undefined, tag: "", pty: undefined, stdin: false, timeoutSeconds: 0, outputChannel: false };
 }
 
 export const StartRequest: MessageFns<StartRequest> = {
@@ -651,6 +689,9 @@ export const StartRequest: MessageFns<StartRequest> = {
     }
     if (message.timeoutSeconds !== 0) {
       writer.uint32(41).double(message.timeoutSeconds);
+    }
+    if (message.outputChannel !== false) {
+      writer.uint32(48).bool(message.outputChannel);
     }
     return writer;
   },
@@ -708,6 +749,14 @@ export const StartRequest: MessageFns<StartRequest> = {
             message.timeoutSeconds = reader.double();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.outputChannel = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -731,6 +780,11 @@ export const StartRequest: MessageFns<StartRequest> = {
         : isSet(object.timeout_seconds)
         ? globalThis.Number(object.timeout_seconds)
         : 0,
+      outputChannel: isSet(object.outputChannel)
+        ? globalThis.Boolean(object.outputChannel)
+        : isSet(object.output_channel)
+        ? globalThis.Boolean(object.output_channel)
+        : false,
     };
   },
 
@@ -751,6 +805,9 @@ export const StartRequest: MessageFns<StartRequest> = {
     if (message.timeoutSeconds !== 0) {
       obj.timeoutSeconds = floatToJson(message.timeoutSeconds);
     }
+    if (message.outputChannel !== false) {
+      obj.outputChannel = message.outputChannel;
+    }
     return obj;
   },
 
@@ -766,12 +823,13 @@ export const StartRequest: MessageFns<StartRequest> = {
     message.pty = (object.pty !== undefined && object.pty !== null) ? PtySize.fromPartial(object.pty) : undefined;
     message.stdin = object.stdin ?? false;
     message.timeoutSeconds = object.timeoutSeconds ?? 0;
+    message.outputChannel = object.outputChannel ?? false;
     return message;
   },
 };
 
 function createBaseStartEvent(): StartEvent {
-  return { pid: 0, tag: "" };
+  return { pid: 0, tag: "", output: undefined };
 }
 
 export const StartEvent: MessageFns<StartEvent> = {
@@ -781,6 +839,9 @@ export const StartEvent: MessageFns<StartEvent> = {
     }
     if (message.tag !== "") {
       writer.uint32(18).string(message.tag);
+    }
+    if (message.output !== undefined) {
+      OutputChannel.encode(message.output, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -814,6 +875,14 @@ export const StartEvent: MessageFns<StartEvent> = {
             message.tag = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.output = OutputChannel.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -830,6 +899,7 @@ export const StartEvent: MessageFns<StartEvent> = {
     return {
       pid: isSet(object.pid) ? globalThis.Number(object.pid) : 0,
       tag: isSet(object.tag) ? globalThis.String(object.tag) : "",
+      output: isSet(object.output) ? OutputChannel.fromJSON(object.output) : undefined,
     };
   },
 
@@ -841,6 +911,9 @@ export const StartEvent: MessageFns<StartEvent> = {
     if (message.tag !== "") {
       obj.tag = message.tag;
     }
+    if (message.output !== undefined) {
+      obj.output = OutputChannel.toJSON(message.output);
+    }
     return obj;
   },
 
@@ -851,6 +924,94 @@ export const StartEvent: MessageFns<StartEvent> = {
     const message = createBaseStartEvent();
     message.pid = object.pid ?? 0;
     message.tag = object.tag ?? "";
+    message.output = (object.output !== undefined && object.output !== null)
+      ? OutputChannel.fromPartial(object.output)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseOutputChannel(): OutputChannel {
+  return { ticket: Buffer.alloc(0), address: "" };
+}
+
+export const OutputChannel: MessageFns<OutputChannel> = {
+  encode(message: OutputChannel, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticket.length !== 0) {
+      writer.uint32(10).bytes(message.ticket);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OutputChannel {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOutputChannel();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticket = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OutputChannel {
+    return {
+      ticket: isSet(object.ticket) ? Buffer.from(bytesFromBase64(object.ticket)) : Buffer.alloc(0),
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+    };
+  },
+
+  toJSON(message: OutputChannel): unknown {
+    const obj: any = {};
+    if (message.ticket.length !== 0) {
+      obj.ticket = base64FromBytes(message.ticket);
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<OutputChannel>, I>>(base?: I): OutputChannel {
+    return OutputChannel.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<OutputChannel>, I>>(object: I): OutputChannel {
+    const message = createBaseOutputChannel();
+    message.ticket = object.ticket ?? Buffer.alloc(0);
+    message.address = object.address ?? "";
     return message;
   },
 };
@@ -1278,8 +1439,67 @@ export const KeepAlive: MessageFns<KeepAlive> = {
   },
 };
 
+function createBaseToChannel(): ToChannel {
+  return {};
+}
+
+export const ToChannel: MessageFns<ToChannel> = {
+  encode(_: ToChannel, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToChannel {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToChannel();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): ToChannel {
+    return {};
+  },
+
+  toJSON(_: ToChannel): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToChannel>, I>>(base?: I): ToChannel {
+    return ToChannel.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToChannel>, I>>(_: I): ToChannel {
+    const message = createBaseToChannel();
+    return message;
+  },
+};
+
 function createBaseProcessEvent(): ProcessEvent {
-  return { start: undefined, data: undefined, end: undefined, keepalive: undefined, dropped: undefined };
+  return {
+    start: undefined,
+    data: undefined,
+    end: undefined,
+    keepalive: undefined,
+    dropped: undefined,
+    toChannel: undefined,
+  };
 }
 
 export const ProcessEvent: MessageFns<ProcessEvent> = {
@@ -1298,6 +1518,9 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
     }
     if (message.dropped !== undefined) {
       OutputDropped.encode(message.dropped, writer.uint32(42).fork()).join();
+    }
+    if (message.toChannel !== undefined) {
+      ToChannel.encode(message.toChannel, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1355,6 +1578,14 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
             message.dropped = OutputDropped.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.toChannel = ToChannel.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1374,6 +1605,11 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
       end: isSet(object.end) ? EndEvent.fromJSON(object.end) : undefined,
       keepalive: isSet(object.keepalive) ? KeepAlive.fromJSON(object.keepalive) : undefined,
       dropped: isSet(object.dropped) ? OutputDropped.fromJSON(object.dropped) : undefined,
+      toChannel: isSet(object.toChannel)
+        ? ToChannel.fromJSON(object.toChannel)
+        : isSet(object.to_channel)
+        ? ToChannel.fromJSON(object.to_channel)
+        : undefined,
     };
   },
 
@@ -1394,6 +1630,9 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
     if (message.dropped !== undefined) {
       obj.dropped = OutputDropped.toJSON(message.dropped);
     }
+    if (message.toChannel !== undefined) {
+      obj.toChannel = ToChannel.toJSON(message.toChannel);
+    }
     return obj;
   },
 
@@ -1413,12 +1652,15 @@ export const ProcessEvent: MessageFns<ProcessEvent> = {
     message.dropped = (object.dropped !== undefined && object.dropped !== null)
       ? OutputDropped.fromPartial(object.dropped)
       : undefined;
+    message.toChannel = (object.toChannel !== undefined && object.toChannel !== null)
+      ? ToChannel.fromPartial(object.toChannel)
+      : undefined;
     return message;
   },
 };
 
 function createBaseConnectRequest(): ConnectRequest {
-  return { process: undefined, liveOnly: false };
+  return { process: undefined, liveOnly: false, outputChannel: false };
 }
 
 export const ConnectRequest: MessageFns<ConnectRequest> = {
@@ -1428,6 +1670,9 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
     }
     if (message.liveOnly !== false) {
       writer.uint32(16).bool(message.liveOnly);
+    }
+    if (message.outputChannel !== false) {
+      writer.uint32(24).bool(message.outputChannel);
     }
     return writer;
   },
@@ -1461,6 +1706,14 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
             message.liveOnly = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.outputChannel = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1481,6 +1734,11 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
         : isSet(object.live_only)
         ? globalThis.Boolean(object.live_only)
         : false,
+      outputChannel: isSet(object.outputChannel)
+        ? globalThis.Boolean(object.outputChannel)
+        : isSet(object.output_channel)
+        ? globalThis.Boolean(object.output_channel)
+        : false,
     };
   },
 
@@ -1491,6 +1749,9 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
     }
     if (message.liveOnly !== false) {
       obj.liveOnly = message.liveOnly;
+    }
+    if (message.outputChannel !== false) {
+      obj.outputChannel = message.outputChannel;
     }
     return obj;
   },
@@ -1504,6 +1765,7 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
       ? ProcessSelector.fromPartial(object.process)
       : undefined;
     message.liveOnly = object.liveOnly ?? false;
+    message.outputChannel = object.outputChannel ?? false;
     return message;
   },
 };
