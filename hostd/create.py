@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostd import validation
 from hostd.config import Config
+from hostd.create_steps import StepClock
 from hostd.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -178,6 +179,7 @@ class Creator:
         )
         sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history))
         env = {**manifest.env, **envs}
+        clock = StepClock()
         async with sb.lock:
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -187,10 +189,11 @@ class Creator:
                     stack.callback(self._sandboxes.pop, sid, None)
                     self.store.put(rec)
                     stack.callback(self.store.delete, sid)
+                    clock.mark("reserve + store row")
                     # Errors get the console tail here, before the stack removes it.
                     try:
                         async with asyncio.timeout(cfg.create_deadline_seconds):
-                            await self._boot(sb, stack, manifest, env)
+                            await self._boot(sb, stack, manifest, env, clock)
                     except TimeoutError:
                         raise DeadlineExceeded(
                             f"sandbox {sid} was not ready within {cfg.create_deadline_seconds:g} s"
@@ -208,6 +211,8 @@ class Creator:
                     rec.end_at = rec.started_at + timeout
                     self.store.put(rec)
                     sb.res.stack = stack.pop_all()
+                    clock.mark("store row running")
+                    log.info("%s", clock.line(sid, sb.create_path))
             except BaseException as e:
                 sb.gone = True
                 msg = e.message if isinstance(e, MoruError) else repr(e)
@@ -258,11 +263,12 @@ class Creator:
             accel=cfg.accel,
         )  # fmt: skip
         sb = Sandbox(rec=rec, metrics=deque(maxlen=cfg.metrics_history), background=True)
+        clock = StepClock()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.store.delete, mid)
             try:
                 async with asyncio.timeout(cfg.create_deadline_seconds):
-                    await self._boot(sb, stack, manifest, dict(manifest.env))
+                    await self._boot(sb, stack, manifest, dict(manifest.env), clock)
                 # Only once it is up: a boot at this weight starves a vCPU, and the
                 # kernel's APIC timer calibration then stops the boot for good.
                 assert sb.res.cgroup is not None
@@ -273,6 +279,7 @@ class Creator:
                     f" {cfg.create_deadline_seconds:g} s (stuck {sb.stage})" + self._console(sb)
                 ) from None
             sb.res.stack = stack.pop_all()
+        log.info("%s", clock.line(mid, f"pool member, {sb.create_path}"))
         return sb
 
     async def _boot(
@@ -281,6 +288,7 @@ class Creator:
         stack: contextlib.AsyncExitStack,
         manifest: TemplateManifest,
         env: dict[str, str],
+        clock: StepClock,
     ) -> None:
         """cgroup -> network -> VM -> relay -> guest ready -> Init, each pushed on `stack`."""
         rec, res = sb.rec, sb.res
@@ -288,12 +296,22 @@ class Creator:
         sb.stage = "creating the cgroup"
         res.cgroup = self.cgroups.create(rec.sandbox_id, rec.vcpus, rec.memory_mb << 20, PIDS_MAX)
         stack.push_async_callback(res.cgroup.remove)
+        clock.mark("cgroup")
+        ready = self._ready_snapshot(rec, manifest)
+        staging = None
+        if ready is not None:
+            # The ready snapshot's RAM image and overlay are copied while the network is
+            # set up (QEMU needs the network, the copies do not).
+            stack.callback(RunDir(rec.run_dir).remove)
+            staging = asyncio.create_task(self._stage(vm_spec(rec, res.cgroup.procs_files), ready))
+            stack.push_async_callback(_cancelled, staging)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
             net = await self.network.setup(rec.sandbox_id, egress_policy(rec))
             stack.push_async_callback(self.network.teardown, rec.sandbox_id)
             rec.network = net_dict(net)
+            clock.mark("network")
         rec.kernel_cmdline = " ".join(
             p
             for p in (
@@ -314,8 +332,9 @@ class Creator:
             spec = dataclasses.replace(spec, extra_disks=(disk,))
         # Whichever VM is current is destroyed on failure (a retry replaces it).
         stack.push_async_callback(self._destroy_current_vm, res)
-        ready = self._ready_snapshot(rec, manifest)
-        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net):
+        clock.mark("store row + spec")
+        if ready is not None and await self._from_ready(sb, stack, spec, ready, env, net, clock,
+                                                        staging):  # fmt: skip
             return
         sb.create_path = "cold_boot"
         for attempt in range(1, BOOT_ATTEMPTS + 1):
@@ -325,9 +344,11 @@ class Creator:
             sb.stage = "starting the VMM"
             await vm.start()
             t1 = time.monotonic()
+            clock.mark("VMM start")
             sb.stage = "waiting for guestd on vsock"
             try:
                 await self._wait_guest(vm, rec)
+                clock.mark("guest boot to guestd")
                 break
             except (VsockSilent, BootStuck) as e:
                 if attempt == BOOT_ATTEMPTS:
@@ -338,7 +359,9 @@ class Creator:
         sb.stage = "starting the vsock relay"
         await res.connect(vm, rec, stack)
         t2 = time.monotonic()
+        clock.mark("relay")
         await self._init(sb, env)
+        clock.mark("Init")
         log.info(
             "%s: VMM started in %.2f s, guest ready after %.2f s, Init took %.2f s",
             rec.sandbox_id,
@@ -379,8 +402,11 @@ class Creator:
         ready: Path,
         env: dict[str, str],
         net: Any,
+        clock: StepClock,
+        staging: asyncio.Task[float] | None = None,
     ) -> bool:
-        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead."""
+        """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead.
+        `staging`: the task copying the snapshot's RAM and overlay (`_stage`), if started."""
         assert self.ready is not None
         rec, res = sb.rec, sb.res
         t0 = time.monotonic()
@@ -390,17 +416,31 @@ class Creator:
             async with contextlib.AsyncExitStack() as sub:
                 async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
                     sb.stage = "restoring the ready snapshot"
+                    if staging is not None:
+                        clock.add({"RAM + overlay copy ||": await staging})
+                        clock.mark("copies done")
                     with self.ready.using(ready):
-                        vm = await self.ready.restore(spec, ready)
+                        vm = await self.ready.restore(spec, ready, staged=staging is not None)
                     res.vm = vm
+                    steps = vm.restore_steps
+                    clock.mark("restore")
+                    if steps:  # the driver's own steps, the rest (overlay copy, checks) apart
+                        restore = clock.steps.pop()[1]
+                        clock.add({"checks": restore - sum(steps.values()), **steps})
                     write_spec(spec)
                     sb.stage = "waiting for the restored guestd on vsock"
                     await wait_ready(vm.vsock_uds, rec.guestd_port,
                                      time.monotonic() + self.config.ready_snapshot_restore_seconds,
-                                     alive=vm.is_alive, interval=0.05)  # fmt: skip
+                                     alive=vm.is_alive, interval=0.01)  # fmt: skip
+                    clock.mark("guestd reachable")
                     sb.stage = "starting the vsock relay"
                     await res.connect(vm, rec, sub)
+                    clock.mark("relay")
+                    assert res.channel is not None
+                    await res.channel.channel_ready()
+                    clock.mark("gRPC connect")
                     await self._init(sb, env, net)
+                    clock.mark("Init")
                 stack.push_async_exit(sub.pop_all())
         except Exception as e:
             log.warning("%s: create from ready snapshot %s failed after %.1f s, booting cold: %s",
@@ -415,6 +455,14 @@ class Creator:
         log.info("%s: restored from ready snapshot %s and initialized in %.2f s",
                  rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
         return True
+
+    async def _stage(self, spec: VmSpec, ready: Path) -> float:
+        """Copies what a restore from `ready` reads into spec's run dir; returns the seconds."""
+        assert self.ready is not None
+        t0 = time.monotonic()
+        with self.ready.using(ready):
+            await self.ready.stage(spec, ready)
+        return time.monotonic() - t0
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
         """Waits for guestd as hostd.readiness says; VsockSilent, BootStuck: boot a fresh VM."""
@@ -433,3 +481,11 @@ class Creator:
         vm = sb.res.vm
         tail = vm.console_tail(2048) if vm is not None else ""
         return f"\n--- guest console (tail) ---\n{tail}" if tail else ""
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancels task if it still runs and waits for it (its own cleanup done)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure here is reported where the task is awaited

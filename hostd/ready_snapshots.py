@@ -358,9 +358,13 @@ class ReadySnapshots:
         )  # fmt: skip
         return final
 
-    async def restore(self, spec: VmSpec, ready: Path) -> Vm:
+    async def stage(self, spec: VmSpec, ready: Path) -> None:
+        """What a restore from `ready` reads, put in spec's run dir ahead (see `stage_ready`)."""
+        await stage_ready(self.vmm, spec, ready)
+
+    async def restore(self, spec: VmSpec, ready: Path, *, staged: bool = False) -> Vm:
         """A new VM from the ready snapshot in `ready` (see `restore_ready`)."""
-        return await restore_ready(self.vmm, spec, ready)
+        return await restore_ready(self.vmm, spec, ready, staged=staged)
 
     async def _wait_guestd(self, vm: Vm, shape: Shape) -> None:
         """guestd's line on the console, then its vsock port (hostd.readiness, as Create)."""
@@ -390,15 +394,11 @@ async def save_ready(vm: Vm, dest: Path, *, guest_ejected: bool = False) -> Snap
     return info
 
 
-async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> Vm:
-    """A new VM (spec.run_dir is its own) started from the ready snapshot in `ready`.
-
-    The snapshot's files are only read, so many sandboxes can start from it
-    at once; each gets a copy of the snapshot's overlay (small: the
-    template's rootfs stays the shared backing file). The caller then sends
-    Guest.Init with the sandbox's identity, env, fresh entropy and the wall
-    clock. spec.kernel_cmdline does not reach the guest (it booted long ago).
-    """
+async def stage_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> None:
+    """The disk overlay and the guest RAM image of `ready` copied into spec's run dir
+    (the RAM inside its cgroups), so that `restore_ready(..., staged=True)` starts the VMM
+    at once; meanwhile the caller sets up the network. On failure or cancel the copies
+    are removed; after success `restore_ready` or `RunDir.remove` releases them."""
     snap = ready / SNAPSHOT
     read_info(snap)
     overlay = ready / OVERLAY
@@ -406,7 +406,28 @@ async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> Vm:
         raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
     await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
-    return await vmm.restore(spec, snap)
+    await vmm.stage_restore(spec, snap)
+
+
+async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path, *, staged: bool = False) -> Vm:
+    """A new VM (spec.run_dir is its own) started from the ready snapshot in `ready`.
+
+    The snapshot's files are only read, so many sandboxes can start from it
+    at once; each gets a copy of the snapshot's overlay (small: the
+    template's rootfs stays the shared backing file), unless `staged`
+    (`stage_ready` copied it and the RAM). The caller then sends
+    Guest.Init with the sandbox's identity, env, fresh entropy and the wall
+    clock. spec.kernel_cmdline does not reach the guest (it booted long ago).
+    """
+    snap = ready / SNAPSHOT
+    read_info(snap)
+    if not staged:
+        overlay = ready / OVERLAY
+        if not overlay.is_file():
+            raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
+        await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
+    return await vmm.restore(spec, snap, staged=staged)
 
 
 async def _run_in_guest(vm: Vm, port: int, relay_path: Path, script: str) -> None:
@@ -438,4 +459,4 @@ def _fsync_tree(path: Path) -> None:
     fsync_path(path)
 
 
-__all__ = ["ReadySnapshots", "Shape", "restore_ready", "save_ready", "shape_of"]
+__all__ = ["ReadySnapshots", "Shape", "restore_ready", "save_ready", "shape_of", "stage_ready"]

@@ -186,9 +186,10 @@ class SandboxManager:
     async def create(self, opts: CreateOptions) -> SandboxRecord:
         t0 = time.monotonic()
         sb = await self.creator.create(opts)
-        if sb.create_path != "warm_pool":
-            # A claim returns without it (a guest round trip, 0.1-0.3 s under TCG
-            # load): the sampler takes it within metrics_interval_seconds.
+        if sb.create_path == "cold_boot":
+            # A claim or a restore returns without it (a guest round trip, 0.1-0.4 s
+            # under TCG, more in a just-restored QEMU): the sampler takes it within
+            # metrics_interval_seconds.
             await self._sample(sb)
         rec = sb.rec
         self.bus.publish(

@@ -135,6 +135,11 @@ class Vm(abc.ABC):
     def is_alive(self) -> bool:
         """Whether the VMM process still runs."""
 
+    @property
+    def restore_steps(self) -> dict[str, float]:
+        """Seconds per step of the restore that started this VM, in order (empty: booted)."""
+        return {}
+
     # --- vsock health ----------------------------------------------------
     def vsock_device_dead(self) -> bool:
         """Whether the vsock device's worker is gone for good (it never answers again)."""
@@ -220,17 +225,30 @@ class Vmm(abc.ABC):
         processes are gone.
         """
 
+    async def stage_restore(self, spec: VmSpec, snapshot: Path) -> None:
+        """Puts in place ahead what `restore(spec, snapshot, staged=True)` reads (e.g. the
+        guest RAM image), so the caller can do other work (the network) meanwhile.
+
+        Only spec's run_dir, memory and cgroups count here. On failure or
+        cancel nothing staged is left; after success `restore` or removing
+        the run dir (`RunDir.remove`) releases it. Drivers with nothing to
+        stage do nothing.
+        """
+        return None
+
     async def restore(
         self,
         spec: VmSpec,
         snapshot: Path,
         *,
         timeout: float = 600.0,  # noqa: ASYNC109
+        staged: bool = False,
     ) -> Vm:
         """The VM saved at `snapshot`, running, with a fresh vsock device.
 
-        spec.run_dir must hold the disk overlay the VM was saved with.
-        Raises SnapshotNotFound, SnapshotCorrupt or SnapshotError; on failure
-        no process is left and run_dir is kept.
+        spec.run_dir must hold the disk overlay the VM was saved with;
+        `staged`: `stage_restore` ran for it. Raises SnapshotNotFound,
+        SnapshotCorrupt or SnapshotError; on failure no process is left and
+        run_dir is kept.
         """
         raise SnapshotError(f"the {self.name} driver cannot restore snapshots")

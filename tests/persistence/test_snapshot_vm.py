@@ -98,6 +98,9 @@ def test_pause_to_disk_keeps_a_counting_process_and_frees_memory(
 
         t0 = time.monotonic()
         vm.vm = vm_runner.run(PciQemuVmm().restore(vm.vm.spec, snap))
+        # The re-plug waited for the fresh backend to take the rings (not a fixed time).
+        assert vm.vm.vsock_rings_ready() is True
+        assert {"RAM copy", "guest probes vsock", "vsock settle"} <= set(vm.vm.restore_steps)
         wait_guestd(vm, 120)
         print(f"restore to guestd answering: {time.monotonic() - t0:.2f}s")
         assert check(vm.process, "cat /root/before") == "kept\n"

@@ -9,14 +9,19 @@ See QemuVm.vsock_device_dead and hostd/readiness.py.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
-from vmfixtures import VmRunner, boot_template
+from vmfixtures import VmRunner, boot_template, make_spec
 
 from hostd.readiness import VsockSilent, wait_guestd
+from hostd.vmm.qemu import QemuVmm
 from hostd.vmm.qmp import qmp_command
 from hostd.vsock import dial_socket, wait_ready
+from images.manifest import load_manifest
 
 pytestmark = pytest.mark.vm
 
@@ -26,6 +31,7 @@ def test_a_dial_while_the_rings_are_stopped_and_its_detection(vm_runner: VmRunne
     vm, port = booted.vm, booted.manifest.guestd_port
     try:
         assert not vm.vsock_device_dead()  # a working device has its worker thread
+        assert vm.vsock_rings_ready() is True  # the guest driver started it: rings taken
 
         async def dial_while_stopped() -> None:
             await qmp_command(vm.qmp_sock, "stop")  # QEMU stops the device's rings
@@ -48,3 +54,21 @@ def test_a_dial_while_the_rings_are_stopped_and_its_detection(vm_runner: VmRunne
             vm_runner.run(wait_ready(vm.vsock_uds, port, time.monotonic() + 30))
     finally:
         booted.destroy()
+
+
+def test_a_fresh_backend_shows_no_rings_until_a_device_starts(vm_runner: VmRunner) -> None:
+    """What the re-plug after a restore waits for instead of a fixed settle: a backend
+    with no device started has no ring in its worker's epoll (a dial would kill it)."""
+    tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="mvr"))  # short: socket paths
+    spec = make_spec(load_manifest("base"), tmp / "vm")
+    spec.run_dir.mkdir()
+    vm = QemuVmm().create(spec)
+    try:
+        assert vm.vsock_rings_ready() is None  # no backend yet: nothing to see
+        vm_runner.run(vm.start_vsock_backend())
+        assert vm.vsock_backend_alive()
+        assert vm.vsock_rings_ready() is False
+    finally:
+        vm_runner.run(vm.destroy())
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert vm.vsock_rings_ready() is None

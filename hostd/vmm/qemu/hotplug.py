@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,13 @@ VSOCK_DEV = "moru_vsock0"
 VSOCK_CHARDEV = "vs"
 PCI_SLOT = 1
 # After QEMU reports the re-plugged device started: time for vhost-device-vsock
-# to take the ring set-up messages QEMU just sent, before anyone dials.
+# to take the ring set-up messages QEMU just sent, before anyone dials. Cut
+# short once the backend shows it has taken them (`rings_ready`); waited in
+# full where that cannot be seen.
 VHOST_SETTLE = 0.3
+# After the backend registered the tx ring (it takes QEMU's messages in order,
+# so rx is ready by then): for it to mark the tx queue ready, a few instructions on.
+RINGS_MARGIN = 0.02
 # Run in the guest (e.g. through guestd) just before save: powers the vsock
 # slot off after a short delay, so the command's own reply gets out first.
 EJECT_SCRIPT = f"(sleep 0.2; echo 0 > /sys/bus/pci/slots/{PCI_SLOT}/power) >/dev/null 2>&1 &"
@@ -144,8 +150,13 @@ async def vhost_started(c: QmpClient) -> bool:
 
 
 async def ensure_probed(
-    c: QmpClient, sandbox_id: str, wait: float, attempts: int = 3, chardev: str = VSOCK_CHARDEV
-) -> None:
+    c: QmpClient,
+    sandbox_id: str,
+    wait: float,
+    attempts: int = 3,
+    chardev: str = VSOCK_CHARDEV,
+    rings_ready: Callable[[], bool | None] | None = None,
+) -> float:
     """Waits for the guest to probe and start the plugged vsock device; re-plugs it if
     it missed it.
 
@@ -154,15 +165,15 @@ async def ensure_probed(
     immediate and a second hot-add is noticed. Returns only once the guest
     driver has started the device (QEMU set up the backend's rings): a dial
     before that ends vhost-device-vsock 0.3's worker for good
-    (QemuVm.vsock_device_dead), and the callers dial right after.
+    (QemuVm.vsock_device_dead), and the callers dial right after. Returns the
+    seconds of settle time it waited after that (`settle`).
     """
     for attempt in range(attempts):
         end = time.monotonic() + wait
         while time.monotonic() < end:
             if bars_assigned(await c.execute("query-pci"), VSOCK_DEV) and await vhost_started(c):
-                await asyncio.sleep(VHOST_SETTLE)
-                return
-            await asyncio.sleep(0.02)
+                return await settle(rings_ready)
+            await asyncio.sleep(0.01)
         if attempt + 1 == attempts:
             break
         with contextlib.suppress(QmpError):
@@ -174,6 +185,23 @@ async def ensure_probed(
         f"VM {sandbox_id}: the guest did not take the vsock device back "
         f"(after {attempts} hot-adds); its processes were ended: retry restore from the snapshot"
     )
+
+
+async def settle(rings_ready: Callable[[], bool | None] | None) -> float:
+    """Waits until the vsock backend has taken its rings (`rings_ready`), at most
+    VHOST_SETTLE; the full VHOST_SETTLE where it cannot tell. Returns the seconds waited."""
+    t0 = time.monotonic()
+    end = t0 + VHOST_SETTLE
+    while rings_ready is not None and time.monotonic() < end:
+        got = rings_ready()
+        if got is None:
+            break
+        if got:
+            await asyncio.sleep(RINGS_MARGIN)
+            return time.monotonic() - t0
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+    return time.monotonic() - t0
 
 
 async def device_chardev(c: QmpClient) -> str:

@@ -54,7 +54,7 @@ from hostd.vmm.base import (
     VmSpec,
 )
 from hostd.vmm.qemu.hotplug import EJECT_SCRIPT, ROOT_PORT, VSOCK_CHARDEV, VSOCK_DEV
-from hostd.vmm.qemu.process import join_cgroups, read_tail
+from hostd.vmm.qemu.process import join_cgroups, read_tail, run_both
 from hostd.vmm.qemu.vm import QemuVm, QemuVmm
 from hostd.vmm.qmp import QmpClient, QmpError
 from hostd.vmm.snapfile import (
@@ -122,6 +122,11 @@ class PciQemuVm(QemuVm):
     def __init__(self, vmm: QemuVmm, spec: VmSpec) -> None:
         super().__init__(vmm, spec)
         self.incoming = False  # started to load a snapshot
+        self._restore_steps: dict[str, float] = {}
+
+    @property
+    def restore_steps(self) -> dict[str, float]:
+        return dict(self._restore_steps)
 
     def memory_backend(self, size: str) -> str:
         """Guest RAM as a file in /dev/shm, shared (vhost-user maps it; x-ignore-shared)."""
@@ -191,7 +196,8 @@ class PciQemuVm(QemuVm):
         await self.stop_vsock_backend()
         await self.start_vsock_backend()
         chardev = await hotplug.replug(c, self.files.vhost_user_sock)
-        await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev)
+        await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev,
+                                    rings_ready=self.vsock_rings_ready)  # fmt: skip
 
     # --- save ------------------------------------------------------------
     async def save(
@@ -285,18 +291,43 @@ class PciQemuVm(QemuVm):
             )
 
     # --- restore ---------------------------------------------------------
+    async def stage_ram(self, snapshot: Path, info: SnapshotInfo) -> None:
+        """Copies the snapshot's RAM image to this VM's RAM file (in its cgroups); on failure
+        or cancel, no copy runs on and no RAM file is left."""
+        f = self.files
+        f.ram.unlink(missing_ok=True)
+        if info.format < 2:
+            return  # RAM inside the stream
+        src = snapshot_ram(snapshot)
+        try:
+            await self._finish_copy(await self._start_copy(src, f.ram, "auto"), src, f.ram)
+        except BaseException:
+            f.ram.unlink(missing_ok=True)
+            raise
+
     async def restore_from(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
-                           probe_wait: float) -> None:  # fmt: skip
-        """Starts this (not yet started) VM from `snapshot`; on failure no process is left."""
+                           probe_wait: float, staged: bool = False) -> None:  # fmt: skip
+        """Starts this (not yet started) VM from `snapshot`; on failure no process is left.
+        `staged`: `stage_ram` ran (the RAM file is in place)."""
         self.incoming = True
         try:
-            await self._load(snapshot, info, timeout)
+            await self._load(snapshot, info, timeout, staged)
             t0 = time.monotonic()
             c = await self._qmp_client()
             async with c:
                 await c.execute("cont")
+                t1 = time.monotonic()
                 chardev = await hotplug.replug(c, self.files.vhost_user_sock)
-                await hotplug.ensure_probed(c, self.spec.sandbox_id, probe_wait, chardev=chardev)
+                t2 = time.monotonic()
+                settle = await hotplug.ensure_probed(
+                    c, self.spec.sandbox_id, probe_wait, chardev=chardev,
+                    rings_ready=self.vsock_rings_ready,
+                )  # fmt: skip
+                t3 = time.monotonic()
+            self._restore_steps.update({
+                "cont": t1 - t0, "vsock device_add": t2 - t1,
+                "guest probes vsock": t3 - t2 - settle, "vsock settle": settle,
+            })  # fmt: skip
             log.info("%s: running, vsock device back in %.3f s", self.spec.sandbox_id,
                      time.monotonic() - t0)  # fmt: skip
         except BaseException as e:
@@ -313,28 +344,20 @@ class PciQemuVm(QemuVm):
         finally:
             self.incoming = False  # a later re-exec (e.g. by an operator) would boot normally
 
-    async def _load(self, snapshot: Path, info: SnapshotInfo, timeout: float) -> None:  # noqa: ASYNC109
+    async def _load(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
+                    staged: bool) -> None:  # fmt: skip
         """RAM file in place, processes started, device state loaded; the VM stays stopped."""
         s, f = self.spec, self.files
         if not f.overlay.is_file():
             raise SnapshotCorrupt(f"the VM's disk overlay in {s.run_dir} is gone; cannot restore")
         self.check_spec()
         write_spec(s)  # what a later pause to disk or an operator reads back
-        f.ram.unlink(missing_ok=True)
         t0 = time.monotonic()
-        src = snapshot_ram(snapshot)
-        # The vsock backend starts while the RAM is copied; QEMU maps the file, so it waits.
-        copy = await self._start_copy(src, f.ram, "auto") if info.format >= 2 else None
-        try:
-            await self.start_vsock_backend()
-        except BaseException:
-            if copy is not None:
-                await _kill(copy)
-            raise
-        if copy is not None:
-            await self._finish_copy(copy, src, f.ram)
+        if not staged or (info.format >= 2 and not f.ram.is_file()):
+            await self.stage_ram(snapshot, info)
         t_ram = time.monotonic()
-        await self.start_qemu()
+        # QEMU meets the vsock backend only at the re-plug (its chardev is added then).
+        await run_both(self.start_vsock_backend(), self.start_qemu())
         t_qemu = time.monotonic()
         end = time.monotonic() + timeout
         try:
@@ -353,7 +376,11 @@ class PciQemuVm(QemuVm):
             ) from e
         if info.format < 2:
             await self._release_zero_pages()
-        log.info("%s: RAM file copied (vsock backend started) in %.3f s, QEMU up in %.3f s, "
+        self._restore_steps.update({
+            "RAM copy": t_ram - t0, "QEMU + vsock backend start": t_qemu - t_ram,
+            "state load": time.monotonic() - t_qemu,
+        })  # fmt: skip
+        log.info("%s: RAM file copied in %.3f s, QEMU and vsock backend up in %.3f s, "
                  "state loaded in %.3f s",
                  s.sandbox_id, t_ram - t0, t_qemu - t_ram, time.monotonic() - t_qemu)  # fmt: skip
 
@@ -446,6 +473,7 @@ class PciQemuVmm(QemuVmm):
         *,
         timeout: float = 600.0,  # noqa: ASYNC109
         probe_wait: float = 30.0,
+        staged: bool = False,
     ) -> PciQemuVm:
         """Starts the VM saved at `snapshot` (same spec) and returns it running with a fresh
         vsock device. Raises SnapshotNotFound, SnapshotCorrupt (bad file or spec mismatch;
@@ -458,5 +486,9 @@ class PciQemuVmm(QemuVmm):
                 f"the spec asks for {spec.vcpus} vCPUs and {spec.memory_mb} MiB"
             )
         vm = self.create(spec)
-        await vm.restore_from(snapshot, info, timeout, probe_wait)
+        await vm.restore_from(snapshot, info, timeout, probe_wait, staged)
         return vm
+
+    async def stage_restore(self, spec: VmSpec, snapshot: Path) -> None:
+        """The snapshot's RAM image copied to spec's RAM file (in its cgroups), ahead."""
+        await self.create(spec).stage_ram(snapshot, read_info(snapshot))

@@ -8,10 +8,24 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 POLL = 0.01
+
+
+async def run_both(a: Coroutine[Any, Any, Any], b: Coroutine[Any, Any, Any]) -> None:
+    """Runs a and b at once; if one fails, the other is cancelled and waited for (so it
+    starts nothing after the caller cleans up), then the first error is raised."""
+    tasks = [asyncio.ensure_future(a), asyncio.ensure_future(b)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def join_cgroups(procs_files: tuple[Path, ...]) -> Callable[[], None]:
@@ -96,6 +110,45 @@ def thread_names(pid: int) -> list[str] | None:
         with contextlib.suppress(OSError):
             names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
     return names
+
+
+def epoll_watches(pid: int) -> list[set[int]] | None:
+    """The `data` words registered in each epoll instance pid holds (/proc fdinfo); None when
+    pid is gone or its fds cannot be read."""
+    found: list[set[int]] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        data: set[int] = set()
+        for line in info.splitlines():
+            words = line.split()
+            if words[:1] == ["tfd:"] and "data:" in words:
+                with contextlib.suppress(ValueError, IndexError):
+                    data.add(int(words[words.index("data:") + 1], 16))  # printed in hex
+        found.append(data)
+    return found
+
+
+def thread_wchans(pid: int) -> list[str] | None:
+    """Where each of pid's threads sleeps in the kernel (/proc wchan; "0" when running or
+    hidden); None when pid is gone."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip())
+    return out
 
 
 def read_tail(path: Path, nbytes: int = 2048) -> str:

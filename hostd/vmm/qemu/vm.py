@@ -31,15 +31,22 @@ from hostd.vmm.base import AttachError, Vm, VmError, Vmm, VmSpec
 from hostd.vmm.qemu.process import (
     POLL,
     Proc,
+    epoll_watches,
     join_cgroups,
     read_tail,
     thread_names,
+    thread_wchans,
 )
 from hostd.vmm.qmp import QmpError, qmp_command
 from hostd.vmm.specfile import write_spec
 
 # Name of vhost-user-backend's queue worker thread inside vhost-device-vsock.
 VSOCK_WORKER_THREAD = "vring_worker"
+# vhost-user-backend registers a virtqueue's kick eventfd in its worker's epoll
+# with the queue's index as data, then marks the queue ready: rx (0) and tx (1).
+VSOCK_RING_EVENTS = frozenset({0, 1})
+# Where vhost-user-backend's request thread sleeps while it waits for QEMU's next message.
+VHOST_USER_WAIT = "unix_stream_read_generic"
 
 
 class QemuVm(Vm):
@@ -104,6 +111,30 @@ class QemuVm(Vm):
             self._vsk_worker_pid = p.pid
             return False
         return self._vsk_worker_pid == p.pid
+
+    def vsock_rings_ready(self) -> bool | None:
+        """Whether vhost-device-vsock has taken the rx and tx rings QEMU set up (their
+        kick fds are in its worker's epoll) and every set-up message QEMU sent (ring
+        enables after the kicks): its request thread sleeps waiting for the next one.
+        None when that cannot be seen. Meaningful once QEMU says `vhost-started` (it has
+        sent them all then).
+
+        Only meaningful on a backend started fresh for the device now being
+        started (hostd never reuses one across a re-plug): until then, a host
+        dial ends its worker (`vsock_device_dead`).
+        """
+        p = self._vsk_proc
+        if p is None or not p.alive():
+            return None
+        watches = epoll_watches(p.pid)
+        if not watches:
+            return None
+        if not any(VSOCK_RING_EVENTS <= data for data in watches):
+            return False
+        wchans = thread_wchans(p.pid)
+        if not wchans or all(w in ("", "0") for w in wchans):
+            return None  # wchan hidden (or every thread running): cannot tell
+        return VHOST_USER_WAIT in wchans
 
     # --- start -----------------------------------------------------------
     def memory_backend(self, size: str) -> str:
@@ -333,7 +364,12 @@ class QemuVm(Vm):
         procs = [p for p in (self._vmm_proc, self._vsk_proc) if p is not None]
         for p in procs:
             p.kill()
-        stuck = [p.name for p in procs if not await p.wait(10.0)]
+        try:
+            stuck = [p.name for p in procs if not await p.wait(10.0)]
+        finally:
+            # Even when a process is stuck or the wait is cancelled: the name goes now,
+            # the memory once the last mapping does (a stuck QEMU's RAM file leaked here).
+            self.files.ram.unlink(missing_ok=True)
         if stuck:
             raise VmError(
                 f"VM {self.spec.sandbox_id}: {', '.join(stuck)} did not exit after SIGKILL"
@@ -348,8 +384,10 @@ class QemuVm(Vm):
                 raise VmError(f"VM {self.spec.sandbox_id}: vhost-device-vsock did not exit")
 
     async def destroy(self) -> None:
-        await self.stop()
-        await asyncio.to_thread(self.files.remove)
+        try:
+            await self.stop()
+        finally:
+            await asyncio.to_thread(self.files.remove)
 
     @property
     def vmm_pid(self) -> int | None:
