@@ -82,7 +82,7 @@ def test_a_sample_from_an_initialised_guestd_counts_as_the_check() -> None:
             await asyncio.sleep(0.1)
             await checker.check_all()
             assert checker.health_calls == 2
-            await ch.close()
+            await ch.close(None)
 
         asyncio.run(scenario())
     finally:
