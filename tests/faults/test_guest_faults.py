@@ -3,7 +3,8 @@ vsock backend and a hostd restart on top of it. One sandbox serves the module
 (in order); each test leaves it working or fails.
 
 Before: the bomb got guestd OOM-killed for good while the sandbox was listed
-as running; a restarted guestd came back without the sandbox's env and token;
+as running; a restarted guestd came back without the sandbox's env and token and
+without the processes the old one started;
 a dead vhost-device-vsock was never noticed, and a hostd restart then
 destroyed the live VM.
 """
