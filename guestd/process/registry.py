@@ -3,9 +3,9 @@
 Commands run in sessions of their own, so when guestd dies (OOM, a crash, a
 kill) its restart loop starts a fresh guestd while they keep running. Without
 a record the new guestd would not know them: absent from List, no signal, no
-Connect. So guestd writes one small file per process it starts,
-``/run/moru/processes/<pid>.json`` (tmpfs: gone with the guest, as the
-processes are), and removes it when the process ends. A guestd that starts
+Connect. So guestd writes one small file per process it starts that runs
+longer than RECORD_AFTER, ``/run/moru/processes/<pid>.json`` (tmpfs: gone
+with the guest, as the processes are), and removes it when the process ends. A guestd that starts
 reads them back and adopts every process still alive.
 
 A pid can be reused between the two guestds: each record keeps the process's
@@ -27,12 +27,13 @@ What an adopted process does not have (docs/guestd.md, "guestd restarts"):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from guestd.errors import FailedPrecondition
 from guestd.process.manager import End, ManagedProcess, ProcessManager, _end_of
@@ -41,6 +42,7 @@ from guestd.process.spawn import Child, Spec
 log = logging.getLogger("guestd.registry")
 
 REGISTRY_DIR = "/run/moru/processes"
+RECORD_AFTER = 0.05  # seconds a process runs before it is recorded
 UNKNOWN = "exit status unknown (started before guestd restarted)"
 
 
@@ -107,6 +109,7 @@ class Registry:
 
     def __init__(self, directory: str = REGISTRY_DIR) -> None:
         self.dir = directory
+        self._pending: dict[int, asyncio.TimerHandle] = {}  # pid -> its record's timer
         with contextlib.suppress(OSError):
             os.makedirs(directory, mode=0o700, exist_ok=True)
 
@@ -114,6 +117,15 @@ class Registry:
         return os.path.join(self.dir, f"{pid}.json")
 
     def record(self, proc: ManagedProcess) -> None:
+        """Notes `proc` once it has run RECORD_AFTER: most commands end sooner
+        and so cost no file (a guestd dying within that time loses the record)."""
+        loop = asyncio.get_running_loop()
+        self._pending[proc.pid] = loop.call_later(RECORD_AFTER, self._write, proc)
+
+    def _write(self, proc: ManagedProcess) -> None:
+        if not proc.running:
+            return
+        self._pending.pop(proc.pid, None)
         ticks = start_ticks(proc.pid)
         if ticks is None:
             return  # gone already: nothing to adopt later
@@ -122,16 +134,24 @@ class Registry:
                      s.cwd, s.user, proc.pty, s.stdin, s.timeout, s.tag, _cgroup(proc.pid))
         import json  # here, not at guestd's start: its import costs the guest's boot
 
-        path = self._path(proc.pid)
-        tmp = path + ".tmp"
+        # One write, no rename (this runs on every Start): a record torn by
+        # guestd's death is unreadable, and dropped by the next guestd.
+        data = json.dumps(rec.__dict__).encode()
         try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump(asdict(rec), f)
-            os.replace(tmp, path)
+            fd = os.open(self._path(proc.pid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)  # fmt: skip
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         except OSError as e:
             log.warning("process %d: cannot record it in %s: %s", proc.pid, self.dir, e)
 
     def forget(self, pid: int) -> None:
+        pending = self._pending.pop(pid, None)
+        if pending is not None:
+            pending.cancel()
+            return
         with contextlib.suppress(OSError):
             os.unlink(self._path(pid))
 
@@ -146,7 +166,7 @@ class Registry:
             return out
         for name in names:
             path = os.path.join(self.dir, name)
-            if not name.endswith(".json"):  # a write cut short by the old guestd's death
+            if not name.endswith(".json"):  # not ours
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 continue

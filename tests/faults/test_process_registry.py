@@ -33,6 +33,9 @@ DYING_GUESTD = textwrap.dedent("""
         m = ProcessManager(lambda: {}, buffer_bytes=65536, keepalive=1.0)
         m.journal = Registry(sys.argv[1])
         p = m.start(Spec(argv=["sleep", "1000"], env={"K": "v"}, tag="survivor", cwd="/"))
+        short = m.start(Spec(argv=["true"]))
+        await asyncio.sleep(0.5)  # recorded after RECORD_AFTER; `true` ended before
+        assert sorted(os.listdir(sys.argv[1])) == [f"{p.pid}.json"], short.pid
         print(p.pid, flush=True)
         os._exit(0)  # like a kill -9: no clean-up
 
