@@ -17,6 +17,10 @@ log = logging.getLogger("hostd.rpc")
 # Always callable without an API key: load balancers and systemd probes.
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
+# On every status hostd itself raises: the SDK then knows hostd is up and
+# does not blame the connection for, say, a failed pause (UNAVAILABLE).
+HOSTD_ANSWERED = (("moru-status-from", "hostd"),)
+
 
 class _Undecodable:
     """A request whose bytes are not the method's message (grpc itself would say UNKNOWN)."""
@@ -75,7 +79,7 @@ def _wrap(
                 async for item in result:
                     yield item
             except MoruError as e:
-                await context.abort(e.code, e.message)
+                await context.abort(e.code, e.message, trailing_metadata=HOSTD_ANSWERED)
 
         return gen
 
@@ -87,7 +91,7 @@ def _wrap(
                 result = await result
             return result
         except MoruError as e:
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, e.message, trailing_metadata=HOSTD_ANSWERED)
 
     return unary
 

@@ -168,6 +168,8 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     return resp if data is None else data.issue(route.sandbox.id, resp)
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     await w.fail(e)
+                finally:
+                    call.cancel()
 
         return handler
 

@@ -140,6 +140,8 @@ _HINTS: dict[grpc.StatusCode, str] = {
 # Trailing metadata hostd adds when a call ends because its sandbox did.
 END_REASON_HEADER = "moru-end-reason"
 END_SANDBOX_HEADER = "moru-sandbox-id"
+# Set by hostd on the statuses it raises itself (so it is up).
+STATUS_FROM_HEADER = "moru-status-from"
 # hostd's prefix for an unreachable guest (hostd.passthrough.GUEST_UNREACHABLE).
 GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
 
@@ -189,7 +191,9 @@ def from_status(
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         hint = "" if guest else f" ({_HINTS[code]})"
         return FailedPreconditionException(text + hint, code=name)
-    if code == grpc.StatusCode.UNAVAILABLE and GUEST_UNREACHABLE in details:
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        GUEST_UNREACHABLE in details or (trailers or {}).get(STATUS_FROM_HEADER) == "hostd"
+    ):
         return ConnectionException(
             f"{text} (hostd is fine; check the sandbox with get_info / is_running)", code=name
         )

@@ -66,6 +66,8 @@ const HINTS: Partial<Record<status, string>> = {
 
 /** hostd's prefix for an unreachable guest (hostd/passthrough.py GUEST_UNREACHABLE). */
 const GUEST_UNREACHABLE = "hostd cannot reach the sandbox's guest agent"
+// Set by hostd on the statuses it raises itself (so it is up).
+const STATUS_FROM_HEADER = 'moru-status-from'
 
 /** grpc-js's words (from Node's TLS) for a server certificate the client refused. */
 const TLS_FAILURE = /certificate|self[- ]signed|altnames|SSL routines|wrong version number|handshake/i
@@ -75,7 +77,7 @@ export function fromStatus(
   code: status,
   details: string,
   what: string,
-  opts: { address?: string; guest?: boolean } = {},
+  opts: { address?: string; guest?: boolean; fromHostd?: boolean } = {},
 ): SandboxError {
   const text = details ? `${what}: ${details}` : what
   const name = status[code] ?? String(code)
@@ -102,7 +104,7 @@ export function fromStatus(
     case status.FAILED_PRECONDITION:
       return new FailedPreconditionError(opts.guest ? text : hinted, name)
     case status.UNAVAILABLE: {
-      if (details.includes(GUEST_UNREACHABLE)) {
+      if (details.includes(GUEST_UNREACHABLE) || opts.fromHostd) {
         return new ConnectionError(`${text} (hostd is fine; check the sandbox with getInfo / isRunning)`, name)
       }
       const where = opts.address ? ` at ${opts.address}` : ''
@@ -129,7 +131,8 @@ function isServiceError(e: unknown): e is ServiceError {
 /** Turns a grpc-js error into the matching SandboxError; other errors pass unchanged. */
 export function translate(e: unknown, what: string, opts: { address?: string; guest?: boolean } = {}): unknown {
   if (e instanceof SandboxError || !isServiceError(e)) return e
-  const err = fromStatus(e.code, e.details ?? '', what, opts)
+  const fromHostd = e.metadata?.get(STATUS_FROM_HEADER)?.[0] === 'hostd'
+  const err = fromStatus(e.code, e.details ?? '', what, { ...opts, fromHostd })
   ;(err as { cause?: unknown }).cause = e
   return err
 }

@@ -52,3 +52,45 @@ test('ESM and CommonJS builds export the same names; default export is Sandbox',
   assert.equal(cjs.default, cjs.Sandbox)
   assert.equal(esm.SandboxException, esm.SandboxError)
 })
+
+test('a status hostd raises itself is not blamed on the connection', async () => {
+  // A stand-in for hostd (grpc-js server, no VM) that answers List the way
+  // hostd answers a failed pause: UNAVAILABLE with its `moru-status-from` trailer.
+  const grpc = await import('@grpc/grpc-js')
+  const server = new grpc.Server()
+  const raw = (b: Buffer) => b
+  server.addService(
+    {
+      List: {
+        path: '/moru.host.v1.SandboxService/List',
+        requestStream: false,
+        responseStream: false,
+        requestSerialize: raw,
+        requestDeserialize: raw,
+        responseSerialize: raw,
+        responseDeserialize: raw,
+      },
+    },
+    {
+      List: (_call: unknown, callback: (e: Partial<import('@grpc/grpc-js').StatusObject>) => void) => {
+        const md = new grpc.Metadata()
+        md.set('moru-status-from', 'hostd')
+        callback({ code: grpc.status.UNAVAILABLE, details: 'the node is draining', metadata: md })
+      },
+    },
+  )
+  const port = await new Promise<number>((ok, fail) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? fail(e) : ok(p))),
+  )
+  try {
+    const page = esm.default.list({ hostd: `127.0.0.1:${port}`, requestTimeoutMs: 10_000 })
+    await assert.rejects(page.nextItems(), (e: unknown) => {
+      assert.ok(e instanceof esm.ConnectionError, `got ${String(e)}`)
+      assert.match(e.message, /draining/)
+      assert.doesNotMatch(e.message, /moru-hostd serve/)
+      return true
+    })
+  } finally {
+    server.forceShutdown()
+  }
+})

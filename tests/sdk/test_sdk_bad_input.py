@@ -187,3 +187,41 @@ def test_guest_unreachable_is_not_blamed_on_hostd() -> None:
     )
     assert "moru-hostd serve" not in str(e) and "guest agent" in str(e), str(e)
     assert HOSTD_SAYS.startswith(GUEST_UNREACHABLE)
+
+
+def test_a_status_hostd_raises_itself_is_not_blamed_on_the_connection() -> None:
+    """A failed pause is UNAVAILABLE from hostd (the VM keeps running): the
+    message must not ask whether hostd runs. Real grpc.aio server with
+    hostd's edge interceptor, read through the SDK's translation."""
+    import asyncio
+    import tempfile
+
+    from hostd.errors import Unavailable
+    from hostd.interceptors import EdgeInterceptor
+    from moru._errors import ConnectionException, translate
+
+    async def fails(request: bytes, context: Any) -> bytes:
+        raise Unavailable("pausing sbx_x to disk failed; it keeps running")
+
+    async def main() -> str:
+        with tempfile.TemporaryDirectory(dir="/tmp") as d:
+            server = grpc.aio.server(interceptors=[EdgeInterceptor("")])
+            server.add_generic_rpc_handlers(
+                [grpc.method_handlers_generic_handler(
+                    "t.T", {"Pause": grpc.unary_unary_rpc_method_handler(fails)})]
+            )  # fmt: skip
+            server.add_insecure_port(f"unix:{d}/h.sock")
+            await server.start()
+            try:
+                async with grpc.aio.insecure_channel(f"unix:{d}/h.sock") as ch:
+                    try:
+                        with translate("pausing", address=f"unix:{d}/h.sock"):
+                            await ch.unary_unary("/t.T/Pause")(b"")
+                    except ConnectionException as e:
+                        return str(e)
+                    raise AssertionError("no error")
+            finally:
+                await server.stop(None)
+
+    msg = asyncio.run(main())
+    assert "keeps running" in msg and "moru-hostd serve" not in msg, msg
