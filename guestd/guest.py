@@ -261,7 +261,8 @@ class GuestService(guest_pb2_grpc.GuestServicer):
         ts.GetCurrentTime()
         return pb.Metrics(timestamp=ts, cpu_count=m.cpu_count, cpu_used_pct=m.cpu_used_pct,
                           mem_total=m.mem_total, mem_used=m.mem_used,
-                          disk_total=m.disk_total, disk_used=m.disk_used)
+                          disk_total=m.disk_total, disk_used=m.disk_used,
+                          initialized=self.state.initialized)
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: Ctx,
                       ) -> pb.GetInfoResponse:

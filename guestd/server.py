@@ -25,6 +25,7 @@ from guestd.files import FilesystemService, write_request_of
 from guestd.guest import GuestService
 from guestd.metrics import Metrics
 from guestd.process.manager import ProcessManager
+from guestd.process.registry import Registry, adopt_survivors
 from guestd.process.service import ProcessService
 from guestd.rpc_types import Ctx
 from guestd.state import GuestState
@@ -305,6 +306,8 @@ class Guestd:
             self._bind(parse_listen(a))
         if self.cfg.data_listen:
             self._bind_data(parse_listen(self.cfg.data_listen))
+        if self.cfg.guest_mode:  # commands an earlier guestd started and left running
+            adopt_survivors(self.manager, Registry())
         await self.server.start()
         log.info("guestd listening on %s", ", ".join(self.cfg.listen))
         try:

@@ -42,6 +42,8 @@ class Sample:
     disk_total: int
     host_cpu_seconds: float = 0.0
     host_memory_bytes: int = 0
+    # guestd said it is initialised: the sample doubles as a health check (hostd.health)
+    guest_initialized: bool = False
 
 
 def open_channel(target: str) -> grpc.aio.Channel:
@@ -97,6 +99,7 @@ class GuestClient:
             mem_total=m.mem_total,
             disk_used=m.disk_used,
             disk_total=m.disk_total,
+            guest_initialized=m.initialized,
         )
 
     async def health(

@@ -183,7 +183,7 @@ class Reattacher:
         network = self.network
         assert network is not None
         try:
-            await network.attach(rec.sandbox_id, rec.network)
+            await network.attach(rec.sandbox_id, rec.network, egress_policy(rec))
         except Exception as e:
             if not rec.paused_to_disk:
                 raise

@@ -500,6 +500,8 @@ class SandboxManager:
             if task is not None and task.cancelling():
                 raise
             return
+        if s.guest_initialized:
+            self.health.answered(sb.id)
         cg = sb.res.cgroup
         if cg is not None:
             with contextlib.suppress(OSError, ValueError):

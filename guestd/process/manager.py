@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from guestd.allocator import keep_bulk_buffers
 from guestd.errors import (
@@ -296,12 +297,16 @@ class ManagedProcess:
     def _maybe_finish(self) -> None:
         if self._status is None or self._fds or self.end is not None:
             return
-        self.end = _end_of(self._status, self._timed_out)
+        self.end = self._final_end()
         if self._stdin_fd is not None:
             os.close(self._stdin_fd)
             self._stdin_fd = None
         self._notify()
         self._on_end(self)
+
+    def _final_end(self) -> End:
+        assert self._status is not None
+        return _end_of(self._status, self._timed_out)
 
     def _on_timeout(self) -> None:
         self._timed_out = True
@@ -449,8 +454,18 @@ class ManagedProcess:
             self._kill_group(signals.SIGKILL)
 
 
+class Journal(Protocol):
+    """Keeps a note of each running process outside guestd (guestd.process.registry)."""
+
+    def record(self, proc: ManagedProcess) -> None: ...
+
+    def forget(self, pid: int) -> None: ...
+
+
 class ProcessManager:
     """The table of processes, by pid; tags are unique among running ones."""
+
+    journal: Journal | None = None  # set in the guest: survivors of a guestd restart
 
     def __init__(self, init_env: Callable[[], dict[str, str]], *, buffer_bytes: int,
                  keepalive: float, keep_ended: int = 128, max_running: int = 4096) -> None:
@@ -475,15 +490,27 @@ class ProcessManager:
         if old is not None:
             self._ended_bytes -= self._ended.pop(old.pid, 0)
         proc = ManagedProcess(child, spec, self.buffer_bytes, self._ended_cb)
+        self.add(proc)
+        if self.journal is not None:
+            self.journal.record(proc)
+        return proc
+
+    def add(self, proc: ManagedProcess) -> None:
+        """A running process into the table (a new child, or one adopted after a restart)."""
         self._procs[proc.pid] = proc
         self._live += 1
-        return proc
+
+    @property
+    def ended_callback(self) -> Callable[[ManagedProcess], None]:
+        return self._ended_cb
 
     def _ended_cb(self, proc: ManagedProcess) -> None:
         self._live -= 1
         release(proc.pid)
         if self._procs.get(proc.pid) is not proc:
             return  # its pid was reused while its pipes drained: the table has the new one
+        if self.journal is not None:
+            self.journal.forget(proc.pid)
         held = proc.log.held_bytes()  # final: an ended process's log no longer changes
         self._ended[proc.pid] = held
         self._ended_bytes += held

@@ -235,9 +235,17 @@ class NetworkManager:
                 self.slots.release(net.slot)
         self._locks.pop(sandbox_id, None)
 
-    async def attach(self, sandbox_id: str, saved: dict[str, Any]) -> SandboxNetwork:
-        """Takes over a sandbox's network after a hostd restart (restarts its resolver if gone)."""
+    async def attach(self, sandbox_id: str, saved: dict[str, Any],
+                     policy: EgressPolicy | None = None) -> SandboxNetwork:
+        """Takes over a sandbox's network after a hostd restart.
+
+        Its rules and resolver are made again from `policy` (default: the saved
+        one) and this hostd's configuration, so rules fixed in a newer hostd or
+        a changed config apply to sandboxes that outlived the old one
+        (`_reapply`: in one nft transaction, no traffic gap)."""
         net = SandboxNetwork.from_dict(saved)
+        if policy is not None:
+            net.policy = policy
         if net.sandbox_id != sandbox_id:
             raise NetworkError(f"saved network belongs to {net.sandbox_id}, not {sandbox_id}")
         async with self._lock(sandbox_id):
@@ -251,8 +259,7 @@ class NetworkManager:
                 )
             self.slots.reserve(net.slot)
             self._dir(net.netns).mkdir(parents=True, exist_ok=True)
-            if not resolver.running(self._conf(net.netns), self._pid(net.netns)):
-                await self._start_resolver(net)
+            await self._reapply(net)
             self._write_record(net)
             self._nets[sandbox_id] = net
             return net
@@ -309,6 +316,32 @@ class NetworkManager:
             limits=nft.RateLimits(c.new_conn_rate, c.new_conn_burst, c.dns_rate, c.dns_burst),
         )
 
+    async def _reapply(self, net: SandboxNetwork) -> None:
+        """The namespace's rules and resolver as this hostd makes them, in place.
+
+        The table is replaced in one transaction (nft: add, delete, define), so
+        no packet meets a namespace without rules; the addresses the resolver
+        put into the dns sets are carried over, so connections to allowed
+        domains go on. The resolver is restarted only when its configuration
+        changed (or it is not running)."""
+        t = self.config.table
+        keep = ""
+        for name in (nft.ALLOW_DNS_SET, nft.DENY_DNS_SET):
+            keep += nft.add_elements(t, name, await nft.set_elements(t, name, net.netns))
+        await nft.run_nft(self._sandbox_rules(net) + keep, netns=net.netns)
+        conf, pid = self._conf(net.netns), self._pid(net.netns)
+        running = resolver.running(conf, pid)
+        try:
+            old = conf.read_text()
+        except OSError:
+            old = ""
+        if running and old == self._resolver_conf(net):
+            return
+        if running:
+            log.info("%s: resolver configuration changed; restarting it", net.sandbox_id)
+            await resolver.stop(conf, pid)
+        await self._start_resolver(net)
+
     async def _ns_init(self, net: SandboxNetwork) -> None:
         """Turns on forwarding inside the namespace and loads its rules, in one process."""
         proc = await asyncio.create_subprocess_exec(
@@ -329,17 +362,18 @@ class NetworkManager:
                 f"netns {net.netns}: rules failed: {(err or out).decode(errors='replace').strip()}"
             )
 
+    def _resolver_conf(self, net: SandboxNetwork) -> str:
+        return resolver.render_conf(
+            table=self.config.table,
+            policy=net.policy,
+            listen=net.gateway,
+            upstream=self.config.dns_upstream,
+            pid_file=self._pid(net.netns),
+        )
+
     async def _start_resolver(self, net: SandboxNetwork) -> None:
         conf, pid = self._conf(net.netns), self._pid(net.netns)
-        conf.write_text(
-            resolver.render_conf(
-                table=self.config.table,
-                policy=net.policy,
-                listen=net.gateway,
-                upstream=self.config.dns_upstream,
-                pid_file=pid,
-            )
-        )
+        conf.write_text(self._resolver_conf(net))
         await resolver.start(net.netns, conf, pid)
 
     async def _destroy(self, net: SandboxNetwork) -> None:

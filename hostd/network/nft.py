@@ -56,6 +56,30 @@ async def list_tables(netns: str | None = None) -> list[str]:
     return [line.removeprefix("table ").strip() for line in out.decode().splitlines() if line]
 
 
+async def set_elements(table: str, name: str, netns: str) -> list[str]:
+    """The addresses in set `name` of `inet table` in netns ([] when there is none)."""
+    import json
+
+    argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", "nft", "-j", "list", "set", "inet", table,
+            name]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        return []
+    found: list[str] = []
+    for item in json.loads(out or b"{}").get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, str):
+                found.append(elem)
+    return found
+
+
+def add_elements(table: str, name: str, addrs: list[str]) -> str:
+    return f"add element inet {table} {name} {{ {', '.join(addrs)} }}\n" if addrs else ""
+
+
 def _replace(family: str, table: str, body: str) -> str:
     # "add" makes "delete" safe when the table does not exist yet; all three
     # lines are one transaction.

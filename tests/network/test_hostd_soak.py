@@ -194,6 +194,39 @@ def test_soak_create_command_kill(h: NetHostd) -> None:
     assert max(fds) - min(fds) <= 4, fds
 
 
+def _ns_table(h: NetHostd, sandbox_id: str) -> str:
+    ns = f"{h.prefix}-{sandbox_id.removeprefix('sbx_')[:40]}"
+    return subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", h.prefix],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
+def test_hostd_kill9_reapplies_the_namespace_rules(h: NetHostd) -> None:
+    """A namespace left with an older hostd's rules gets this hostd's after a
+    kill -9 and restart (before: they stayed until the policy changed)."""
+    s = h.create(template="base", memory_mb=MEMORY_MB,
+                 network=pb.NetworkPolicy(deny_out=[HOSTS["other.test"] + "/32"]))
+    try:
+        ns = f"{h.prefix}-{s.sandbox_id.removeprefix('sbx_')[:40]}"
+        t = h.prefix
+        stale = (f"add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n"
+                 "  chain forward { type filter hook forward priority filter; policy accept; }\n"
+                 "}\n")  # fmt: skip
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=stale, text=True,
+                       check=True)  # fmt: skip
+        assert "antispoof" not in _ns_table(h, s.sandbox_id)
+        h.kill9()
+        h.start(timeout=120)
+        table = _ns_table(h, s.sandbox_id)
+        assert "chain antispoof" in table and HOSTS["other.test"] in table, table
+        code, out, err = h.run(s, "curl -sS -m 20 http://allowed.test/", 60)
+        assert code == 0 and out.startswith(f"inet {HOSTS['allowed.test']} /"), (code, out, err)
+        code, out, err = h.run(s, f"curl -sS -m 5 http://{HOSTS['other.test']}/", 60)
+        assert code != 0, (code, out, err)  # the stored deny_out holds again
+    finally:
+        h.kill(s.sandbox_id)
+    _wait_clean(h, 30)
+
+
 def test_stop_during_create_releases_everything(fake_inet: None) -> None:
     """SIGTERM while a Create boots: hostd exits 0 once the Create has released all it took.
 

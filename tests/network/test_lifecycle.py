@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from pyroute2 import NetNS
 
-from hostd.network import EgressPolicy, NetworkManager, PoolExhausted, SandboxNetwork, resolver
+from hostd.network import (
+    EgressPolicy,
+    NetworkManager,
+    PoolExhausted,
+    SandboxNetwork,
+    nft,
+    resolver,
+)
 from hostd.network.nft import list_tables
 
 from .conftest import HOSTS, Env, plug_standin, probe, run, test_config, unplug_standin
@@ -108,6 +116,52 @@ def test_hostd_restart_reattaches(env: Env) -> None:
     assert other.slot != net.slot
     run(mgr2.teardown("sbx_restart2"))
     env.mgr = mgr2  # the env fixture purges through the new manager
+
+
+def _ns_table(mgr: NetworkManager, net: SandboxNetwork) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", net.netns, "nft", "list", "table", "inet", mgr.config.table],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+
+
+def test_hostd_restart_reapplies_rules_from_the_stored_policy(env: Env) -> None:
+    """The namespace keeps the rules of the hostd that made it until the next
+    hostd attaches: that one makes them again from the stored policy (before:
+    an older hostd's rules stayed until the policy changed)."""
+    s = env.sandbox("sbx_reapply", EgressPolicy(allow_out=["allowed.test"]))
+    r = probe(s.ns, [["dns", "allowed.test", s.net.gateway]])
+    assert r[0] == [HOSTS["allowed.test"]], r  # the resolver put it into the allow set
+    resolver_pid = _pid(env.mgr, s.net)
+    # An older hostd's rule set: no anti-spoofing, forward open; the allow set
+    # as the resolver filled it.
+    t = env.mgr.config.table
+    resolved = run(nft.set_elements(t, nft.ALLOW_DNS_SET, s.net.netns))
+    assert resolved == [HOSTS["allowed.test"]]
+    stale = (f"add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n"
+             f"  set {nft.ALLOW_DNS_SET} {{ type ipv4_addr; elements = {{ {resolved[0]} }} }}\n"
+             "  chain forward { type filter hook forward priority filter; policy accept; }\n}\n")
+    run(nft.run_nft(stale, netns=s.net.netns))
+    assert "antispoof" not in _ns_table(env.mgr, s.net)
+    # hostd killed -9 (nothing torn down); the next one attaches.
+    mgr2 = NetworkManager(test_config())
+    run(mgr2.start())
+    env.mgr = mgr2  # the env fixture purges through the new manager
+    net = run(mgr2.attach("sbx_reapply", s.net.to_dict(), EgressPolicy(allow_out=["allowed.test"])))
+    table = _ns_table(mgr2, net)
+    assert "chain antispoof" in table and "policy drop" in table, table
+    # Unchanged resolver config: the same resolver, no restart (no DNS gap) ...
+    assert _pid(mgr2, net) == resolver_pid
+    # ... and the addresses it resolved so far are still allowed (open connections go on).
+    r = probe(s.ns, [["http", HOSTS["allowed.test"], 80], ["http", HOSTS["other.test"], 80]])
+    assert r[0].startswith("inet "), r
+    assert not r[1].startswith("inet "), r  # the re-applied policy denies the rest
+    # A policy that differs from the saved one (e.g. stored after a SetNetwork
+    # the old hostd did not finish) wins, resolver included.
+    net = run(mgr2.attach("sbx_reapply", net.to_dict(), EgressPolicy(allow_internet_access=False)))
+    assert _pid(mgr2, net) != resolver_pid
+    r = probe(s.ns, [["http", HOSTS["allowed.test"], 80]])
+    assert not r[0].startswith("inet "), r
 
 
 def test_attach_fails_when_network_is_gone(env: Env) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoru_proto/guest/v1/guest.proto\x12\rmoru.guest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x02\n\x0bInitRequest\x12\x30\n\x03\x65nv\x18\x01 \x03(\x0b\x32#.moru.guest.v1.InitRequest.EnvEntry\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nwall_clock\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x06 \x01(\t\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x0c\x12-\n\x07network\x18\x08 \x01(\x0b\x32\x1c.moru.guest.v1.NetworkConfig\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\rNetworkConfig\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0b\n\x03\x64ns\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\"\x0e\n\x0cInitResponse\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0binitialized\x18\x02 \x01(\x08\"\x13\n\x11GetMetricsRequest\"\xad\x01\n\x07Metrics\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x14\n\x0c\x63pu_used_pct\x18\x03 \x01(\x01\x12\x11\n\tmem_total\x18\x04 \x01(\x04\x12\x10\n\x08mem_used\x18\x05 \x01(\x04\x12\x12\n\ndisk_total\x18\x06 \x01(\x04\x12\x11\n\tdisk_used\x18\x07 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xd5\x01\n\x0fGetInfoResponse\x12\x16\n\x0eguestd_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x12\n\nos_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x12\n\nsandbox_id\x18\x06 \x01(\t\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12\x13\n\x0binitialized\x18\x08 \x01(\x08\x12\x10\n\x08hostname\x18\t \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"\x12\n\x10ShutdownResponse2\xee\x02\n\x05Guest\x12?\n\x04Init\x12\x1a.moru.guest.v1.InitRequest\x1a\x1b.moru.guest.v1.InitResponse\x12\x45\n\x06Health\x12\x1c.moru.guest.v1.HealthRequest\x1a\x1d.moru.guest.v1.HealthResponse\x12\x46\n\nGetMetrics\x12 .moru.guest.v1.GetMetricsRequest\x1a\x16.moru.guest.v1.Metrics\x12H\n\x07GetInfo\x12\x1d.moru.guest.v1.GetInfoRequest\x1a\x1e.moru.guest.v1.GetInfoResponse\x12K\n\x08Shutdown\x12\x1e.moru.guest.v1.ShutdownRequest\x1a\x1f.moru.guest.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoru_proto/guest/v1/guest.proto\x12\rmoru.guest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x02\n\x0bInitRequest\x12\x30\n\x03\x65nv\x18\x01 \x03(\x0b\x32#.moru.guest.v1.InitRequest.EnvEntry\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12.\n\nwall_clock\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x06 \x01(\t\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x0c\x12-\n\x07network\x18\x08 \x01(\x0b\x32\x1c.moru.guest.v1.NetworkConfig\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\rNetworkConfig\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0b\n\x03\x64ns\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\"\x0e\n\x0cInitResponse\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0binitialized\x18\x02 \x01(\x08\"\x13\n\x11GetMetricsRequest\"\xc2\x01\n\x07Metrics\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x14\n\x0c\x63pu_used_pct\x18\x03 \x01(\x01\x12\x11\n\tmem_total\x18\x04 \x01(\x04\x12\x10\n\x08mem_used\x18\x05 \x01(\x04\x12\x12\n\ndisk_total\x18\x06 \x01(\x04\x12\x11\n\tdisk_used\x18\x07 \x01(\x04\x12\x13\n\x0binitialized\x18\x08 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xd5\x01\n\x0fGetInfoResponse\x12\x16\n\x0eguestd_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x12\n\nos_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x12\n\nsandbox_id\x18\x06 \x01(\t\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12\x13\n\x0binitialized\x18\x08 \x01(\x08\x12\x10\n\x08hostname\x18\t \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"\x12\n\x10ShutdownResponse2\xee\x02\n\x05Guest\x12?\n\x04Init\x12\x1a.moru.guest.v1.InitRequest\x1a\x1b.moru.guest.v1.InitResponse\x12\x45\n\x06Health\x12\x1c.moru.guest.v1.HealthRequest\x1a\x1d.moru.guest.v1.HealthResponse\x12\x46\n\nGetMetrics\x12 .moru.guest.v1.GetMetricsRequest\x1a\x16.moru.guest.v1.Metrics\x12H\n\x07GetInfo\x12\x1d.moru.guest.v1.GetInfoRequest\x1a\x1e.moru.guest.v1.GetInfoResponse\x12K\n\x08Shutdown\x12\x1e.moru.guest.v1.ShutdownRequest\x1a\x1f.moru.guest.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,15 +49,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMETRICSREQUEST']._serialized_start=547
   _globals['_GETMETRICSREQUEST']._serialized_end=566
   _globals['_METRICS']._serialized_start=569
-  _globals['_METRICS']._serialized_end=742
-  _globals['_GETINFOREQUEST']._serialized_start=744
-  _globals['_GETINFOREQUEST']._serialized_end=760
-  _globals['_GETINFORESPONSE']._serialized_start=763
-  _globals['_GETINFORESPONSE']._serialized_end=976
-  _globals['_SHUTDOWNREQUEST']._serialized_start=978
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1011
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1013
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1031
-  _globals['_GUEST']._serialized_start=1034
-  _globals['_GUEST']._serialized_end=1400
+  _globals['_METRICS']._serialized_end=763
+  _globals['_GETINFOREQUEST']._serialized_start=765
+  _globals['_GETINFOREQUEST']._serialized_end=781
+  _globals['_GETINFORESPONSE']._serialized_start=784
+  _globals['_GETINFORESPONSE']._serialized_end=997
+  _globals['_SHUTDOWNREQUEST']._serialized_start=999
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1032
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1034
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1052
+  _globals['_GUEST']._serialized_start=1055
+  _globals['_GUEST']._serialized_end=1421
 # @@protoc_insertion_point(module_scope)

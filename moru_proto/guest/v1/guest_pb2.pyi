@@ -205,6 +205,7 @@ class Metrics(_message.Message):
     MEM_USED_FIELD_NUMBER: _builtins.int
     DISK_TOTAL_FIELD_NUMBER: _builtins.int
     DISK_USED_FIELD_NUMBER: _builtins.int
+    INITIALIZED_FIELD_NUMBER: _builtins.int
     cpu_count: _builtins.int
     cpu_used_pct: _builtins.float
     """Share of all CPUs used since the previous GetMetrics call (or since the
@@ -215,6 +216,10 @@ class Metrics(_message.Message):
     disk_total: _builtins.int
     """Of the root filesystem."""
     disk_used: _builtins.int
+    initialized: _builtins.bool
+    """As in HealthResponse: false for a guestd that restarted and awaits Init
+    (hostd counts a sample with true as its health check).
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -227,10 +232,11 @@ class Metrics(_message.Message):
         mem_used: _builtins.int = ...,
         disk_total: _builtins.int = ...,
         disk_used: _builtins.int = ...,
+        initialized: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cpu_used_pct", b"cpu_used_pct", "disk_total", b"disk_total", "disk_used", b"disk_used", "mem_total", b"mem_total", "mem_used", b"mem_used", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cpu_used_pct", b"cpu_used_pct", "disk_total", b"disk_total", "disk_used", b"disk_used", "initialized", b"initialized", "mem_total", b"mem_total", "mem_used", b"mem_used", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -91,6 +91,11 @@ export interface Metrics {
   /** Of the root filesystem. */
   diskTotal: number;
   diskUsed: number;
+  /**
+   * As in HealthResponse: false for a guestd that restarted and awaits Init
+   * (hostd counts a sample with true as its health check).
+   */
+  initialized: boolean;
 }
 
 export interface GetInfoRequest {
@@ -797,7 +802,16 @@ export const GetMetricsRequest: MessageFns<GetMetricsRequest> = {
 };
 
 function createBaseMetrics(): Metrics {
-  return { timestamp: undefined, cpuCount: 0, cpuUsedPct: 0, memTotal: 0, memUsed: 0, diskTotal: 0, diskUsed: 0 };
+  return {
+    timestamp: undefined,
+    cpuCount: 0,
+    cpuUsedPct: 0,
+    memTotal: 0,
+    memUsed: 0,
+    diskTotal: 0,
+    diskUsed: 0,
+    initialized: false,
+  };
 }
 
 export const Metrics: MessageFns<Metrics> = {
@@ -822,6 +836,9 @@ export const Metrics: MessageFns<Metrics> = {
     }
     if (message.diskUsed !== 0) {
       writer.uint32(56).uint64(message.diskUsed);
+    }
+    if (message.initialized !== false) {
+      writer.uint32(64).bool(message.initialized);
     }
     return writer;
   },
@@ -895,6 +912,14 @@ export const Metrics: MessageFns<Metrics> = {
             message.diskUsed = longToNumber(reader.uint64());
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.initialized = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -940,6 +965,7 @@ export const Metrics: MessageFns<Metrics> = {
         : isSet(object.disk_used)
         ? globalThis.Number(object.disk_used)
         : 0,
+      initialized: isSet(object.initialized) ? globalThis.Boolean(object.initialized) : false,
     };
   },
 
@@ -966,6 +992,9 @@ export const Metrics: MessageFns<Metrics> = {
     if (message.diskUsed !== 0) {
       obj.diskUsed = Math.round(message.diskUsed);
     }
+    if (message.initialized !== false) {
+      obj.initialized = message.initialized;
+    }
     return obj;
   },
 
@@ -981,6 +1010,7 @@ export const Metrics: MessageFns<Metrics> = {
     message.memUsed = object.memUsed ?? 0;
     message.diskTotal = object.diskTotal ?? 0;
     message.diskUsed = object.diskUsed ?? 0;
+    message.initialized = object.initialized ?? false;
     return message;
   },
 };
