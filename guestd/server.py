@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 
 from guestd.errors import InvalidArgument, status_of
-from guestd.files import FilesystemService, write_request_of
+from guestd.fileio import write_request_of
+from guestd.files import FilesystemService
 from guestd.guest import GuestService
 from guestd.metrics import Metrics
 from guestd.process.manager import ProcessManager

@@ -42,7 +42,7 @@ import grpc
 
 from guestd.allocator import keep_bulk_buffers
 from guestd.errors import FailedPrecondition, status_of
-from guestd.files import DIRECT_ALIGN, ReadSource, Upload
+from guestd.fileio import DIRECT_ALIGN, ReadSource, Upload
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from guestd.as_user import acting_as
 from guestd.errors import NotFound, path_error
+from guestd.fileio import require_dir
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 IN_MODIFY = 0x002
@@ -63,8 +64,6 @@ def _kind(mask: int) -> pb.EventType.ValueType:
 
 class _Inotify:
     def __init__(self, root: str, recursive: bool, user: str = "") -> None:
-        from guestd.files import require_dir
-
         self.user = user  # directories are watched with this user's rights
         with acting_as(user):
             require_dir(root)
@@ -97,8 +96,11 @@ class _Inotify:
         pos = 0
         while pos < len(buf):
             wd, mask, _cookie, size = HEADER.unpack_from(buf, pos)
-            name = buf[pos + HEADER.size : pos + HEADER.size + size].rstrip(b"\0").decode(
-                errors="surrogateescape")
+            name = (
+                buf[pos + HEADER.size : pos + HEADER.size + size]
+                .rstrip(b"\0")
+                .decode(errors="surrogateescape")
+            )
             pos += HEADER.size + size
             if mask & IN_IGNORED:
                 self.dirs.pop(wd, None)
@@ -111,8 +113,9 @@ class _Inotify:
                 self.add(full)
             kind = _kind(mask)
             if kind != pb.EVENT_TYPE_UNSPECIFIED:
-                out.append(pb.FilesystemEvent(type=kind, path=full,
-                                              name=os.path.relpath(full, self.root)))
+                out.append(
+                    pb.FilesystemEvent(type=kind, path=full, name=os.path.relpath(full, self.root))
+                )
         return out
 
     def close(self) -> None:

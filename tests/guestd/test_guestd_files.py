@@ -261,7 +261,7 @@ def test_temp_dir_is_short() -> None:
 
 
 def test_read_response_bytes_is_the_protobuf_encoding() -> None:
-    from guestd.files import read_response_bytes
+    from guestd.fileio import read_response_bytes
 
     for n in (1, 127, 128, 16383, 16384, MB, MB + 7):
         data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
@@ -269,7 +269,7 @@ def test_read_response_bytes_is_the_protobuf_encoding() -> None:
 
 
 def test_write_request_of_views_data_and_leaves_the_rest_to_protobuf() -> None:
-    from guestd.files import write_request_of
+    from guestd.fileio import write_request_of
 
     for n in (0, 1, 127, 128, 16383, 16384, MB, MB + 7):
         data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
