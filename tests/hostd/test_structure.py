@@ -1,4 +1,4 @@
-"""The shape of hostd's code that the lifecycle core relies on: no import cycle, and no
+"""The shape of the daemons' code: no import cycle in hostd or guestd, and no
 code outside hostd/vmm asking which driver a VM comes from (a missing interface method)."""
 
 from __future__ import annotations
@@ -7,21 +7,23 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 HOSTD = Path(__file__).resolve().parents[2] / "hostd"
 DRIVER_CLASSES = re.compile(r"\b(Qemu|PciQemu)Vmm?\b")
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = HOSTD) -> dict[str, Path]:
     out = {}
-    for p in HOSTD.rglob("*.py"):
-        parts = p.relative_to(HOSTD.parent).with_suffix("").parts
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = p
     return out
 
 
 def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
-    """hostd modules `name` imports at any level (TYPE_CHECKING blocks and functions too)."""
+    """The package's modules `name` imports at any level (TYPE_CHECKING, functions too)."""
     pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -41,8 +43,9 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
     return found
 
 
-def test_hostd_has_no_import_cycle() -> None:
-    mods = _modules()
+@pytest.mark.parametrize("package", ["hostd", "guestd"])
+def test_daemon_has_no_import_cycle(package: str) -> None:
+    mods = _modules(HOSTD.parent / package)
     graph = {m: _imports(m, p, mods) for m, p in mods.items()}
     # A package's __init__ re-exporting its modules is not a cycle with them.
     for m in graph:
