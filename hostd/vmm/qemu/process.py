@@ -99,17 +99,22 @@ def is_our_process(pid: int, marker: str) -> bool:
     return proc_state(pid) not in ("", "Z", "X") and marker.encode() in cmdline
 
 
-def thread_names(pid: int) -> list[str] | None:
-    """The names (comm) of pid's threads; None when pid is gone."""
-    names = []
+def _per_thread(pid: int, name: str) -> list[str] | None:
+    """/proc/<pid>/task/<tid>/<name> of each of pid's threads; None when pid is gone."""
+    out = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
     for tid in tids:
-        with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
-    return names
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            out.append(Path(f"/proc/{pid}/task/{tid}/{name}").read_text().strip())
+    return out
+
+
+def thread_names(pid: int) -> list[str] | None:
+    """The names (comm) of pid's threads; None when pid is gone."""
+    return _per_thread(pid, "comm")
 
 
 def epoll_watches(pid: int) -> list[set[int]] | None:
@@ -140,15 +145,7 @@ def epoll_watches(pid: int) -> list[set[int]] | None:
 def thread_wchans(pid: int) -> list[str] | None:
     """Where each of pid's threads sleeps in the kernel (/proc wchan; "0" when running or
     hidden); None when pid is gone."""
-    out = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        with contextlib.suppress(OSError):
-            out.append(Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip())
-    return out
+    return _per_thread(pid, "wchan")
 
 
 def read_tail(path: Path, nbytes: int = 2048) -> str:
