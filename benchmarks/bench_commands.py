@@ -14,6 +14,10 @@ Floors, measured in the same sandbox:
   * the pipe floor: that server reading `head -c N /dev/zero` from a pipe and
     sending it (what any design that keeps output in guestd must do at least;
     in a TCG guest the producer and the pipe copy cost as much as the send).
+The floors are printed once at the start; each throughput figure is also
+measured in rounds, each right after a transfer of its floor, and its ratio is
+the median of the per-round ratios, so a load change between floor and figure
+does not move the ratio.
 
 Figures:
   * commands.run("true") round trip vs (bash -c true + vsock RTT): target <= 1.5x;
@@ -35,7 +39,9 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "hostd"))
@@ -148,18 +154,40 @@ def vsock_floors(uds: Path, mb: int, rounds: int) -> tuple[float, float, float]:
             rtts.append(time.perf_counter() - t)
     finally:
         s.close()
+    return statistics.median(rtts), host_to_guest(uds, mb), guest_to_host(uds, "source", total)
+
+
+def host_to_guest(uds: Path, mb: int) -> float:
+    """MB/s of `mb` MiB sent to the guest server's sink."""
     s = asyncio.run(_dial_blocking(uds))
     try:
         chunk = os.urandom(1 << 20)
         t = time.perf_counter()
-        s.sendall(f"sink {total}\n".encode())
+        s.sendall(f"sink {mb << 20}\n".encode())
         for _ in range(mb):
             s.sendall(chunk)
         assert s.recv(1) == b"k"
-        up = total / (time.perf_counter() - t) / 1e6
+        return (mb << 20) / (time.perf_counter() - t) / 1e6
     finally:
         s.close()
-    return statistics.median(rtts), up, guest_to_host(uds, "source", total)
+
+
+def paired(fn: Callable[[], Any], floor: Callable[[], float], size: int, rounds: int,
+           ) -> tuple[float, float, float]:
+    """(MB/s, floor MB/s, ratio), each the median over `rounds` rounds of a floor
+    transfer right before the figure's: a load change moves both sides of a
+    ratio alike instead of one floor measured minutes earlier."""
+    fn()  # warm-up
+    rates, floors, ratios = [], [], []
+    for _ in range(rounds):
+        fl = floor()
+        t = time.perf_counter()
+        fn()
+        rate = size / (time.perf_counter() - t) / 1e6
+        rates.append(rate)
+        floors.append(fl)
+        ratios.append(rate / fl)
+    return statistics.median(rates), statistics.median(floors), statistics.median(ratios)
 
 
 def line(name: str, value: str, floor: str, ratio: float, target: str) -> None:
@@ -206,12 +234,20 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
 
     # -- stdout streaming ----------------------------------------------------
     print(f"throughput ({mb} MiB) vs raw vsock in the same direction")
+    print("  (each figure beside its floor measured right before it, round by round;"
+          " medians over the rounds)")
     cmd = f"head -c {size} /dev/zero"
-    t = median_time(lambda: sbx.commands.run(cmd, timeout=600), args.rounds, warmup=1)
-    line("stdout streaming", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
-         size / t / 1e6 / down, ">= 0.8")
-    line("  same, vs the pipe floor", f"{size / t / 1e6:.1f} MB/s", f"{piped:.1f} MB/s",
-         size / t / 1e6 / piped, "-")
+
+    def source() -> float:
+        return guest_to_host(uds, "source", size)
+
+    def stdout() -> None:
+        sbx.commands.run(cmd, timeout=600)
+
+    rate, fl, ratio = paired(stdout, source, size, args.rounds)
+    line("stdout streaming", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, ">= 0.8")
+    rate, fl, ratio = paired(stdout, lambda: guest_to_host(uds, "pipe", size), size, args.rounds)
+    line("  same, vs the pipe floor", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, "-")
 
     # The same stream as raw gRPC through hostd (no SDK): where the time goes.
     channel = grpc.insecure_channel(f"unix:{h.sock}",
@@ -224,23 +260,22 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
         n = sum(len(ev.data.stdout) for ev in stub.Start(req, metadata=md))
         assert n == size
 
-    t = median_time(raw, args.rounds, warmup=0)
+    rate, fl, ratio = paired(raw, source, size, args.rounds)
     channel.close()
-    line("  same, data events (raw Process/Start)", f"{size / t / 1e6:.1f} MB/s",
-         f"{down:.1f} MB/s", size / t / 1e6 / down, "-")
+    line("  same, data events (raw Process/Start)", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s",
+         ratio, "-")
 
     data = os.urandom(size)
     path = "/tmp/bench.bin"
-    t = median_time(lambda: sbx.files.write(path, data), args.rounds, warmup=0)
-    line("files.write", f"{size / t / 1e6:.1f} MB/s", f"{up:.1f} MB/s",
-         size / t / 1e6 / up, ">= 0.85")
+    rate, fl, ratio = paired(lambda: sbx.files.write(path, data),
+                             lambda: host_to_guest(uds, mb), size, args.rounds)  # fmt: skip
+    line("files.write", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, ">= 0.85")
 
     def read() -> None:
         assert len(sbx.files.read(path, format="bytes")) == size
 
-    t = median_time(read, args.rounds, warmup=0)
-    line("files.read", f"{size / t / 1e6:.1f} MB/s", f"{down:.1f} MB/s",
-         size / t / 1e6 / down, ">= 0.85")
+    rate, fl, ratio = paired(read, source, size, args.rounds)
+    line("files.read", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, ">= 0.85")
 
     def twenty() -> None:
         assert len(sbx.commands.run(TWENTY_MB, timeout=600).stdout) == 20_000_000
@@ -275,7 +310,8 @@ def guestd_memory(sbx: Sandbox, gb: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="transfers per throughput figure")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds (floor, then figure) per throughput figure")
     ap.add_argument("--mb", type=int, default=64)
     ap.add_argument("--template", default="base")
     ap.add_argument("--gb", type=float, default=1.0,
