@@ -89,6 +89,8 @@ class Route(NamedTuple):
 
 # (sandbox_id, access_token) -> Route; raises hostd errors.
 Resolver = Callable[[str, str], Route]
+# Makes the multi-callable of one call shape for the method on a channel.
+Opener = Callable[[grpc.aio.Channel], Any]
 
 
 def end_status(
@@ -136,20 +138,30 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if method in DATA_METHODS:
             if self._data is None:
                 return grpc.unary_unary_rpc_method_handler(_not_forwarded)
-            return grpc.unary_unary_rpc_method_handler(self._uu(method, self._data))
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(lambda ch: ch.unary_unary(method, None, None), self._data)
+            )
         shape = self._shapes.get(method)
         if shape is None:
             return None
         cs, ss = shape
         if not cs and not ss:
-            return grpc.unary_unary_rpc_method_handler(self._uu(method))
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(lambda ch: ch.unary_unary(method, None, None))
+            )
         if not cs and ss:
             if method in OUTPUT_METHODS:
                 return grpc.unary_stream_rpc_method_handler(self._output(method, self._data))
-            return grpc.unary_stream_rpc_method_handler(self._us(method))
+            return grpc.unary_stream_rpc_method_handler(
+                self._streamed(lambda ch: ch.unary_stream(method, None, None))
+            )
         if cs and not ss:
-            return grpc.stream_unary_rpc_method_handler(self._su(method))
-        return grpc.stream_stream_rpc_method_handler(self._ss(method))
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(lambda ch: ch.stream_unary(method, None, None))
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streamed(lambda ch: ch.stream_stream(method, None, None))
+        )
 
     def _target(
         self, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,17 +174,16 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         out_md = ((TOKEN_HEADER, route.token),) if route.token else ()
         return route, out_md, context.time_remaining()
 
-    # Each factory returns the behaviour for one call shape. Upstream errors
-    # are passed on with their own code and details; a call whose sandbox
-    # ended gets the end status instead (_Watch).
+    # The two factories return the behaviour for one response shape; `opens`
+    # makes the upstream call of the request's shape on the route's channel.
+    # Upstream errors are passed on with their own code and details; a call
+    # whose sandbox ended gets the end status instead (_Watch).
 
-    def _uu(self, method: str, data: DataRelay | None = None) -> Callable[..., Any]:
-        async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    def _unary(self, opens: Opener, data: DataRelay | None = None) -> Callable[..., Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             route, md, timeout = self._target(context)
             async with _Watch(route.sandbox, context) as w:
-                call = route.channel.unary_unary(method, None, None)(
-                    request, metadata=md, timeout=timeout
-                )
+                call = opens(route.channel)(request, metadata=md, timeout=timeout)
                 w.watch(call)
                 try:
                     resp: bytes = await call
@@ -184,15 +195,13 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
         return handler
 
-    def _us(self, method: str) -> Callable[..., Any]:
+    def _streamed(self, opens: Opener) -> Callable[..., Any]:
         async def handler(
-            request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
             route, md, timeout = self._target(context)
             async with _Watch(route.sandbox, context) as w:
-                call = route.channel.unary_stream(method, None, None)(
-                    request, metadata=md, timeout=timeout
-                )
+                call = opens(route.channel)(request, metadata=md, timeout=timeout)
                 w.watch(call)
                 try:
                     async for resp in call:
@@ -206,7 +215,7 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _output(self, method: str, data: DataRelay | None) -> Callable[..., Any]:
         """Start/Connect: the output channel through the relay, or none without one."""
-        us = self._us(method)
+        us = self._streamed(lambda ch: ch.unary_stream(method, None, None))
         parse = OUTPUT_METHODS[method]
 
         async def handler(
@@ -226,46 +235,6 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     first = False
                     resp = _relay_output(data, _md(context).get(SANDBOX_HEADER, ""), resp)
                 yield resp
-
-        return handler
-
-    def _su(self, method: str) -> Callable[..., Any]:
-        async def handler(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> bytes:
-            route, md, timeout = self._target(context)
-            async with _Watch(route.sandbox, context) as w:
-                call = route.channel.stream_unary(method, None, None)(
-                    requests, metadata=md, timeout=timeout
-                )
-                w.watch(call)
-                try:
-                    resp: bytes = await call
-                    return resp
-                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.fail(e)
-                finally:
-                    call.cancel()
-
-        return handler
-
-    def _ss(self, method: str) -> Callable[..., Any]:
-        async def handler(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[bytes]:
-            route, md, timeout = self._target(context)
-            async with _Watch(route.sandbox, context) as w:
-                call = route.channel.stream_stream(method, None, None)(
-                    requests, metadata=md, timeout=timeout
-                )
-                w.watch(call)
-                try:
-                    async for resp in call:
-                        yield resp
-                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
-                    await w.fail(e)
-                finally:
-                    call.cancel()
 
         return handler
 
