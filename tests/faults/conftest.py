@@ -8,7 +8,6 @@ is marked error. The SDK finds hostd through MORU_HOSTD / MORU_API_KEY.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import sys
@@ -32,17 +31,10 @@ def hostd() -> Iterator[Hostd]:
     h = Hostd(api_key=API_KEY, max_sandboxes=8, health_interval_seconds=1.0,
               guest_unhealthy_seconds=60.0, error_kill_seconds=30.0)  # fmt: skip
     h.start(timeout=120)
-    old = {k: os.environ.get(k) for k in ("MORU_HOSTD", "MORU_API_KEY")}
-    os.environ["MORU_HOSTD"] = f"unix:{h.sock}"
-    os.environ["MORU_API_KEY"] = API_KEY
     try:
-        yield h
+        with h.moru_env():
+            yield h
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         h.kill_all()
         with contextlib.suppress(OSError):  # kept for post-mortems (the run dir goes)
             shutil.copy(h.log, "/tmp/moru-faults-hostd.log")

@@ -179,6 +179,21 @@ class Hostd:
     def guest(self) -> guest_pb2_grpc.GuestStub:
         return guest_pb2_grpc.GuestStub(self.channel)
 
+    @contextlib.contextmanager
+    def moru_env(self) -> Iterator[None]:
+        """Points MORU_HOSTD / MORU_API_KEY at this hostd, as a user's environment would."""
+        old = {k: os.environ.get(k) for k in ("MORU_HOSTD", "MORU_API_KEY")}
+        os.environ["MORU_HOSTD"] = f"unix:{self.sock}"
+        os.environ["MORU_API_KEY"] = self.api_key
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def md(
         self, sbx: pb.SandboxInfo | None = None, token: str | None = None
     ) -> tuple[tuple[str, str], ...]:

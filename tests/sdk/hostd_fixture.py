@@ -9,7 +9,6 @@ The SDK finds it the way users' code does: MORU_HOSTD and MORU_API_KEY.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import socket
@@ -61,28 +60,12 @@ def _close(h: Hostd, name: str) -> None:
     assert not left, f"{name} left behind: {left}"
 
 
-@contextlib.contextmanager
-def _as_moru_env(h: Hostd) -> Iterator[None]:
-    """Points MORU_HOSTD / MORU_API_KEY at `h`, as a user's environment would."""
-    old = {k: os.environ.get(k) for k in ("MORU_HOSTD", "MORU_API_KEY")}
-    os.environ["MORU_HOSTD"] = f"unix:{h.sock}"
-    os.environ["MORU_API_KEY"] = API_KEY
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="session")
 def hostd() -> Iterator[Hostd]:
     """The session's hostd (networking off); MORU_HOSTD points at it."""
     h = _start(network=False)
     try:
-        with _as_moru_env(h):
+        with h.moru_env():
             yield h
     finally:
         _close(h, "hostd")
@@ -103,7 +86,7 @@ def net_hostd(hostd: Hostd) -> Iterator[Hostd]:
 
 @pytest.fixture
 def use_net_hostd(net_hostd: Hostd) -> Iterator[Hostd]:
-    with _as_moru_env(net_hostd):
+    with net_hostd.moru_env():
         yield net_hostd
 
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hostd_fixture import _as_moru_env
 from hostd_framework import Hostd, wait_for
 
 from moru import (
@@ -59,7 +58,7 @@ def _serving(url: str, headers: dict[str, str] | None = None) -> bytes | None:
 @pytest.fixture(scope="module", autouse=True)
 def on_net_hostd(net_hostd: Hostd) -> Iterator[Hostd]:
     """The whole module talks to the hostd with networking (MORU_HOSTD)."""
-    with _as_moru_env(net_hostd):
+    with net_hostd.moru_env():
         yield net_hostd
 
 
