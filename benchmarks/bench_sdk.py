@@ -16,6 +16,7 @@ Figures (each printed next to its floor and the ratio):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -68,12 +69,20 @@ def main() -> int:
 
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C so the sandbox and hostd are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with sandbox_on_hostd(args.template) as (sbx, address, key):
+        ok = bench(sbx, address, key, args)
+    return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def sandbox_on_hostd(template: str) -> Iterator[tuple[Sandbox, str, str]]:
+    """(sandbox, hostd address, api key) on $MORU_HOSTD or a private hostd; both
+    are gone afterwards."""
     address, key, handle = _hostd()
-    ok = True
     try:
-        sbx = Sandbox.create(args.template, timeout=3600, hostd=address, api_key=key)
+        sbx = Sandbox.create(template, timeout=3600, hostd=address, api_key=key)
         try:
-            ok = _bench(sbx, address, key, args)
+            yield sbx, address, key
         finally:
             sbx.kill()
     finally:
@@ -81,10 +90,9 @@ def main() -> int:
             left = handle.close()
             if left:
                 print(f"hostd left behind: {left}", file=sys.stderr)
-    return 0 if ok else 1
 
 
-def _bench(sbx: Sandbox, address: str, key: str, args: argparse.Namespace) -> bool:
+def bench(sbx: Sandbox, address: str, key: str, args: argparse.Namespace) -> bool:
     info = sbx.get_info()
     token = sbx._core._target.access_token
     pairs = [("sandbox-id", sbx.sandbox_id)]

@@ -20,9 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_sdk import _bench, _hostd
-
-from moru import Sandbox
+from bench_sdk import bench, sandbox_on_hostd
 
 REPO = Path(__file__).resolve().parents[1]
 JS = REPO / "js"
@@ -39,29 +37,18 @@ def main() -> int:
         print("build the JS SDK first: (cd js && npm run build)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    address, key, handle = _hostd()
-    ok = True
-    try:
-        sbx = Sandbox.create(args.template, timeout=3600, hostd=address, api_key=key)
-        try:
-            print("-- Python SDK")
-            ok = _bench(sbx, address, key, args)
-            print("-- JS SDK (same sandbox)", flush=True)
-            env = {**os.environ, "MORU_HOSTD": address, "MORU_API_KEY": key}
-            js = subprocess.run(
-                ["node", "bench/bench-sdk.mjs", sbx.sandbox_id, str(args.runs), str(args.mb),
-                 str(args.rounds)],
-                cwd=JS,
-                env=env,
-            )
-            ok = ok and js.returncode == 0
-        finally:
-            sbx.kill()
-    finally:
-        if handle is not None:
-            left = handle.close()
-            if left:
-                print(f"hostd left behind: {left}", file=sys.stderr)
+    with sandbox_on_hostd(args.template) as (sbx, address, key):
+        print("-- Python SDK")
+        ok = bench(sbx, address, key, args)
+        print("-- JS SDK (same sandbox)", flush=True)
+        env = {**os.environ, "MORU_HOSTD": address, "MORU_API_KEY": key}
+        js = subprocess.run(
+            ["node", "bench/bench-sdk.mjs", sbx.sandbox_id, str(args.runs), str(args.mb),
+             str(args.rounds)],
+            cwd=JS,
+            env=env,
+        )
+        ok = ok and js.returncode == 0
     return 0 if ok else 1
 
 
