@@ -95,7 +95,7 @@ def _set_false(fut: asyncio.Future[bool]) -> None:
         fut.set_result(False)
 
 
-def _end_of(status: int, timed_out: bool) -> End:
+def end_of(status: int, timed_out: bool) -> End:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -306,7 +306,7 @@ class ManagedProcess:
 
     def _final_end(self) -> End:
         assert self._status is not None
-        return _end_of(self._status, self._timed_out)
+        return end_of(self._status, self._timed_out)
 
     def _on_timeout(self) -> None:
         self._timed_out = True

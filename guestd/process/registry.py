@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guestd.errors import FailedPrecondition
-from guestd.process.manager import End, ManagedProcess, ProcessManager, _end_of
+from guestd.process.manager import End, ManagedProcess, ProcessManager, end_of
 from guestd.process.spawn import Child, Spec
 
 log = logging.getLogger("guestd.registry")
@@ -205,7 +205,7 @@ class AdoptedProcess(ManagedProcess):
 
     def _final_end(self) -> End:
         if self._zombie is not None:
-            return _end_of(self._zombie, self._timed_out)
+            return end_of(self._zombie, self._timed_out)
         return End(-1, 0, False, self._timed_out, UNKNOWN)
 
     def close_pidfd(self) -> None:
