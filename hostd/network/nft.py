@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,48 +26,42 @@ class NftError(RuntimeError):
     """nft refused a rule set; the message carries nft's own error."""
 
 
-async def run_nft(script: str, netns: str | None = None) -> None:
-    """Loads an nft script in the root namespace or in netns."""
-    argv = ["nft", "-f", "-"]
+async def _nft(args: list[str], netns: str | None, stdin: bytes | None = None,
+               ) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of `nft *args` in the root namespace or in netns."""
+    argv = ["nft", *args]
     if netns is not None:
         argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", *argv]
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate(script.encode())
-    if proc.returncode != 0:
+    out, err = await proc.communicate(stdin)
+    return proc.returncode or 0, out, err
+
+
+async def run_nft(script: str, netns: str | None = None) -> None:
+    """Loads an nft script in the root namespace or in netns."""
+    rc, out, err = await _nft(["-f", "-"], netns, script.encode())
+    if rc != 0:
         where = f" in netns {netns}" if netns else ""
         raise NftError(f"nft failed{where}: {(err or out).decode(errors='replace').strip()}")
 
 
 async def list_tables(netns: str | None = None) -> list[str]:
     """``family name`` of every table (for leftover checks)."""
-    argv = ["nft", "list", "tables"]
-    if netns is not None:
-        argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", *argv]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
+    rc, out, err = await _nft(["list", "tables"], netns)
+    if rc != 0:
         raise NftError(f"nft list tables failed: {err.decode(errors='replace').strip()}")
     return [line.removeprefix("table ").strip() for line in out.decode().splitlines() if line]
 
 
 async def set_elements(table: str, name: str, netns: str) -> list[str]:
     """The addresses in set `name` of `inet table` in netns ([] when there is none)."""
-    import json
-
-    argv = ["nsenter", f"--net={NETNS_DIR}/{netns}", "nft", "-j", "list", "set", "inet", table,
-            name]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
+    rc, out, _ = await _nft(["-j", "list", "set", "inet", table, name], netns)
+    if rc != 0:
         return []
     found: list[str] = []
     for item in json.loads(out or b"{}").get("nftables", []):
