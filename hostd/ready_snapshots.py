@@ -401,11 +401,7 @@ async def stage_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> None:
     are removed; after success `restore_ready` or `RunDir.remove` releases them."""
     snap = ready / SNAPSHOT
     read_info(snap)
-    overlay = ready / OVERLAY
-    if not overlay.is_file():
-        raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
-    await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
+    await _copy_overlay(spec, ready)
     await vmm.stage_restore(spec, snap)
 
 
@@ -422,12 +418,17 @@ async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path, *, staged: bool = F
     snap = ready / SNAPSHOT
     read_info(snap)
     if not staged:
-        overlay = ready / OVERLAY
-        if not overlay.is_file():
-            raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
-        await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
+        await _copy_overlay(spec, ready)
     return await vmm.restore(spec, snap, staged=staged)
+
+
+async def _copy_overlay(spec: VmSpec, ready: Path) -> None:
+    """The snapshot's disk overlay, copied into spec's run dir (made if missing)."""
+    overlay = ready / OVERLAY
+    if not overlay.is_file():
+        raise SnapshotCorrupt(f"ready snapshot {ready} has no disk overlay")
+    await asyncio.to_thread(spec.run_dir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(shutil.copyfile, overlay, RunDir(spec.run_dir).overlay)
 
 
 async def _run_in_guest(vm: Vm, port: int, relay_path: Path, script: str) -> None:
