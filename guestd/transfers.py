@@ -101,50 +101,83 @@ def _send_direct(conn: socket.socket, fd: int, offset: int, length: int) -> None
     CPU per 64 MiB read was ~2.6 s from a mapping of an uncached file, ~1.7 s
     this way (~1.7 s from a mapping of a cached one; raw vsock source ~1.4 s).
     The kernel writes dirty cached pages back before it reads around them."""
+    end = offset + length
+    pos = offset - offset % DIRECT_ALIGN
+
+    def read(buf: mmap.mmap) -> tuple[int, int, bool] | None:
+        nonlocal pos
+        if pos >= end:
+            return None
+        try:
+            n = os.preadv(fd, [buf], pos)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not _set_direct(fd, False):
+                raise
+            n = os.preadv(fd, [buf], pos)  # an alignment this device will not take
+        piece = (max(0, offset - pos), min(n, end - pos), n < len(buf))  # short: the file's end
+        pos += n
+        return piece
+
+    _through_buffers(read, conn.sendall, fill_aside=True)
+
+
+def _through_buffers(fill: Callable[[mmap.mmap], tuple[int, int, bool] | None],
+                     drain: Callable[[memoryview], object], *, fill_aside: bool) -> None:
+    """Moves data through DIRECT_BUFFERS page-aligned buffers between two threads,
+    so neither side waits for the other's syscalls (disk against socket).
+
+    `fill` puts the next piece into a buffer and returns (start, stop, last) of
+    the bytes to pass on, or None when there is nothing more; `drain` takes
+    each piece. One of them runs in a second thread (the filling one with
+    `fill_aside`). An error on either side stops both and is raised here."""
     buffers = [mmap.mmap(-1, RECV_BUFFER) for _ in range(DIRECT_BUFFERS)]
     free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-    full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | BaseException | None] = (
-        queue.SimpleQueue())
+    full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
     for b in buffers:
         free.put(b)
-    end = offset + length
-    start = offset - offset % DIRECT_ALIGN
 
-    def read() -> None:
+    def filling() -> None:
         try:
-            pos = start
-            while pos < end and (buf := free.get()) is not None:
-                try:
-                    n = os.preadv(fd, [buf], pos)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or not _set_direct(fd, False):
-                        raise
-                    n = os.preadv(fd, [buf], pos)  # an alignment this device will not take
-                skip = max(0, offset - pos)
-                full.put((buf, skip, min(n, end - pos)))
-                if n < len(buf):
-                    break  # the end of the file (it may have shrunk)
-                pos += n
+            while (buf := free.get()) is not None and (piece := fill(buf)) is not None:
+                start, stop, last = piece
+                full.put((buf, start, stop))
+                if last:
+                    break
+        finally:
             full.put(None)
-        except BaseException as exc:  # handed to the sending thread
-            full.put(exc)
 
-    reader = threading.Thread(target=read, name="transfer-read", daemon=True)
-    reader.start()
+    def draining() -> None:
+        try:
+            while (item := full.get()) is not None:
+                buf, start, stop = item
+                if stop > start:
+                    with memoryview(buf) as whole, whole[start:stop] as part:
+                        drain(part)
+                free.put(buf)
+        finally:
+            free.put(None)
+
+    def aside() -> None:
+        try:
+            (filling if fill_aside else draining)()
+        except BaseException as exc:  # handed to the calling thread
+            failed.append(exc)
+
+    helper = threading.Thread(target=aside, name="transfer-" + ("read" if fill_aside else "write"),
+                              daemon=True)  # fmt: skip
+    helper.start()
     try:
-        while (item := full.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            buf, skip, n = item
-            if n > skip:
-                with memoryview(buf) as whole, whole[skip:n] as part:
-                    conn.sendall(part)
-            free.put(buf)
+        (draining if fill_aside else filling)()
     finally:
+        # Whichever way this side ended, the helper's next wait returns None.
         free.put(None)
-        reader.join()
+        full.put(None)
+        helper.join()
         for b in buffers:
             b.close()
+    if failed:
+        raise failed[0]
 
 
 class _NotMappable(Exception):
@@ -273,42 +306,19 @@ def _receive_direct(conn: socket.socket, upload: Upload, size: int) -> None:
     O_DIRECT (Upload.direct_io), so receiving never waits for the disk. In a
     TCG guest QEMU's CPU per 64 MiB upload went from ~3.6 s (recv + buffered
     write) to ~1.7 s; the raw vsock sink costs ~1.6 s."""
-    buffers = [mmap.mmap(-1, RECV_BUFFER) for _ in range(DIRECT_BUFFERS)]
-    free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-    full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
-    failed: list[BaseException] = []
-    for b in buffers:
-        free.put(b)
+    received = 0
 
-    def write() -> None:
-        try:
-            while (item := full.get()) is not None:
-                with memoryview(item[0]) as whole, whole[: item[1]] as part:
-                    upload.write(part)
-                free.put(item[0])
-        except BaseException as exc:  # handed to the receiving thread
-            failed.append(exc)
-            free.put(None)
+    def receive(buf: mmap.mmap) -> tuple[int, int, bool] | None:
+        nonlocal received
+        if received >= size:
+            return None
+        want = min(len(buf), size - received)
+        with memoryview(buf) as whole, whole[:want] as part:
+            n = _recv_full(conn, part)
+        received += n
+        return 0, n, n < want  # short: the peer closed
 
-    writer = threading.Thread(target=write, name="transfer-write", daemon=True)
-    writer.start()
-    try:
-        received = 0
-        while received < size and (buf := free.get()) is not None:
-            want = min(len(buf), size - received)
-            with memoryview(buf) as whole, whole[:want] as part:
-                n = _recv_full(conn, part)
-            received += n
-            full.put((buf, n))
-            if n < want:
-                break  # the peer closed
-    finally:
-        full.put(None)
-        writer.join()
-        for b in buffers:
-            b.close()
-    if failed:
-        raise failed[0]
+    _through_buffers(receive, upload.write, fill_aside=False)
 
 
 def _widen_vsock_buffer(conn: socket.socket) -> None:
