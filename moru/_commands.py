@@ -18,6 +18,7 @@ from typing import Any
 
 from moru import _validate
 from moru._connection import EOF
+from moru._errors import SandboxException
 from moru._guest import GuestTarget
 from moru._models import CommandResult, ProcessInfo
 from moru._output import Chunk, OutputCollector
@@ -213,8 +214,6 @@ class AsyncCommandHandle:
         connecting, self._connecting = self._connecting, None
         channel = await connecting if connecting is not None else None
         if channel is None:
-            from moru._errors import SandboxException
-
             raise SandboxException(f"process {self._pid}: guestd moved the output to a"
                                    " channel this client did not connect")
         self._channel = channel
