@@ -31,7 +31,6 @@ import signal as signals
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from guestd.allocator import keep_bulk_buffers
@@ -42,8 +41,9 @@ from guestd.errors import (
     ResourceExhausted,
 )
 from guestd.limits import release
+from guestd.process.events import Data, Dropped, End, Event, KeepAlive, end_of
 from guestd.process.login import LoginEnvs
-from guestd.process.output import Cursor, OutputLog, Part
+from guestd.process.output import Cursor, OutputLog
 from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
 
 READ_MAX = 1024 * 1024
@@ -56,55 +56,9 @@ BATCH_QUIET = 0.002  # ... or when the process wrote nothing for this long (inte
 BATCH_MAX_WAIT = 0.02  # ... or at the latest this long after the first byte of the batch
 
 
-@dataclass(frozen=True)
-class End:
-    exit_code: int
-    signal: int
-    exited: bool
-    timed_out: bool
-    status: str
-
-
-@dataclass(frozen=True)
-class Data:
-    """Output of one stream; `parts` concatenated (kept apart so the encoder copies once)."""
-
-    kind: str
-    parts: list[Part]
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.parts)
-
-
-@dataclass(frozen=True)
-class Dropped:
-    bytes_by_kind: dict[str, int]
-
-
-@dataclass(frozen=True)
-class KeepAlive:
-    pass
-
-
-Event = Data | Dropped | End | KeepAlive
-
-
 def _set_false(fut: asyncio.Future[bool]) -> None:
     if not fut.done():
         fut.set_result(False)
-
-
-def end_of(status: int, timed_out: bool) -> End:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signals.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return End(-1, sig, False, timed_out, f"signal: {name}")
-    code = os.waitstatus_to_exitcode(status)
-    return End(code, 0, True, timed_out, f"exit status {code}")
 
 
 class ManagedProcess:
