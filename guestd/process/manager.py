@@ -48,8 +48,11 @@ from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_
 
 READ_MAX = 1024 * 1024
 MESSAGE_MAX = 1024 * 1024  # output bytes per event: per-message cost dominates gRPC in Python
-NAP_BELOW = 64 * 1024  # after a read smaller than this from a running process ...
-NAP = 0.001  # ... poll that pipe again only this much later (fewer, bigger reads)
+# After a short read from a running process its pipe is polled again NAP later:
+# fewer, bigger reads (in a TCG guest a loop wake-up costs like a 100 KiB copy).
+# 3 ms lets a TCG-speed writer (30-60 MB/s) fill most of a 256 KiB read and
+# delays interactive output by at most 3 ms (only output within 3 ms of a read).
+NAP = 0.003
 DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
 BATCH_BYTES = MESSAGE_MAX  # a follower sends at once when this much is waiting ...
 BATCH_QUIET = 0.002  # ... or when the process wrote nothing for this long (interactive) ...
@@ -176,7 +179,7 @@ class ManagedProcess:
             self._pause(kind)
             return
         before = self._total
-        if self._read_once(kind) and self._total - before < NAP_BELOW and self.running:
+        if self._read_once(kind) and self._total - before < self._read_size and self.running:
             # A writer of many small writes would wake guestd once per write;
             # a short nap lets the pipe collect them (it holds PIPE_SIZE bytes).
             self._loop.remove_reader(self._fds[kind])
