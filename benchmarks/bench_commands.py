@@ -301,9 +301,8 @@ def host_cpu(h: Hostd, runs: dict[str, Callable[[], Any]], mb: int) -> None:
                 cpu = cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
             except OSError:
                 continue
-            name = ("hostd" if h.proc and pid == h.proc.pid else
-                    "QEMU" if comm.startswith("qemu") else "vsock device" if "vsock" in comm
-                    else "")
+            name = ("hostd" if h.proc and pid == h.proc.pid else "QEMU" if comm.startswith("qemu")
+                    else "vsock device" if comm.startswith("vhost-device") else "")
             if name:
                 out[name] = out.get(name, 0.0) + cpu
         return out

@@ -3,6 +3,7 @@ channel on hostd's data relay (moru._output_channel) with today's semantics."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,7 @@ def test_the_channel_is_the_guest_connection_itself(
 
     async def spy(info: Any) -> Any:
         ch = await real(info)
+        assert ch is not None
         peers.append(ch._sock.getpeername())
         return ch
 
@@ -80,10 +82,13 @@ def test_lines_on_a_channel_arrive_one_by_one(shared_sandbox: Sandbox,
             text.append(s)
             seen.notify_all()
 
+    def printed(line: str) -> bool:
+        return line in "".join(text)
+
     def ack() -> None:
         for i in range(1, 6):
             with seen:
-                seen.wait_for(lambda: f"line{i}\n" in "".join(text), timeout=120)
+                seen.wait_for(functools.partial(printed, f"line{i}\n"), timeout=120)
             shared_sandbox.files.write(f"/tmp/ack{i}", "")
 
     acker = threading.Thread(target=ack, daemon=True)
