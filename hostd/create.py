@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostd import validation
 from hostd.config import Config
+from hostd.create_staging import Staging
 from hostd.create_steps import StepClock
 from hostd.errors import (
     DeadlineExceeded,
@@ -299,12 +300,12 @@ class Creator:
         clock.mark("cgroup")
         ready = self._ready_snapshot(rec, manifest)
         staging = None
-        if ready is not None:
+        if ready is not None and self.ready is not None:
             # The ready snapshot's RAM image and overlay are copied while the network is
-            # set up (QEMU needs the network, the copies do not).
+            # set up and QEMU starts (create_staging).
             stack.callback(RunDir(rec.run_dir).remove)
-            staging = asyncio.create_task(self._stage(vm_spec(rec, res.cgroup.procs_files), ready))
-            stack.push_async_callback(_cancelled, staging)
+            staging = Staging(self.ready, vm_spec(rec, res.cgroup.procs_files), ready)
+            stack.push_async_callback(staging.close)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
@@ -403,10 +404,10 @@ class Creator:
         env: dict[str, str],
         net: Any,
         clock: StepClock,
-        staging: asyncio.Task[float] | None = None,
+        staging: Staging | None = None,
     ) -> bool:
         """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead.
-        `staging`: the task copying the snapshot's RAM and overlay (`_stage`), if started."""
+        `staging`: the copies of the snapshot's RAM and overlay, if started."""
         assert self.ready is not None
         rec, res = sb.rec, sb.res
         t0 = time.monotonic()
@@ -417,16 +418,20 @@ class Creator:
                 async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
                     sb.stage = "restoring the ready snapshot"
                     if staging is not None:
-                        clock.add({"RAM + overlay copy ||": await staging})
-                        clock.mark("copies done")
+                        await staging.in_place()
+                        clock.mark("copies started")
                     with self.ready.using(ready):
-                        vm = await self.ready.restore(spec, ready, staged=staging is not None)
+                        vm = await self.ready.restore(
+                            spec, ready, staged=staging is not None,
+                            staging=staging.task if staging is not None else None)  # fmt: skip
                     res.vm = vm
                     steps = vm.restore_steps
                     clock.mark("restore")
                     if steps:  # the driver's own steps, the rest (overlay copy, checks) apart
                         restore = clock.steps.pop()[1]
                         clock.add({"checks": restore - sum(steps.values()), **steps})
+                    if staging is not None:
+                        clock.add({"RAM + overlay copy ||": staging.task.result()})
                     write_spec(spec)
                     sb.stage = "waiting for the restored guestd on vsock"
                     await wait_ready(vm.vsock_uds, rec.guestd_port,
@@ -456,14 +461,6 @@ class Creator:
                  rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
         return True
 
-    async def _stage(self, spec: VmSpec, ready: Path) -> float:
-        """Copies what a restore from `ready` reads into spec's run dir; returns the seconds."""
-        assert self.ready is not None
-        t0 = time.monotonic()
-        with self.ready.using(ready):
-            await self.ready.stage(spec, ready)
-        return time.monotonic() - t0
-
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
         """Waits for guestd as hostd.readiness says; VsockSilent, BootStuck: boot a fresh VM."""
         deadline = time.monotonic() + self.config.create_deadline_seconds
@@ -482,10 +479,3 @@ class Creator:
         tail = vm.console_tail(2048) if vm is not None else ""
         return f"\n--- guest console (tail) ---\n{tail}" if tail else ""
 
-
-async def _cancelled(task: asyncio.Task[Any]) -> None:
-    """Cancels task if it still runs and waits for it (its own cleanup done)."""
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure here is reported where the task is awaited
