@@ -292,9 +292,9 @@ class PciQemuVm(QemuVm):
         src = snapshot_ram(snapshot)
         try:
             await asyncio.to_thread(ramcopy.sized, f.ram, info.memory_mb << 20)
-            proc = await ramcopy.start_fill(src, f.ram, self.spec.cgroup_procs_files)
-            if started is not None:
+            if started is not None:  # QEMU may map it now; the helper starts meanwhile
                 started.set()
+            proc = await ramcopy.start_fill(src, f.ram, self.spec.cgroup_procs_files)
             await ramcopy.finish(proc, src, f.ram, self.spec.sandbox_id)
         except BaseException:
             f.ram.unlink(missing_ok=True)
