@@ -1,9 +1,5 @@
-"""What a reader of a process's output gets: data, drops, keepalives and the end.
-
-Shared by the process table (guestd.process.manager), which produces these
-events, and their consumers: the gRPC stream, the output channel and the
-registry of processes adopted after a restart.
-"""
+"""What a process's followers receive (Start/Connect streams, output channels): output,
+a count of dropped bytes, keep-alives and the end, with its exit status decoded."""
 
 from __future__ import annotations
 

@@ -67,8 +67,9 @@ def _set_false(fut: asyncio.Future[bool]) -> None:
 class ManagedProcess:
     """One child: its output log, readers, stdin, timeout and end."""
 
-    def __init__(self, child: Child, spec: Spec, buffer_bytes: int,
-                 on_end: Callable[[ManagedProcess], None]) -> None:
+    def __init__(
+        self, child: Child, spec: Spec, buffer_bytes: int, on_end: Callable[[ManagedProcess], None]
+    ) -> None:
         self.pid = child.pid
         self.spec = spec
         self.tag = spec.tag
@@ -296,8 +297,9 @@ class ManagedProcess:
         if self._cursors.pop(id(cursor), None) is not None and self._paused:
             self._resume()
 
-    async def follow(self, cursor: Cursor, keepalive: float,
-                     until: asyncio.Future[None] | None = None) -> AsyncIterator[Event]:
+    async def follow(
+        self, cursor: Cursor, keepalive: float, until: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[Event]:
         """Events for one reader until the process ends (replay, then live), or
         until `until` is done (seen between events; wake() to see it at once)."""
         key = id(cursor)
@@ -355,7 +357,8 @@ class ManagedProcess:
                 if self.spec.stdin or self.pty:
                     raise FailedPrecondition(f"pid {self.pid}: stdin is closed")
                 raise FailedPrecondition(
-                    f"pid {self.pid}: process was started without stdin (set stdin=true)")
+                    f"pid {self.pid}: process was started without stdin (set stdin=true)"
+                )
             view = memoryview(data)
             while view:
                 fd = self._stdin_fd
@@ -368,7 +371,8 @@ class ManagedProcess:
                     await self._writable(fd)
                 except BrokenPipeError:
                     raise FailedPrecondition(
-                        f"pid {self.pid}: stdin was closed by the process") from None
+                        f"pid {self.pid}: stdin was closed by the process"
+                    ) from None
 
     async def _writable(self, fd: int) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -393,7 +397,8 @@ class ManagedProcess:
             if self._stdin_fd is None:
                 if not self.spec.stdin:
                     raise FailedPrecondition(
-                        f"pid {self.pid}: process was started without stdin (set stdin=true)")
+                        f"pid {self.pid}: process was started without stdin (set stdin=true)"
+                    )
                 raise FailedPrecondition(f"pid {self.pid}: stdin is already closed")
             os.close(self._stdin_fd)
             self._stdin_fd = None
@@ -424,8 +429,15 @@ class ProcessManager:
 
     journal: Journal | None = None  # set in the guest: survivors of a guestd restart
 
-    def __init__(self, init_env: Callable[[], dict[str, str]], *, buffer_bytes: int,
-                 keepalive: float, keep_ended: int = 128, max_running: int = 4096) -> None:
+    def __init__(
+        self,
+        init_env: Callable[[], dict[str, str]],
+        *,
+        buffer_bytes: int,
+        keepalive: float,
+        keep_ended: int = 128,
+        max_running: int = 4096,
+    ) -> None:
         self.buffer_bytes = buffer_bytes
         self.keepalive = keepalive
         self._init_env = init_env
@@ -473,7 +485,8 @@ class ProcessManager:
         self._ended_bytes += held
         budget = 64 * 1024 * 1024
         while len(self._ended) > self._keep_ended or (
-                len(self._ended) > 1 and self._ended_bytes > budget):
+            len(self._ended) > 1 and self._ended_bytes > budget
+        ):
             pid, n = self._ended.popitem(last=False)
             self._ended_bytes -= n
             self._procs.pop(pid, None)
