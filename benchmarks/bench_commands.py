@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "tests" / "hostd"))
 
 import grpc  # noqa: E402
 from bench_sdk import median_time  # noqa: E402
-from hostd_framework import Hostd  # noqa: E402
+from hostd_framework import Hostd, our_pids  # noqa: E402
 
 from hostd.vsock import dial_socket, wait_ready  # noqa: E402
 from moru import Sandbox  # noqa: E402
@@ -248,6 +248,8 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
     line("stdout streaming", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, ">= 0.8")
     rate, fl, ratio = paired(stdout, lambda: guest_to_host(uds, "pipe", size), size, args.rounds)
     line("  same, vs the pipe floor", f"{rate:.1f} MB/s", f"{fl:.1f} MB/s", ratio, "-")
+    host_cpu(h, {"raw guest->host": source, "pipe floor": lambda: guest_to_host(uds, "pipe", size),
+                 "stdout (SDK)": stdout, 'run("true")': lambda: sbx.commands.run("true")}, mb)
 
     # The same stream as raw gRPC through hostd (no SDK): where the time goes.
     channel = grpc.insecure_channel(f"unix:{h.sock}",
@@ -285,6 +287,37 @@ def bench(sbx: Sandbox, h: Hostd, args: argparse.Namespace) -> None:
          f"{20e6 / down / 1e6 * 1e3:.0f} ms", t / (20e6 / down / 1e6), "printed")
     if args.gb:
         guestd_memory(sbx, args.gb)
+
+
+def host_cpu(h: Hostd, runs: dict[str, Callable[[], Any]], mb: int) -> None:
+    """Host CPU seconds each process spent on one transfer of each kind: on a
+    2-core host running 2 TCG vCPUs, what the guest (QEMU) and each host hop
+    cost is what bounds the throughput."""
+    def sample() -> dict[str, float]:
+        out = {"SDK": time.process_time()}
+        for pid in {*our_pids(str(h.root)), *([h.proc.pid] if h.proc else [])}:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                cpu = cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+            except OSError:
+                continue
+            name = ("hostd" if h.proc and pid == h.proc.pid else "QEMU" if comm.startswith("qemu")
+                    else "vsock device" if comm.startswith("vhost-device") else "")
+            if name:
+                out[name] = out.get(name, 0.0) + cpu
+        return out
+
+    print(f"  host CPU seconds per {mb} MiB (one run each; QEMU = the guest's work;"
+          " run(\"true\"): a command's fixed cost):")
+    for what, fn in runs.items():
+        before = sample()
+        t = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t
+        after = sample()
+        used = "  ".join(f"{k} {after[k] - before.get(k, 0.0):.2f}" for k in
+                         ("QEMU", "vsock device", "hostd", "SDK") if k in after)
+        print(f"    {what:18s} {wall:5.2f} s wall   {used}")
 
 
 def guestd_memory(sbx: Sandbox, gb: float) -> None:

@@ -25,9 +25,9 @@ from guestd.fileio import write_request_of
 from guestd.files import FilesystemService
 from guestd.guest import GuestService
 from guestd.metrics import Metrics
-from guestd.process.manager import ProcessManager
 from guestd.process.registry import Registry, adopt_survivors
 from guestd.process.service import ProcessService
+from guestd.process.table import ProcessManager
 from guestd.rpc_types import Ctx
 from guestd.state import GuestState
 from guestd.transfers import Transfers

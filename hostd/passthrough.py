@@ -246,7 +246,7 @@ def _relay_output(data: DataRelay, sandbox_id: str, resp: bytes) -> bytes:
     if not ev.HasField("start") or not out.ticket:
         return resp
     ours = filesystem_pb2.Transfer.FromString(data.issue(sandbox_id, filesystem_pb2.Transfer(
-        ticket=out.ticket, address=out.address).SerializeToString()))
+        ticket=out.ticket, address=out.address).SerializeToString(), hand_over=True))
     out.ticket, out.address = ours.ticket, ours.address
     return ev.SerializeToString()
 

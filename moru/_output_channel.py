@@ -29,6 +29,8 @@ END = 5
 DROPPED_BODY = struct.Struct(">QQQ")
 CHANNEL_AFTER = 64 * 1024  # output bytes on the event stream before the channel is connected
 FRAME_MAX = 64 * 1024 * 1024  # guestd sends at most its message size; more is corruption
+BODY_BUFFER = 4 * 1024 * 1024  # frames are read into one reused buffer (grown if one is larger)
+HANDOVER = "unix-fd"  # address scheme: the relay passes the guest connection itself (SCM_RIGHTS)
 
 
 def usable(target: GuestTarget) -> bool:
@@ -37,8 +39,10 @@ def usable(target: GuestTarget) -> bool:
 
 @dataclass(frozen=True)
 class Output:
+    """One frame's data: a view of the channel's buffer, valid until its next read()."""
+
     kind: str  # stdout, stderr or pty
-    data: bytes | bytearray
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class OutputChannel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._done = False
+        self._head = bytearray(HEADER.size)
+        self._body = bytearray(BODY_BUFFER)
         self._cut = 0  # bytes of a frame the channel broke in, reported after its start
 
     @classmethod
@@ -65,7 +71,7 @@ class OutputChannel:
         """Connects and sends the ticket; None when the relay cannot be reached
         (guestd then keeps sending the output as data events)."""
         scheme, _, path = info.address.partition(":")
-        if scheme != "unix":
+        if scheme not in ("unix", HANDOVER):
             return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -73,6 +79,8 @@ class OutputChannel:
         try:
             await loop.sock_connect(s, path)
             await loop.sock_sendall(s, info.ticket)
+            if scheme == HANDOVER:
+                s = await _take_over(loop, s)
         except OSError:
             s.close()
             return None
@@ -108,17 +116,18 @@ class OutputChannel:
         if self._done:
             return None
         try:
-            head = bytearray(HEADER.size)
-            got = await self._exactly(memoryview(head))
+            got = await self._exactly(memoryview(self._head))
             if got < HEADER.size:
                 self.close()
                 return None  # closed between frames
-            kind, n = HEADER.unpack(head)
+            kind, n = HEADER.unpack(self._head)
             if kind == END or n > FRAME_MAX:
                 self.close()
                 return None
-            body = bytearray(n)
-            got = await self._exactly(memoryview(body))
+            if n > len(self._body):
+                self._body = bytearray(n)
+            body = memoryview(self._body)[:n]
+            got = await self._exactly(body)
         except OSError:
             self.close()
             return None
@@ -135,3 +144,32 @@ class OutputChannel:
             self.close()
             return None
         return Output(name, body)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _take_over(loop: asyncio.AbstractEventLoop, relay: socket.socket) -> socket.socket:
+    """The guest connection the relay passes back for our ticket (the relay
+    then steps out of the data path: no copy in hostd). Closes `relay`."""
+    try:
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(relay, 1, 1)
+                break
+            except BlockingIOError:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(relay.fileno(), _set_done, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(relay.fileno())
+    finally:
+        relay.close()
+    if not fds:
+        raise ConnectionError("the data relay closed without passing the connection")
+    guest = socket.socket(fileno=fds[0])
+    guest.setblocking(False)
+    return guest

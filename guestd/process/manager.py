@@ -1,4 +1,5 @@
-"""The process table: children that outlive the streams that started them.
+"""A started process: its output, readers, stdin, timeout and end (the table of
+them: guestd.process.table). Processes outlive the streams that started them.
 
 Output policy (the part users hurt on elsewhere):
 
@@ -29,27 +30,21 @@ import errno
 import os
 import signal as signals
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
 
 from guestd.allocator import keep_bulk_buffers
-from guestd.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
-)
-from guestd.limits import release
+from guestd.errors import FailedPrecondition
 from guestd.process.events import Data, Dropped, End, Event, KeepAlive, end_of
-from guestd.process.login import LoginEnvs
 from guestd.process.output import Cursor, OutputLog
-from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
+from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize
 
 READ_MAX = 1024 * 1024
 MESSAGE_MAX = 1024 * 1024  # output bytes per event: per-message cost dominates gRPC in Python
-NAP_BELOW = 64 * 1024  # after a read smaller than this from a running process ...
-NAP = 0.001  # ... poll that pipe again only this much later (fewer, bigger reads)
+# After a short read from a running process its pipe is polled again NAP later:
+# fewer, bigger reads (in a TCG guest a loop wake-up costs like a 100 KiB copy).
+# 3 ms lets a TCG-speed writer (30-60 MB/s) fill most of a 256 KiB read and
+# delays interactive output by at most 3 ms (only output within 3 ms of a read).
+NAP = 0.003
 DRAIN_AFTER_EXIT = 8 * 1024 * 1024  # stop draining a pipe a grandchild keeps filling
 BATCH_BYTES = MESSAGE_MAX  # a follower sends at once when this much is waiting ...
 BATCH_QUIET = 0.002  # ... or when the process wrote nothing for this long (interactive) ...
@@ -177,7 +172,7 @@ class ManagedProcess:
             self._pause(kind)
             return
         before = self._total
-        if self._read_once(kind) and self._total - before < NAP_BELOW and self.running:
+        if self._read_once(kind) and self._total - before < self._read_size and self.running:
             # A writer of many small writes would wake guestd once per write;
             # a short nap lets the pipe collect them (it holds PIPE_SIZE bytes).
             self._loop.remove_reader(self._fds[kind])
@@ -411,98 +406,3 @@ class ManagedProcess:
     def kill(self) -> None:
         if self.running:
             self._kill_group(signals.SIGKILL)
-
-
-class Journal(Protocol):
-    """Keeps a note of each running process outside guestd (guestd.process.registry)."""
-
-    def record(self, proc: ManagedProcess) -> None: ...
-
-    def forget(self, pid: int) -> None: ...
-
-
-class ProcessManager:
-    """The table of processes, by pid; tags are unique among running ones."""
-
-    journal: Journal | None = None  # set in the guest: survivors of a guestd restart
-
-    def __init__(
-        self,
-        init_env: Callable[[], dict[str, str]],
-        *,
-        buffer_bytes: int,
-        keepalive: float,
-        keep_ended: int = 128,
-        max_running: int = 4096,
-    ) -> None:
-        self.buffer_bytes = buffer_bytes
-        self.keepalive = keepalive
-        self._init_env = init_env
-        self.logins = LoginEnvs(init_env)  # shell commands' login environments
-        self._keep_ended = keep_ended
-        self._max_running = max_running
-        self._procs: dict[int, ManagedProcess] = {}
-        self._live = 0  # started and not yet ended (counted, not scanned: Start stays O(1))
-        self._ended: OrderedDict[int, int] = OrderedDict()  # pid -> output bytes it holds
-        self._ended_bytes = 0
-
-    def start(self, spec: Spec) -> ManagedProcess:
-        if spec.tag and any(p.running and p.tag == spec.tag for p in self._procs.values()):
-            raise AlreadyExists(f"tag: a running process already has tag {spec.tag!r}")
-        if self._live >= self._max_running:
-            raise ResourceExhausted(f"too many processes (limit {self._max_running})")
-        child = spawn(spec, self._init_env())
-        old = self._procs.pop(child.pid, None)  # a kept ended entry whose pid was reused
-        if old is not None:
-            self._ended_bytes -= self._ended.pop(old.pid, 0)
-        proc = ManagedProcess(child, spec, self.buffer_bytes, self._ended_cb)
-        self.add(proc)
-        if self.journal is not None:
-            self.journal.record(proc)
-        return proc
-
-    def add(self, proc: ManagedProcess) -> None:
-        """A running process into the table (a new child, or one adopted after a restart)."""
-        self._procs[proc.pid] = proc
-        self._live += 1
-
-    @property
-    def ended_callback(self) -> Callable[[ManagedProcess], None]:
-        return self._ended_cb
-
-    def _ended_cb(self, proc: ManagedProcess) -> None:
-        self._live -= 1
-        release(proc.pid)
-        if self._procs.get(proc.pid) is not proc:
-            return  # its pid was reused while its pipes drained: the table has the new one
-        if self.journal is not None:
-            self.journal.forget(proc.pid)
-        held = proc.log.held_bytes()  # final: an ended process's log no longer changes
-        self._ended[proc.pid] = held
-        self._ended_bytes += held
-        budget = 64 * 1024 * 1024
-        while len(self._ended) > self._keep_ended or (
-            len(self._ended) > 1 and self._ended_bytes > budget
-        ):
-            pid, n = self._ended.popitem(last=False)
-            self._ended_bytes -= n
-            self._procs.pop(pid, None)
-
-    def get(self, pid: int = 0, tag: str = "") -> ManagedProcess:
-        if tag:
-            found = [p for p in self._procs.values() if p.tag == tag]
-            if not found:
-                raise NotFound(f"tag: no process with tag {tag!r}")
-            running = [p for p in found if p.running]
-            return running[0] if running else max(found, key=lambda p: p.started_at)
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise NotFound(f"pid: no process {pid}")
-        return proc
-
-    def list(self, include_ended: bool) -> list[ManagedProcess]:
-        return [p for p in self._procs.values() if include_ended or p.end is None]
-
-    def kill_all(self) -> None:
-        for proc in self._procs.values():
-            proc.kill()

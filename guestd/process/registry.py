@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 from guestd.errors import FailedPrecondition
 from guestd.process.events import End, end_of
-from guestd.process.manager import ManagedProcess, ProcessManager
+from guestd.process.manager import ManagedProcess
 from guestd.process.spawn import Child, Spec
+from guestd.process.table import ProcessManager
 
 log = logging.getLogger("guestd.registry")
 

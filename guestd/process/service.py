@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from guestd.errors import InvalidArgument
 from guestd.process.channel import OutputSender
 from guestd.process.events import Data, Dropped, End, Event
-from guestd.process.manager import ManagedProcess, ProcessManager
+from guestd.process.manager import ManagedProcess
 from guestd.process.output import Part
 from guestd.process.spawn import Spec
+from guestd.process.table import ProcessManager
 from guestd.rpc_types import Ctx
 from guestd.wire import len_key, varint
 from moru_proto.guest.v1 import process_pb2 as pb

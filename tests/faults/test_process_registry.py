@@ -18,15 +18,15 @@ import textwrap
 from pathlib import Path
 
 from guestd.process.events import End
-from guestd.process.manager import ProcessManager
 from guestd.process.registry import UNKNOWN, Registry, adopt_survivors
+from guestd.process.table import ProcessManager
 
 REPO = Path(__file__).resolve().parents[2]
 
 # A "guestd" that starts a command through the manager, records it and dies at once.
 DYING_GUESTD = textwrap.dedent("""
     import asyncio, os, sys
-    from guestd.process.manager import ProcessManager
+    from guestd.process.table import ProcessManager
     from guestd.process.registry import Registry
     from guestd.process.spawn import Spec
 

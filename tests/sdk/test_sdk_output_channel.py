@@ -3,6 +3,7 @@ channel on hostd's data relay (moru._output_channel) with today's semantics."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +46,60 @@ def test_large_output_over_the_channel_keeps_order_and_exit_code(
     assert r.stdout == "a" * 5_000_000
     assert r.stderr == "first\nlast\n"
     assert kinds[0] == "err" and kinds[-1] == "err" and set(kinds[1:-1]) == {"out"}, kinds
+
+
+def test_the_channel_is_the_guest_connection_itself(
+        shared_sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hostd's relay hands the guest connection over instead of copying it."""
+    peers: list[str] = []
+    real = output_channel.OutputChannel.open
+
+    async def spy(info: Any) -> Any:
+        ch = await real(info)
+        assert ch is not None
+        peers.append(ch._sock.getpeername())
+        return ch
+
+    monkeypatch.setattr(output_channel.OutputChannel, "open", spy)
+    assert shared_sandbox.commands.run("head -c 3000000 /dev/zero | tr '\\0' c").stdout == (
+        "c" * 3_000_000)
+    assert len(peers) == 1
+    assert peers[0].endswith("/v.sock"), peers  # vhost-device-vsock's socket, not the relay
+
+
+def test_lines_on_a_channel_arrive_one_by_one(shared_sandbox: Sandbox,
+                                              opened: list[Any]) -> None:
+    """Interactive output after the move to a channel: each line must reach the
+    client on its own. The command prints the next line only once the test has
+    seen the previous one (a file it writes), so a line held back for more
+    output stalls the command until it gives up (exit 9) instead of passing."""
+    shared_sandbox.commands.run("rm -f /tmp/ack*")
+    seen = threading.Condition()
+    text: list[str] = []
+
+    def on_stdout(s: str) -> None:
+        with seen:
+            text.append(s)
+            seen.notify_all()
+
+    def printed(line: str) -> bool:
+        return line in "".join(text)
+
+    def ack() -> None:
+        for i in range(1, 6):
+            with seen:
+                seen.wait_for(functools.partial(printed, f"line{i}\n"), timeout=120)
+            shared_sandbox.files.write(f"/tmp/ack{i}", "")
+
+    acker = threading.Thread(target=ack, daemon=True)
+    acker.start()
+    cmd = ("head -c 200000 /dev/zero | tr '\\0' x; echo; for i in 1 2 3 4 5; do echo line$i;"
+           " n=0; while [ ! -e /tmp/ack$i ]; do sleep 0.1; n=$((n+1));"
+           " [ $n -le 600 ] || exit 9; done; done")
+    r = shared_sandbox.commands.run(cmd, on_stdout=on_stdout, timeout=600)
+    acker.join(10)
+    assert len(opened) == 1, "the output never moved to a channel"
+    assert r.stdout == "x" * 200_000 + "\n" + "".join(f"line{i}\n" for i in range(1, 6))
 
 
 def test_small_output_stays_on_the_stream(shared_sandbox: Sandbox, opened: list[Any]) -> None:
