@@ -215,3 +215,21 @@ def test_a_file_truncated_during_a_read_ends_short(data_guestd: Guestd,
             got += len(more)
     assert MB <= got < 64 * MB
     assert g.fs.Stat(pb.StatRequest(path=path)).entry.size == 2 * MB  # guestd still answers
+
+
+def test_transfer_sockets_block_with_a_kernel_idle_limit() -> None:
+    """A Python timeout polls before every send (a vsock sender then wakes on
+    each credit update); the idle limit is the kernel's, on a blocking socket."""
+    from guestd.idle_limit import block_with_idle_limit
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(60)
+        block_with_idle_limit(a, 0.3)
+        assert a.gettimeout() is None  # blocking: no poll(2) before each call
+        t = time.monotonic()
+        with pytest.raises(OSError):
+            a.recv(1)  # nothing comes: fails after the limit, does not hang
+        assert 0.2 < time.monotonic() - t < 30
+        b.sendall(b"x")
+        assert a.recv(1) == b"x"
