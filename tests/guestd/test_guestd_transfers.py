@@ -158,6 +158,26 @@ def test_token_guards_open(tmpdir_short: str) -> None:
         g.close()
 
 
+def test_read_answers_info_only_for_big_files_with_a_listener(data_guestd: Guestd,
+                                                              guestd: Guestd,
+                                                              tmpdir_short: str) -> None:
+    """info_only_from: at least that many bytes from offset -> the info alone
+    (the client takes OpenRead); fewer, or no data listener -> the data."""
+    path = f"{tmpdir_short}/big.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * MB))
+
+    def read(g: Guestd, **kw: Any) -> list[pb.ReadResponse]:
+        return list(g.fs.Read(pb.ReadRequest(path=path, length=MB, **kw)))
+
+    only = read(data_guestd, info_only_from=4 * MB)
+    assert len(only) == 1 and only[0].info.size == 4 * MB and only[0].data == b""
+    for g, kw in ((data_guestd, {"info_only_from": 4 * MB, "offset": 1}),
+                  (data_guestd, {}), (guestd, {"info_only_from": 1})):
+        got = read(g, **kw)
+        assert got[0].info.size == 4 * MB and sum(len(m.data) for m in got) == MB, kw
+
+
 def test_without_a_data_listener_open_says_so(guestd: Guestd, tmpdir_short: str) -> None:
     with pytest.raises(grpc.RpcError) as e:
         guestd.fs.OpenWrite(pb.WriteHeader(path=f"{tmpdir_short}/a", size=1))

@@ -15,7 +15,7 @@ from hostd_framework import Hostd
 from guestd.transfer_client import TransferError, read_file, write_file
 from moru import Sandbox
 from moru._transfer import DATA_MIN
-from moru.exceptions import NotFoundException
+from moru.exceptions import NotFoundException, PermissionDeniedException
 from moru_proto.guest.v1 import filesystem_pb2 as fpb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
@@ -94,10 +94,39 @@ def test_sdk_reads_in_parts_and_as_a_user(shared_sandbox: Sandbox) -> None:
     sbx.commands.run("rm -f /home/user/parts.bin")
 
 
-def test_sdk_read_of_a_file_replaced_between_the_parts(shared_sandbox: Sandbox,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdk_large_read_comes_whole_over_the_relay(shared_sandbox: Sandbox,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """guestd answers the first Read with the info alone (info_only_from): no
+    head through gRPC, the whole file from one OpenRead, which also makes a
+    file replaced after that first Read come back whole and new."""
     from moru import _transfer
 
+    sbx = shared_sandbox
+    old, new = os.urandom(DATA_MIN + 1), os.urandom(DATA_MIN + 4099)
+    sbx.files.write("/home/user/whole.bin", old, user="user")
+    real, calls = _transfer.read, []
+
+    async def replace_first(target: Any, request: Any) -> Any:
+        calls.append(request.offset)
+        await sbx._core.files.write("/home/user/whole.bin", new, user="user")
+        return await real(target, request)
+
+    monkeypatch.setattr(_transfer, "read", replace_first)
+    monkeypatch.setattr(_transfer, "read_after", None)  # the head path is not taken
+    assert sbx.files.read("/home/user/whole.bin", format="bytes", user="user") == new
+    assert calls == [0]
+    sbx.files.write("/root/whole.bin", old, mode=0o600)
+    with pytest.raises(PermissionDeniedException):  # checked as Read checks it
+        sbx.files.read("/root/whole.bin", format="bytes", user="user")
+    sbx.commands.run("rm -f /home/user/whole.bin /root/whole.bin")
+
+
+def test_sdk_read_of_a_file_replaced_between_the_parts(shared_sandbox: Sandbox,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head-then-rest path an older guestd (no info_only_from) takes."""
+    from moru import _files, _transfer
+
+    monkeypatch.setattr(_files, "INFO_ONLY_FROM", 0)
     sbx = shared_sandbox
     old, new = os.urandom(DATA_MIN + 1), os.urandom(DATA_MIN + 2)
     sbx.files.write("/tmp/replaced.bin", old)
