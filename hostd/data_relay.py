@@ -8,6 +8,12 @@ hostd's gRPC socket. A client connects there and sends hostd's ticket; the
 relay dials the guest's port, sends the guest's ticket and then copies bytes
 both ways until either side closes, so the byte protocol is guestd's own
 (docs/guestd.md). Tickets are one-use and expire with guestd's (30 s).
+
+A ticket issued with `hand_over` (a command's output channel, whose reader
+is a local SDK) is answered differently: once the guest's ticket is sent,
+the relay passes the guest connection itself to the client (SCM_RIGHTS) and
+steps out, so hostd copies none of the output; its address says so
+(`unix-fd:`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ TICKET_WAIT = 10.0  # a client that sends no ticket this long is closed
 DIAL_SECONDS = 10.0
 BUFFER = 1024 * 1024
 MAX_TICKETS = 4096
+HANDOVER = "unix-fd"  # address scheme of a hand_over ticket
 
 # sandbox id -> the hybrid-vsock socket of its VM; raises hostd errors.
 VsockOf = Callable[[str], Path]
@@ -46,6 +53,7 @@ class _Ticket:
     guest_ticket: bytes
     port: int
     expires: float
+    hand_over: bool = False
 
 
 def guest_port(address: str) -> int:
@@ -68,7 +76,7 @@ class DataRelay:
     def address(self) -> str:
         return f"unix:{self.path}"
 
-    def issue(self, sandbox_id: str, transfer: bytes) -> bytes:
+    def issue(self, sandbox_id: str, transfer: bytes, hand_over: bool = False) -> bytes:
         """guestd's serialized Transfer -> the one a client gets (our ticket and address)."""
         t = filesystem_pb2.Transfer.FromString(transfer)
         port = guest_port(t.address)
@@ -76,9 +84,10 @@ class DataRelay:
         if len(self._tickets) >= MAX_TICKETS:
             self._tickets = {k: v for k, v in self._tickets.items() if v.expires > now}
         ticket = secrets.token_bytes(TICKET_BYTES)
-        self._tickets[ticket] = _Ticket(sandbox_id, t.ticket, port, now + TICKET_SECONDS)
+        self._tickets[ticket] = _Ticket(sandbox_id, t.ticket, port, now + TICKET_SECONDS,
+                                        hand_over)
         t.ticket = ticket
-        t.address = self.address
+        t.address = f"{HANDOVER}:{self.path}" if hand_over else self.address
         return t.SerializeToString()
 
     async def start(self) -> None:
@@ -139,6 +148,9 @@ class DataRelay:
         guest = await dial_socket(self._vsock_of(entry.sandbox_id), entry.port, DIAL_SECONDS)
         try:
             await loop.sock_sendall(guest, entry.guest_ticket)
+            if entry.hand_over:
+                socket.send_fds(client, [b"\0"], [guest.fileno()])
+                return
             up = asyncio.ensure_future(_copy(loop, client, guest))
             down = asyncio.ensure_future(_copy(loop, guest, client))
             try:

@@ -26,6 +26,10 @@ from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 DATA_MIN = 4 * 1024 * 1024
 T = TypeVar("T")
+# Asked for with HANDOVER_HEADER (hostd.passthrough), hostd's relay passes the
+# guest connection itself (SCM_RIGHTS) to an address of scheme HANDOVER.
+HANDOVER = "unix-fd"
+HANDOVER_HEADER = ("moru-data-handover", "1")
 _unavailable: set[str] = set()  # hostd addresses that answered UNIMPLEMENTED
 
 
@@ -43,7 +47,8 @@ async def _open(target: GuestTarget, method: str, request: Any, what: str) -> pb
     """The Transfer for `request`, or None when this hostd has no data relay."""
     try:
         call = getattr(target.filesystem(), method)
-        t: pb.Transfer = await call(request, metadata=target.metadata, timeout=target.timeout)
+        t: pb.Transfer = await call(request, metadata=(*target.metadata, HANDOVER_HEADER),
+                                    timeout=target.timeout)
         return t
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -56,17 +61,30 @@ async def _open(target: GuestTarget, method: str, request: Any, what: str) -> pb
             raise
 
 
-async def _dial(address: str) -> socket.socket:
-    scheme, _, path = address.partition(":")
-    if scheme != "unix":
-        raise ConnectionError(f"data relay at {address!r}: only unix sockets are dialled")
+async def _connect(t: pb.Transfer) -> socket.socket:
+    """A connection to the data relay at t.address that has sent t.ticket; for
+    a hand-over address (`unix-fd:`), the guest connection the relay passes
+    back (SCM_RIGHTS), so hostd copies none of the bytes."""
+    scheme, _, path = t.address.partition(":")
+    if scheme not in ("unix", HANDOVER):
+        raise ConnectionError(f"data relay at {t.address!r}: only unix sockets are dialled")
+    loop = asyncio.get_running_loop()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.setblocking(False)
     try:
-        await asyncio.get_running_loop().sock_connect(s, path)
+        await loop.sock_connect(s, path)
+        await loop.sock_sendall(s, t.ticket)
+        if scheme == HANDOVER:
+            s.setblocking(True)
+            _, fds, _, _ = await _blocking(s, lambda: socket.recv_fds(s, 1, 1))
+            if not fds:
+                raise ConnectionError("the data relay closed without passing the connection")
+            s.close()
+            s = socket.socket(fileno=fds[0])
     except BaseException:
         s.close()
         raise
+    s.setblocking(True)
     return s
 
 
@@ -78,10 +96,8 @@ async def write(target: GuestTarget, header: pb.WriteHeader,
     if t is None:
         return None
     loop = asyncio.get_running_loop()
-    s = await _dial(t.address)
+    s = await _connect(t)
     try:
-        await loop.sock_sendall(s, t.ticket)
-        s.setblocking(True)
         try:
             await _blocking(s, lambda: _send_all(s, data))
         except (BrokenPipeError, ConnectionResetError):
@@ -107,10 +123,8 @@ async def read(target: GuestTarget, request: pb.ReadRequest) -> bytes | None:
     t = await _open(target, "OpenRead", request, what)
     if t is None:
         return None
-    s = await _dial(t.address)
+    s = await _connect(t)
     try:
-        await asyncio.get_running_loop().sock_sendall(s, t.ticket)
-        s.setblocking(True)
         out = await _blocking(s, lambda: _recv_bytes(s, t.length))
     finally:
         s.close()
@@ -135,10 +149,8 @@ async def read_after(target: GuestTarget, request: pb.ReadRequest, head: bytes |
         return None  # the unused ticket expires in guestd
     out = bytearray(len(head) + t.length)  # zero pages from the kernel: no copy of them
     out[: len(head)] = head
-    s = await _dial(t.address)
+    s = await _connect(t)
     try:
-        await asyncio.get_running_loop().sock_sendall(s, t.ticket)
-        s.setblocking(True)
         with memoryview(out) as whole, whole[len(head):] as rest:
             got = await _blocking(s, lambda: _recv_all(s, rest))
     finally:

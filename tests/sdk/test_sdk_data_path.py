@@ -54,6 +54,30 @@ def test_open_read_and_write_go_through_the_relay(hostd: Hostd,
     assert fs.Stat(fpb.StatRequest(path="/tmp/relay.bin"), metadata=md).entry.size == len(data)
 
 
+def test_open_asking_for_hand_over_gets_the_guest_connection(hostd: Hostd,
+                                                             shared_sandbox: Sandbox) -> None:
+    """With the hand-over header the relay passes the guest connection itself
+    (SCM_RIGHTS) instead of copying it: hostd moves none of the bytes."""
+    fs, md = _stub_and_md(hostd, shared_sandbox)
+    data = os.urandom(3 << 20)
+    shared_sandbox.files.write("/tmp/handover.bin", data)
+    t = fs.OpenRead(fpb.ReadRequest(path="/tmp/handover.bin", offset=5),
+                    metadata=(*md, ("moru-data-handover", "1")))
+    assert t.address == f"unix-fd:{hostd.sock}.data" and t.length == len(data) - 5
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(f"{hostd.sock}.data")
+        s.sendall(t.ticket)
+        _, fds, _, _ = socket.recv_fds(s, 1, 1)
+    assert len(fds) == 1
+    with socket.socket(fileno=fds[0]) as guest:
+        guest.setblocking(True)  # the flag came with the fd from hostd's event loop
+        got = bytearray()
+        while more := guest.recv(1 << 20):
+            got += more
+    assert got == data[5:]
+    shared_sandbox.commands.run("rm -f /tmp/handover.bin")
+
+
 def test_unknown_ticket_is_closed_without_a_byte(hostd: Hostd) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
