@@ -6,7 +6,9 @@ ticket and a unix socket next to hostd's), where a file is one byte stream.
 Used only for hostd on a unix socket (the relay is on the same machine) and
 for files of at least DATA_MIN bytes; anything else, or a hostd without the
 relay (UNIMPLEMENTED) or a guestd without a data listener (an older image),
-takes Filesystem.Read/Write as before.
+takes Filesystem.Read/Write as before. The SDK asks hostd to hand over the
+guest connection itself (HANDOVER_HEADER): hostd then copies none of the
+bytes, whose CPU the guest's vCPU threads need on a small host.
 """
 
 from __future__ import annotations
