@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from hostd.cgroups import DEFAULT_CPU_WEIGHT
 from hostd.config import Config
 from hostd.events import EventBus
 from hostd.guest import TOKEN_HEADER, GuestClient
 from hostd.pool import PoolShape, WarmPool
 from hostd.resources import Capacity
 from hostd.sandbox import CreateOptions, Sandbox, egress_policy, new_sandbox_id
+from hostd.sandbox_cgroup import DEFAULT_CPU_WEIGHT
 from hostd.state import Action, transition
 from hostd.store import Store
 from images.manifest import TemplateManifest, TemplateNotFound

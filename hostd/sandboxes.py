@@ -5,14 +5,13 @@ on success the stack moves into the sandbox (`pop_all`) and Kill simply
 closes it, so every resource has exactly one release path, registered right
 after it was taken. Pause to disk (`hostd.disk_pause`) and re-attach after a
 restart (`hostd.reattach`) get the driver and the store, not this manager.
-Background work (reaper, VMM watcher, metrics sampler) runs in `run()` under
+Background work (reaper, VMM watcher, metrics sampler in `hostd.sampler`) runs in `run()` under
 the server's task group: no fire-and-forget tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hmac
 import logging
@@ -34,7 +33,7 @@ from hostd.errors import (
     sandbox_not_found,
 )
 from hostd.events import Event, EventBus, EventType, Reason
-from hostd.guest import GuestClient, Sample
+from hostd.guest import Sample
 from hostd.health import HealthChecker, HealthPolicy
 from hostd.network import ProxyTarget
 from hostd.pool import WarmPool
@@ -42,6 +41,7 @@ from hostd.pool_members import build_pool
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.reattach import Reattacher
 from hostd.resources import Capacity
+from hostd.sampler import MetricsSampler
 from hostd.sandbox import CreateOptions, Sandbox, egress_policy, new_sandbox_id
 from hostd.state import Action, State, transition
 from hostd.store import SandboxRecord, Store
@@ -85,11 +85,16 @@ class SandboxManager:
             HealthPolicy(config.health_interval_seconds, config.guest_unhealthy_seconds,
                          config.error_kill_seconds),
         )  # fmt: skip
+        self.sampler = MetricsSampler(
+            lambda: list(self._sandboxes.values()), self.health.answered,
+            config.metrics_interval_seconds,
+        )  # fmt: skip
         self.ready: ReadySnapshots | None = None
         if config.ready_snapshot_templates:
             if vmm.can_restore:
-                self.ready = ReadySnapshots(config, vmm, cgroups, network, self._load_template,
-                                            self.capacity)
+                self.ready = ReadySnapshots(
+                    config, vmm, cgroups, network, self._load_template, self.capacity
+                )
             else:
                 log.warning("ready snapshots are off: the %s driver cannot restore VMs",
                             vmm.name)  # fmt: skip
@@ -136,7 +141,7 @@ class SandboxManager:
         """Reaper, VMM watcher and metrics sampler; runs until cancelled."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._reap_loop())
-            tg.create_task(self._sample_loop())
+            tg.create_task(self.sampler.run())
             tg.create_task(self.health.run())
             if self.ready is not None:
                 tg.create_task(self.ready.run())
@@ -190,7 +195,7 @@ class SandboxManager:
             # A claim or a restore returns without it (a guest round trip, 0.1-0.4 s
             # under TCG, more in a just-restored QEMU): the sampler takes it within
             # metrics_interval_seconds.
-            await self._sample(sb)
+            await self.sampler.sample(sb)
         rec = sb.rec
         self.bus.publish(
             Event(sb.id, EventType.CREATED, Reason.USER, rec.template_id, sb.create_path,
@@ -314,7 +319,7 @@ class SandboxManager:
             sb.rec.state = nxt
             self.store.put(sb.rec)
             sb.reopen()
-        await self._sample(sb)
+        await self.sampler.sample(sb)
         self.bus.publish(
             Event(
                 sb.id,
@@ -468,49 +473,6 @@ class SandboxManager:
             async with asyncio.TaskGroup() as tg:
                 for sb, reason, msg in due:
                     tg.create_task(self._kill(sb, reason, msg))
-
-    async def _sample_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.metrics_interval_seconds)
-            running = [
-                sb
-                for sb in self._sandboxes.values()
-                if not sb.gone and sb.rec.state is State.RUNNING
-            ]
-            async with asyncio.TaskGroup() as tg:
-                for sb in running:
-                    tg.create_task(self._sample(sb))
-
-    async def _sample(self, sb: Sandbox) -> None:
-        ch = sb.res.channel
-        if ch is None:
-            return
-        try:
-            s = await GuestClient(ch, sb.rec.access_token).metrics()
-        except grpc.aio.AioRpcError as e:
-            log.debug("metrics of %s: %s", sb.id, e.details())
-            return
-        except grpc.aio.UsageError as e:  # a Kill closed the channel before the call
-            log.debug("metrics of %s: %s", sb.id, e)
-            return
-        except asyncio.CancelledError:
-            # grpc.aio cancels calls in flight on a channel a Kill closes; only a
-            # cancel of this task itself goes on.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            return
-        if s.guest_initialized:
-            self.health.answered(sb.id)
-        cg = sb.res.cgroup
-        if cg is not None:
-            with contextlib.suppress(OSError, ValueError):
-                s = dataclasses.replace(
-                    s,
-                    host_cpu_seconds=cg.cpu_usage_seconds(),
-                    host_memory_bytes=cg.memory_usage_bytes(),
-                )
-        sb.metrics.append(s)
 
 
 __all__ = ["CreateOptions", "Sandbox", "SandboxManager", "new_sandbox_id"]

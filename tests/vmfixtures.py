@@ -29,9 +29,10 @@ import grpc
 import pytest
 import uvloop
 
-from hostd.cgroups import CgroupManager, SandboxCgroup
+from hostd.cgroups import CgroupManager
 from hostd.create import BOOT_ATTEMPTS
 from hostd.readiness import BootStuck, VsockSilent, wait_guestd
+from hostd.sandbox_cgroup import SandboxCgroup
 from hostd.vmm.base import VmSpec
 from hostd.vmm.qemu import QemuVm, QemuVmm
 from hostd.vsock import VsockRelay

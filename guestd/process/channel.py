@@ -32,7 +32,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from guestd.process.manager import Data, Dropped, End, ManagedProcess
+from guestd.process.events import Data, Dropped, End
+from guestd.process.manager import ManagedProcess
 
 if TYPE_CHECKING:
     from guestd.process.output import Cursor

@@ -31,7 +31,6 @@ import signal as signals
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from guestd.allocator import keep_bulk_buffers
@@ -42,8 +41,9 @@ from guestd.errors import (
     ResourceExhausted,
 )
 from guestd.limits import release
+from guestd.process.events import Data, Dropped, End, Event, KeepAlive, end_of
 from guestd.process.login import LoginEnvs
-from guestd.process.output import Cursor, OutputLog, Part
+from guestd.process.output import Cursor, OutputLog
 from guestd.process.spawn import DEFAULT_PIPE_SIZE, Child, Spec, grow_pipe, set_winsize, spawn
 
 READ_MAX = 1024 * 1024
@@ -56,62 +56,17 @@ BATCH_QUIET = 0.002  # ... or when the process wrote nothing for this long (inte
 BATCH_MAX_WAIT = 0.02  # ... or at the latest this long after the first byte of the batch
 
 
-@dataclass(frozen=True)
-class End:
-    exit_code: int
-    signal: int
-    exited: bool
-    timed_out: bool
-    status: str
-
-
-@dataclass(frozen=True)
-class Data:
-    """Output of one stream; `parts` concatenated (kept apart so the encoder copies once)."""
-
-    kind: str
-    parts: list[Part]
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.parts)
-
-
-@dataclass(frozen=True)
-class Dropped:
-    bytes_by_kind: dict[str, int]
-
-
-@dataclass(frozen=True)
-class KeepAlive:
-    pass
-
-
-Event = Data | Dropped | End | KeepAlive
-
-
 def _set_false(fut: asyncio.Future[bool]) -> None:
     if not fut.done():
         fut.set_result(False)
 
 
-def end_of(status: int, timed_out: bool) -> End:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signals.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return End(-1, sig, False, timed_out, f"signal: {name}")
-    code = os.waitstatus_to_exitcode(status)
-    return End(code, 0, True, timed_out, f"exit status {code}")
-
-
 class ManagedProcess:
     """One child: its output log, readers, stdin, timeout and end."""
 
-    def __init__(self, child: Child, spec: Spec, buffer_bytes: int,
-                 on_end: Callable[[ManagedProcess], None]) -> None:
+    def __init__(
+        self, child: Child, spec: Spec, buffer_bytes: int, on_end: Callable[[ManagedProcess], None]
+    ) -> None:
         self.pid = child.pid
         self.spec = spec
         self.tag = spec.tag
@@ -339,8 +294,9 @@ class ManagedProcess:
         if self._cursors.pop(id(cursor), None) is not None and self._paused:
             self._resume()
 
-    async def follow(self, cursor: Cursor, keepalive: float,
-                     until: asyncio.Future[None] | None = None) -> AsyncIterator[Event]:
+    async def follow(
+        self, cursor: Cursor, keepalive: float, until: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[Event]:
         """Events for one reader until the process ends (replay, then live), or
         until `until` is done (seen between events; wake() to see it at once)."""
         key = id(cursor)
@@ -398,7 +354,8 @@ class ManagedProcess:
                 if self.spec.stdin or self.pty:
                     raise FailedPrecondition(f"pid {self.pid}: stdin is closed")
                 raise FailedPrecondition(
-                    f"pid {self.pid}: process was started without stdin (set stdin=true)")
+                    f"pid {self.pid}: process was started without stdin (set stdin=true)"
+                )
             view = memoryview(data)
             while view:
                 fd = self._stdin_fd
@@ -411,7 +368,8 @@ class ManagedProcess:
                     await self._writable(fd)
                 except BrokenPipeError:
                     raise FailedPrecondition(
-                        f"pid {self.pid}: stdin was closed by the process") from None
+                        f"pid {self.pid}: stdin was closed by the process"
+                    ) from None
 
     async def _writable(self, fd: int) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -436,7 +394,8 @@ class ManagedProcess:
             if self._stdin_fd is None:
                 if not self.spec.stdin:
                     raise FailedPrecondition(
-                        f"pid {self.pid}: process was started without stdin (set stdin=true)")
+                        f"pid {self.pid}: process was started without stdin (set stdin=true)"
+                    )
                 raise FailedPrecondition(f"pid {self.pid}: stdin is already closed")
             os.close(self._stdin_fd)
             self._stdin_fd = None
@@ -467,8 +426,15 @@ class ProcessManager:
 
     journal: Journal | None = None  # set in the guest: survivors of a guestd restart
 
-    def __init__(self, init_env: Callable[[], dict[str, str]], *, buffer_bytes: int,
-                 keepalive: float, keep_ended: int = 128, max_running: int = 4096) -> None:
+    def __init__(
+        self,
+        init_env: Callable[[], dict[str, str]],
+        *,
+        buffer_bytes: int,
+        keepalive: float,
+        keep_ended: int = 128,
+        max_running: int = 4096,
+    ) -> None:
         self.buffer_bytes = buffer_bytes
         self.keepalive = keepalive
         self._init_env = init_env
@@ -516,7 +482,8 @@ class ProcessManager:
         self._ended_bytes += held
         budget = 64 * 1024 * 1024
         while len(self._ended) > self._keep_ended or (
-                len(self._ended) > 1 and self._ended_bytes > budget):
+            len(self._ended) > 1 and self._ended_bytes > budget
+        ):
             pid, n = self._ended.popitem(last=False)
             self._ended_bytes -= n
             self._procs.pop(pid, None)

@@ -36,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guestd.errors import FailedPrecondition
-from guestd.process.manager import End, ManagedProcess, ProcessManager, end_of
+from guestd.process.events import End, end_of
+from guestd.process.manager import ManagedProcess, ProcessManager
 from guestd.process.spawn import Child, Spec
 
 log = logging.getLogger("guestd.registry")

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from guestd.errors import InvalidArgument
 from guestd.process.channel import OutputSender
-from guestd.process.manager import Data, Dropped, End, Event, ManagedProcess, ProcessManager
+from guestd.process.events import Data, Dropped, End, Event
+from guestd.process.manager import ManagedProcess, ProcessManager
 from guestd.process.output import Part
 from guestd.process.spawn import Spec
 from guestd.rpc_types import Ctx

@@ -17,7 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from guestd.process.manager import End, ProcessManager
+from guestd.process.events import End
+from guestd.process.manager import ProcessManager
 from guestd.process.registry import UNKNOWN, Registry, adopt_survivors
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,15 +18,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hostd.config import Config
-from hostd.sandboxes import Sandbox, SandboxManager
+from hostd.sampler import MetricsSampler
+from hostd.sandbox import Sandbox
 from hostd.state import State
-from hostd.store import SandboxRecord, Store
+from hostd.store import SandboxRecord
 
 
-def _manager(tmp: Path) -> SandboxManager:
-    cfg = Config(state_dir=str(tmp / "state"))
-    return SandboxManager(cfg, Store(tmp / "hostd.db"), vmm=None, cgroups=None, network=None)  # type: ignore[arg-type]
+def _sampler() -> MetricsSampler:
+    return MetricsSampler(list, lambda _id: None, interval=1.0)
 
 
 def _sandbox() -> Sandbox:
@@ -48,10 +47,10 @@ def silent_guest(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_channel_closed_before_the_call(tmp_path: Path, silent_guest: str) -> None:
     async def main() -> None:
-        mgr, sb = _manager(tmp_path), _sandbox()
+        sampler, sb = _sampler(), _sandbox()
         sb.res.channel = grpc.aio.insecure_channel(silent_guest)
         await sb.res.channel.close()
-        await mgr._sample(sb)  # UsageError before the fix
+        await sampler.sample(sb)  # UsageError before the fix
         assert not sb.metrics
 
     asyncio.run(main())
@@ -59,9 +58,9 @@ def test_channel_closed_before_the_call(tmp_path: Path, silent_guest: str) -> No
 
 def test_channel_closed_during_the_call(tmp_path: Path, silent_guest: str) -> None:
     async def main() -> None:
-        mgr, sb = _manager(tmp_path), _sandbox()
+        sampler, sb = _sampler(), _sandbox()
         ch = sb.res.channel = grpc.aio.insecure_channel(silent_guest)
-        task = asyncio.create_task(mgr._sample(sb))
+        task = asyncio.create_task(sampler.sample(sb))
         await asyncio.sleep(0.3)
         await ch.close()  # what Kill's release does
         await task  # CancelledError before the fix
@@ -72,9 +71,9 @@ def test_channel_closed_during_the_call(tmp_path: Path, silent_guest: str) -> No
 
 def test_a_real_cancel_of_the_sampler_still_cancels(tmp_path: Path, silent_guest: str) -> None:
     async def main() -> None:
-        mgr, sb = _manager(tmp_path), _sandbox()
+        sampler, sb = _sampler(), _sandbox()
         sb.res.channel = grpc.aio.insecure_channel(silent_guest)
-        task = asyncio.create_task(mgr._sample(sb))
+        task = asyncio.create_task(sampler.sample(sb))
         await asyncio.sleep(0.3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

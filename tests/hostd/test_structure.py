@@ -79,3 +79,18 @@ def test_only_the_driver_package_names_driver_classes_in_checks() -> None:
             if ("isinstance(" in line or "cast(" in line) and DRIVER_CLASSES.search(line):
                 bad.append(f"{p.relative_to(HOSTD.parent)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+MAX_MODULE_LINES = 500
+
+
+@pytest.mark.parametrize("package", ["hostd"])
+def test_no_hand_written_module_is_over_the_size_mark(package: str) -> None:
+    """A module past ~500 lines holds more than one concept: split it by what it is."""
+    root = HOSTD.parent / package
+    big = [
+        f"{p.relative_to(root.parent)}: {n} lines"
+        for p in sorted(root.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert not big, "\n".join(big)

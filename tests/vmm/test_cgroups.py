@@ -19,15 +19,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-import hostd.cgroups
-from hostd.cgroups import (
-    CPU_PERIOD_US,
-    CgroupError,
-    CgroupManager,
-    V1Cgroup,
-    V2Cgroup,
-    detect_version,
-)
+import hostd.sandbox_cgroup
+from hostd.cgroups import CPU_PERIOD_US, CgroupManager, detect_version
+from hostd.sandbox_cgroup import CgroupError, V1Cgroup, V2Cgroup
 
 v1_only = pytest.mark.skipif(detect_version() != 1, reason="this host runs cgroup v2")
 
@@ -235,7 +229,7 @@ def test_v2_delegated_subtree(v2_tree: tuple[Path, Path], monkeypatch: pytest.Mo
     assert (cg.path / "cgroup.freeze").read_text() == "0"
 
     # rmdir of a cgroup with interface files works in cgroupfs only.
-    monkeypatch.setattr(hostd.cgroups, "_rmdir", shutil.rmtree)
+    monkeypatch.setattr(hostd.sandbox_cgroup, "_rmdir", shutil.rmtree)
     uvloop.run(cg.remove())
     assert not cg.path.exists()
     uvloop.run(cg.remove())
