@@ -63,7 +63,7 @@ async def _open(target: GuestTarget, method: str, request: Any, what: str) -> pb
             raise
 
 
-async def _connect(t: pb.Transfer) -> socket.socket:
+async def _connect(t: pb.Transfer, what: str) -> socket.socket:
     """A connection to the data relay at t.address that has sent t.ticket; for
     a hand-over address (`unix-fd:`), the guest connection the relay passes
     back (SCM_RIGHTS), so hostd copies none of the bytes."""
@@ -80,7 +80,8 @@ async def _connect(t: pb.Transfer) -> socket.socket:
             s.setblocking(True)
             _, fds, _, _ = await _blocking(s, lambda: socket.recv_fds(s, 1, 1))
             if not fds:
-                raise ConnectionError("the data relay closed without passing the connection")
+                raise from_status(grpc.StatusCode.UNAVAILABLE, "the data relay closed without"
+                                  " passing the guest connection", what=what)
             s.close()
             s = socket.socket(fileno=fds[0])
     except BaseException:
@@ -98,7 +99,7 @@ async def write(target: GuestTarget, header: pb.WriteHeader,
     if t is None:
         return None
     loop = asyncio.get_running_loop()
-    s = await _connect(t)
+    s = await _connect(t, what)
     try:
         try:
             await _blocking(s, lambda: _send_all(s, data))
@@ -125,7 +126,7 @@ async def read(target: GuestTarget, request: pb.ReadRequest) -> bytes | None:
     t = await _open(target, "OpenRead", request, what)
     if t is None:
         return None
-    s = await _connect(t)
+    s = await _connect(t, what)
     try:
         out = await _blocking(s, lambda: _recv_bytes(s, t.length))
     finally:
@@ -151,7 +152,7 @@ async def read_after(target: GuestTarget, request: pb.ReadRequest, head: bytes |
         return None  # the unused ticket expires in guestd
     out = bytearray(len(head) + t.length)  # zero pages from the kernel: no copy of them
     out[: len(head)] = head
-    s = await _connect(t)
+    s = await _connect(t, what)
     try:
         with memoryview(out) as whole, whole[len(head):] as rest:
             got = await _blocking(s, lambda: _recv_all(s, rest))

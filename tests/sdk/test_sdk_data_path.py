@@ -78,6 +78,17 @@ def test_open_asking_for_hand_over_gets_the_guest_connection(hostd: Hostd,
     shared_sandbox.commands.run("rm -f /tmp/handover.bin")
 
 
+def test_hand_over_refused_is_a_connection_error(hostd: Hostd) -> None:
+    """An unknown ticket on a hand-over address: the relay closes without
+    passing a connection, which the SDK reports as its own error."""
+    from moru import _loop, _transfer
+    from moru.exceptions import ConnectionException
+
+    t = fpb.Transfer(ticket=os.urandom(32), address=f"unix-fd:{hostd.sock}.data")
+    with pytest.raises(ConnectionException, match="without passing"):
+        _loop.run(_transfer._connect(t, "reading /x"))
+
+
 def test_unknown_ticket_is_closed_without_a_byte(hostd: Hostd) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
