@@ -20,7 +20,7 @@ between phases on the same state dir):
 3. cold boot (pool and ready snapshot off).
 
 Each phase also prints the median of every Create step (cgroup, network,
-RAM copy, QEMU start, state load, vsock re-plug, gRPC connect, Init, ...)
+RAM copy, QEMU start, state load, vsock re-plug, gRPC connect + Init, ...)
 from the per-Create line hostd logs (hostd.create_steps).
 
 Targets (TCG, pool not exhausted): pool create p50 <= 100 ms, p95 <= 150 ms;

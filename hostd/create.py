@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostd import validation
 from hostd.config import Config
+from hostd.create_staging import Staging
 from hostd.create_steps import StepClock
 from hostd.errors import (
     DeadlineExceeded,
@@ -35,7 +36,7 @@ from hostd.events import Event, EventBus, EventType, Reason
 from hostd.guest import GuestClient
 from hostd.pool import PoolShape, WarmPool
 from hostd.pool_members import MEMBER_CPU_WEIGHT, Claimer
-from hostd.readiness import BootStuck, VmExited, VsockSilent, wait_guestd
+from hostd.readiness import BootStuck, VmExited, VsockSilent, wait_guestd, while_alive
 from hostd.ready_snapshots import ReadySnapshots
 from hostd.resources import Capacity, Resources, vm_spec
 from hostd.rundir import RunDir
@@ -53,7 +54,6 @@ from hostd.store import SandboxRecord, Store
 from hostd.vmm.base import SnapshotCorrupt, SnapshotNotFound, Vm, Vmm, VmSpec
 from hostd.vmm.specfile import write_spec
 from hostd.volumes.mount import mount_in_guest
-from hostd.vsock import wait_ready
 from images.manifest import TemplateManifest, TemplateNotFound
 
 if TYPE_CHECKING:
@@ -299,12 +299,12 @@ class Creator:
         clock.mark("cgroup")
         ready = self._ready_snapshot(rec, manifest)
         staging = None
-        if ready is not None:
+        if ready is not None and self.ready is not None:
             # The ready snapshot's RAM image and overlay are copied while the network is
-            # set up (QEMU needs the network, the copies do not).
+            # set up and QEMU starts (create_staging).
             stack.callback(RunDir(rec.run_dir).remove)
-            staging = asyncio.create_task(self._stage(vm_spec(rec, res.cgroup.procs_files), ready))
-            stack.push_async_callback(_cancelled, staging)
+            staging = Staging(self.ready, vm_spec(rec, res.cgroup.procs_files), ready)
+            stack.push_async_callback(staging.close)
         net = None
         if self.network is not None:
             sb.stage = "setting up the network"
@@ -403,10 +403,10 @@ class Creator:
         env: dict[str, str],
         net: Any,
         clock: StepClock,
-        staging: asyncio.Task[float] | None = None,
+        staging: Staging | None = None,
     ) -> bool:
         """Restore + Init from a ready snapshot; False (all of it undone) to boot cold instead.
-        `staging`: the task copying the snapshot's RAM and overlay (`_stage`), if started."""
+        `staging`: the copies of the snapshot's RAM and overlay, if started."""
         assert self.ready is not None
         rec, res = sb.rec, sb.res
         t0 = time.monotonic()
@@ -417,30 +417,30 @@ class Creator:
                 async with asyncio.timeout(self.config.ready_snapshot_restore_seconds):
                     sb.stage = "restoring the ready snapshot"
                     if staging is not None:
-                        clock.add({"RAM + overlay copy ||": await staging})
-                        clock.mark("copies done")
+                        await staging.in_place()
+                        clock.mark("copies started")
                     with self.ready.using(ready):
-                        vm = await self.ready.restore(spec, ready, staged=staging is not None)
+                        vm = await self.ready.restore(
+                            spec, ready, staged=staging is not None,
+                            staging=staging.task if staging is not None else None)  # fmt: skip
                     res.vm = vm
                     steps = vm.restore_steps
                     clock.mark("restore")
                     if steps:  # the driver's own steps, the rest (overlay copy, checks) apart
                         restore = clock.steps.pop()[1]
                         clock.add({"checks": restore - sum(steps.values()), **steps})
+                    if staging is not None:
+                        clock.add({"RAM + overlay copy ||": staging.task.result()})
                     write_spec(spec)
-                    sb.stage = "waiting for the restored guestd on vsock"
-                    await wait_ready(vm.vsock_uds, rec.guestd_port,
-                                     time.monotonic() + self.config.ready_snapshot_restore_seconds,
-                                     alive=vm.is_alive, interval=0.01)  # fmt: skip
-                    clock.mark("guestd reachable")
                     sb.stage = "starting the vsock relay"
                     await res.connect(vm, rec, sub)
                     clock.mark("relay")
-                    assert res.channel is not None
-                    await res.channel.channel_ready()
-                    clock.mark("gRPC connect")
-                    await self._init(sb, env, net)
-                    clock.mark("Init")
+                    # Init right away: no probe dial of guestd's port and no wait for the
+                    # channel first. guestd listened when the snapshot was saved, each
+                    # extra connection costs the cold restored guest tens of ms, and Init
+                    # waits for the channel itself (wait_for_ready; fails fast on VM death).
+                    await while_alive(vm, self._init(sb, env, net))
+                    clock.mark("gRPC connect + Init")
                 stack.push_async_exit(sub.pop_all())
         except Exception as e:
             log.warning("%s: create from ready snapshot %s failed after %.1f s, booting cold: %s",
@@ -455,14 +455,6 @@ class Creator:
         log.info("%s: restored from ready snapshot %s and initialized in %.2f s",
                  rec.sandbox_id, ready.name, time.monotonic() - t0)  # fmt: skip
         return True
-
-    async def _stage(self, spec: VmSpec, ready: Path) -> float:
-        """Copies what a restore from `ready` reads into spec's run dir; returns the seconds."""
-        assert self.ready is not None
-        t0 = time.monotonic()
-        with self.ready.using(ready):
-            await self.ready.stage(spec, ready)
-        return time.monotonic() - t0
 
     async def _wait_guest(self, vm: Vm, rec: SandboxRecord) -> None:
         """Waits for guestd as hostd.readiness says; VsockSilent, BootStuck: boot a fresh VM."""
@@ -482,10 +474,3 @@ class Creator:
         tail = vm.console_tail(2048) if vm is not None else ""
         return f"\n--- guest console (tail) ---\n{tail}" if tail else ""
 
-
-async def _cancelled(task: asyncio.Task[Any]) -> None:
-    """Cancels task if it still runs and waits for it (its own cleanup done)."""
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure here is reported where the task is awaited

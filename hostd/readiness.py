@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from hostd.vsock import wait_ready
 
@@ -32,6 +33,7 @@ STUCK_BOOT_LINES = ("APIC frequency too slow",)
 # CPU seconds (VMM and vsock device) a boot may use before guestd's line: a
 # cold boot of base under TCG uses 8-11 s, a stuck one spins at 1-2 CPUs.
 BOOT_CPU_BUDGET = 30.0
+T = TypeVar("T")
 
 
 class BootingVm(Protocol):
@@ -150,3 +152,22 @@ async def wait_guestd(
         if vm.is_alive() and vm.vsock_device_dead():
             raise dead from None
         raise VmExited(f"the VMM exited during boot ({e})") from None
+
+
+async def while_alive(vm: BootingVm, aw: Awaitable[T], interval: float = 0.05) -> T:
+    """aw's result; VmExited as soon as the VM's process is gone (aw cancelled).
+
+    For a call that would otherwise wait out its whole timeout on a dead VM
+    (a restored guest's first call waits for the channel to connect)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=interval)
+            if done:
+                return task.result()
+            if not vm.is_alive():
+                raise VmExited("the VMM exited")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -37,7 +37,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -358,13 +358,14 @@ class ReadySnapshots:
         )  # fmt: skip
         return final
 
-    async def stage(self, spec: VmSpec, ready: Path) -> None:
+    async def stage(self, spec: VmSpec, ready: Path, started: asyncio.Event | None = None) -> None:
         """What a restore from `ready` reads, put in spec's run dir ahead (see `stage_ready`)."""
-        await stage_ready(self.vmm, spec, ready)
+        await stage_ready(self.vmm, spec, ready, started)
 
-    async def restore(self, spec: VmSpec, ready: Path, *, staged: bool = False) -> Vm:
+    async def restore(self, spec: VmSpec, ready: Path, *, staged: bool = False,
+                      staging: Awaitable[object] | None = None) -> Vm:  # fmt: skip
         """A new VM from the ready snapshot in `ready` (see `restore_ready`)."""
-        return await restore_ready(self.vmm, spec, ready, staged=staged)
+        return await restore_ready(self.vmm, spec, ready, staged=staged, staging=staging)
 
     async def _wait_guestd(self, vm: Vm, shape: Shape) -> None:
         """guestd's line on the console, then its vsock port (hostd.readiness, as Create)."""
@@ -394,18 +395,23 @@ async def save_ready(vm: Vm, dest: Path, *, guest_ejected: bool = False) -> Snap
     return info
 
 
-async def stage_ready(vmm: Vmm, spec: VmSpec, ready: Path) -> None:
+async def stage_ready(
+    vmm: Vmm, spec: VmSpec, ready: Path, started: asyncio.Event | None = None
+) -> None:
     """The disk overlay and the guest RAM image of `ready` copied into spec's run dir
     (the RAM inside its cgroups), so that `restore_ready(..., staged=True)` starts the VMM
-    at once; meanwhile the caller sets up the network. On failure or cancel the copies
-    are removed; after success `restore_ready` or `RunDir.remove` releases them."""
+    at once; meanwhile the caller sets up the network. `started`: set once the VMM may
+    start while the RAM is still copied (`Vmm.stage_restore`; pass this call as
+    `restore_ready(..., staging=)`). On failure or cancel the copies are removed; after
+    success `restore_ready` or `RunDir.remove` releases them."""
     snap = ready / SNAPSHOT
     read_info(snap)
     await _copy_overlay(spec, ready)
-    await vmm.stage_restore(spec, snap)
+    await vmm.stage_restore(spec, snap, started)
 
 
-async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path, *, staged: bool = False) -> Vm:
+async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path, *, staged: bool = False,
+                        staging: Awaitable[object] | None = None) -> Vm:  # fmt: skip
     """A new VM (spec.run_dir is its own) started from the ready snapshot in `ready`.
 
     The snapshot's files are only read, so many sandboxes can start from it
@@ -419,7 +425,7 @@ async def restore_ready(vmm: Vmm, spec: VmSpec, ready: Path, *, staged: bool = F
     read_info(snap)
     if not staged:
         await _copy_overlay(spec, ready)
-    return await vmm.restore(spec, snap, staged=staged)
+    return await vmm.restore(spec, snap, staged=staged, staging=staging)
 
 
 async def _copy_overlay(spec: VmSpec, ready: Path) -> None:

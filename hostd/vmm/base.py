@@ -17,7 +17,9 @@ the files `hostd.rundir.snapshot_meta` / `snapshot_ram` name beside it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,16 +227,22 @@ class Vmm(abc.ABC):
         processes are gone.
         """
 
-    async def stage_restore(self, spec: VmSpec, snapshot: Path) -> None:
+    async def stage_restore(
+        self, spec: VmSpec, snapshot: Path, started: asyncio.Event | None = None
+    ) -> None:
         """Puts in place ahead what `restore(spec, snapshot, staged=True)` reads (e.g. the
         guest RAM image), so the caller can do other work (the network) meanwhile.
 
+        `started` is set as soon as `restore` may start the VMM (the files it
+        opens exist), possibly long before this returns: `restore(...,
+        staging=<this call>)` then awaits the rest after the VMM process runs.
         Only spec's run_dir, memory and cgroups count here. On failure or
         cancel nothing staged is left; after success `restore` or removing
         the run dir (`RunDir.remove`) releases it. Drivers with nothing to
         stage do nothing.
         """
-        return None
+        if started is not None:
+            started.set()
 
     async def restore(
         self,
@@ -243,11 +251,13 @@ class Vmm(abc.ABC):
         *,
         timeout: float = 600.0,  # noqa: ASYNC109
         staged: bool = False,
+        staging: Awaitable[object] | None = None,
     ) -> Vm:
         """The VM saved at `snapshot`, running, with a fresh vsock device.
 
         spec.run_dir must hold the disk overlay the VM was saved with;
-        `staged`: `stage_restore` ran for it. Raises SnapshotNotFound,
+        `staged`: `stage_restore` ran for it, or runs still as `staging` (its
+        `started` set), awaited once the VMM process runs. Raises SnapshotNotFound,
         SnapshotCorrupt or SnapshotError; on failure no process is left and
         run_dir is kept.
         """

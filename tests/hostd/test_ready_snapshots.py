@@ -21,11 +21,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hostd_framework import IMAGES, EventWatcher, Hostd, our_pids, pb, wait_for
 from pyroute2 import IPRoute, NetNS, netns
 
+from hostd.create_steps import parse
 from images.manifest import load_manifest
 from moru_proto.host.v1 import volume_pb2, volume_pb2_grpc
 
@@ -93,7 +95,7 @@ def images() -> Iterator[Path]:
         m = load_manifest("base", IMAGES)
         files = root / "files"
         files.mkdir()
-        paths = {}
+        paths: dict[str, Any] = {}
         for key in ("kernel", "initramfs", "rootfs"):
             dst = files / Path(getattr(m, key)).name
             subprocess.run(["cp", "--sparse=always", getattr(m, key), str(dst)], check=True)
@@ -190,6 +192,13 @@ def test_sandboxes_from_the_ready_snapshot_have_their_own_identity_and_network(
     print(f"created from the ready snapshot in {ta:.1f} s and {tb:.1f} s; "
           f"clock offsets right after {offsets}")  # fmt: skip
     assert (how_a, how_b) == ("ready_snapshot", "ready_snapshot")
+    # QEMU started while the RAM image was still copied (the restore then waited for
+    # the rest of the copy), and Init went out without a probe dial or channel wait first.
+    steps = [parse(ln) for ln in hostd.log.read_text().splitlines()
+             if ln.find(f"{a.sandbox_id}: create steps") >= 0]  # fmt: skip
+    assert steps and steps[0] is not None, "no create steps line for the sandbox"
+    assert {"RAM copy finishing", "gRPC connect + Init"} <= set(steps[0][1]), steps[0]
+    assert "guestd reachable" not in steps[0][1], steps[0]
     assert a.sandbox_id != b.sandbox_id and a.guest_ip and a.guest_ip != b.guest_ip
     # Set by Init: without it the guest would be SNAPSHOT_AGE or more behind.
     # (TCG guests on a loaded host lose time later on: refined-jiffies clock.)

@@ -22,7 +22,14 @@ import pytest
 import uvloop
 from fakevsock import FakeHybridVsock
 
-from hostd.readiness import GUESTD_READY_LINE, BootStuck, VmExited, VsockSilent, wait_guestd
+from hostd.readiness import (
+    GUESTD_READY_LINE,
+    BootStuck,
+    VmExited,
+    VsockSilent,
+    wait_guestd,
+    while_alive,
+)
 
 
 @dataclass
@@ -164,5 +171,39 @@ def test_a_boot_past_its_cpu_budget_without_guestd_is_stuck(vm: StandInVm) -> No
         await dev.start()
         await wait_guestd(vm, 50051, time.monotonic() + 10, cpu_budget=0.01)
         await dev.close()
+
+    run(main())
+
+
+def test_while_alive_returns_the_result_of_a_call_on_a_live_vm(vm: StandInVm) -> None:
+    async def call() -> str:
+        await asyncio.sleep(0.12)
+        return "done"
+
+    async def main() -> None:
+        assert await while_alive(vm, call(), interval=0.01) == "done"
+
+    run(main())
+
+
+def test_while_alive_ends_a_pending_call_as_soon_as_the_vm_dies(vm: StandInVm) -> None:
+    """A restored guest's first call waits for its channel: on a dead VM it would wait
+    out its whole timeout."""
+    cancelled = asyncio.Event()
+
+    async def call() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_later(0.1, setattr, vm, "alive", False)
+        t0 = time.monotonic()
+        with pytest.raises(VmExited):
+            await while_alive(vm, call(), interval=0.01)
+        assert time.monotonic() - t0 < 5
+        assert cancelled.is_set()
 
     run(main())

@@ -41,10 +41,12 @@ import logging
 import os
 import shlex
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import hostd.vmm.qemu.hotplug as hotplug
+import hostd.vmm.qemu.ramcopy as ramcopy
 from hostd.rundir import partial, snapshot_ram
 from hostd.vmm.base import (
     SnapshotCorrupt,
@@ -264,54 +266,49 @@ class PciQemuVm(QemuVm):
         return dataclasses.replace(info, save_seconds=time.monotonic() - t0)
 
     async def _copy_ram(self, src: Path, dst: Path) -> None:
-        """A sparse copy (zero blocks become holes) by `cp`, run inside the VM's cgroups so
-        the memory (and page cache) it allocates is charged to the sandbox, not to hostd."""
-        await self._finish_copy(await self._start_copy(src, dst, "always"), src, dst)
-
-    async def _start_copy(self, src: Path, dst: Path, sparse: str) -> asyncio.subprocess.Process:
-        """`cp --sparse=always` finds zero blocks itself (for a save: RAM has no holes
-        for them yet); `auto` keeps the holes a saved image has, copying in the kernel."""
-        return await asyncio.create_subprocess_exec(
-            "cp", f"--sparse={sparse}", str(src), str(dst),
+        """A sparse copy (`cp` finds the zero blocks: RAM has no holes for them yet), run
+        inside the VM's cgroups so the memory (and page cache) it allocates is charged to
+        the sandbox, not to hostd."""
+        proc = await asyncio.create_subprocess_exec(
+            "cp", "--sparse=always", str(src), str(dst),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=join_cgroups(self.spec.cgroup_procs_files),
         )  # fmt: skip
-
-    async def _finish_copy(self, proc: asyncio.subprocess.Process, src: Path, dst: Path) -> None:
-        try:
-            _, err = await proc.communicate()
-        except BaseException:
-            await _kill(proc)
-            raise
-        if proc.returncode != 0:
-            raise SnapshotError(
-                f"VM {self.spec.sandbox_id}: copying guest RAM {src} -> {dst} failed: "
-                f"{err.decode(errors='replace').strip()}"
-            )
+        await ramcopy.finish(proc, src, dst, self.spec.sandbox_id)
 
     # --- restore ---------------------------------------------------------
-    async def stage_ram(self, snapshot: Path, info: SnapshotInfo) -> None:
-        """Copies the snapshot's RAM image to this VM's RAM file (in its cgroups); on failure
-        or cancel, no copy runs on and no RAM file is left."""
+    async def stage_ram(self, snapshot: Path, info: SnapshotInfo,
+                        started: asyncio.Event | None = None) -> None:  # fmt: skip
+        """Copies the snapshot's RAM image into this VM's RAM file (in its cgroups); on failure
+        or cancel, no copy runs on and no RAM file is left. `started` is set once the file
+        has its full size and is being filled in place (`ramcopy`): QEMU may start then."""
         f = self.files
         f.ram.unlink(missing_ok=True)
-        if info.format < 2:
-            return  # RAM inside the stream
+        if info.format < 2:  # RAM inside the stream
+            if started is not None:
+                started.set()
+            return
         src = snapshot_ram(snapshot)
         try:
-            await self._finish_copy(await self._start_copy(src, f.ram, "auto"), src, f.ram)
+            await asyncio.to_thread(ramcopy.sized, f.ram, info.memory_mb << 20)
+            if started is not None:  # QEMU may map it now; the helper starts meanwhile
+                started.set()
+            proc = await ramcopy.start_fill(src, f.ram, self.spec.cgroup_procs_files)
+            await ramcopy.finish(proc, src, f.ram, self.spec.sandbox_id)
         except BaseException:
             f.ram.unlink(missing_ok=True)
             raise
 
     async def restore_from(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
-                           probe_wait: float, staged: bool = False) -> None:  # fmt: skip
+                           probe_wait: float, staged: bool = False,
+                           staging: Awaitable[object] | None = None) -> None:  # fmt: skip
         """Starts this (not yet started) VM from `snapshot`; on failure no process is left.
-        `staged`: `stage_ram` ran (the RAM file is in place)."""
+        `staged`: `stage_ram` ran (the RAM file is in place), or runs still as `staging`
+        (its file sized and being filled)."""
         self.incoming = True
         try:
-            await self._load(snapshot, info, timeout, staged)
+            await self._load(snapshot, info, timeout, staged, staging)
             t0 = time.monotonic()
             c = await self._qmp_client()
             async with c:
@@ -345,20 +342,24 @@ class PciQemuVm(QemuVm):
             self.incoming = False  # a later re-exec (e.g. by an operator) would boot normally
 
     async def _load(self, snapshot: Path, info: SnapshotInfo, timeout: float,  # noqa: ASYNC109
-                    staged: bool) -> None:  # fmt: skip
-        """RAM file in place, processes started, device state loaded; the VM stays stopped."""
+                    staged: bool, staging: Awaitable[object] | None) -> None:  # fmt: skip
+        """RAM file in place, processes started, device state loaded; the VM stays stopped.
+        A RAM copy still running (`staging`) goes on while the processes start."""
         s, f = self.spec, self.files
         if not f.overlay.is_file():
             raise SnapshotCorrupt(f"the VM's disk overlay in {s.run_dir} is gone; cannot restore")
         self.check_spec()
         write_spec(s)  # what a later pause to disk or an operator reads back
         t0 = time.monotonic()
-        if not staged or (info.format >= 2 and not f.ram.is_file()):
+        if staging is None and (not staged or (info.format >= 2 and not f.ram.is_file())):
             await self.stage_ram(snapshot, info)
         t_ram = time.monotonic()
         # QEMU meets the vsock backend only at the re-plug (its chardev is added then).
         await run_both(self.start_vsock_backend(), self.start_qemu())
         t_qemu = time.monotonic()
+        if staging is not None:
+            await staging
+        t_fill = time.monotonic()
         end = time.monotonic() + timeout
         try:
             c = await self._qmp_client()
@@ -378,11 +379,11 @@ class PciQemuVm(QemuVm):
             await self._release_zero_pages()
         self._restore_steps.update({
             "RAM copy": t_ram - t0, "QEMU + vsock backend start": t_qemu - t_ram,
-            "state load": time.monotonic() - t_qemu,
+            "RAM copy finishing": t_fill - t_qemu, "state load": time.monotonic() - t_fill,
         })  # fmt: skip
         log.info("%s: RAM file copied in %.3f s, QEMU and vsock backend up in %.3f s, "
-                 "state loaded in %.3f s",
-                 s.sandbox_id, t_ram - t0, t_qemu - t_ram, time.monotonic() - t_qemu)  # fmt: skip
+                 "state loaded in %.3f s", s.sandbox_id, t_ram - t0 + t_fill - t_qemu,
+                 t_qemu - t_ram, time.monotonic() - t_fill)  # fmt: skip
 
     async def _wait_loaded(self, c: QmpClient, snapshot: Path, end: float, timeout: float) -> None:  # noqa: ASYNC109
         while True:
@@ -415,12 +416,6 @@ class PciQemuVm(QemuVm):
             return
         log.info("%s: released %d MiB of zero guest pages in %.2f s",
                  self.spec.sandbox_id, released >> 20, time.monotonic() - t0)  # fmt: skip
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    await proc.wait()
 
 
 def _punch_zero_pages(path: Path) -> int:
@@ -474,6 +469,7 @@ class PciQemuVmm(QemuVmm):
         timeout: float = 600.0,  # noqa: ASYNC109
         probe_wait: float = 30.0,
         staged: bool = False,
+        staging: Awaitable[object] | None = None,
     ) -> PciQemuVm:
         """Starts the VM saved at `snapshot` (same spec) and returns it running with a fresh
         vsock device. Raises SnapshotNotFound, SnapshotCorrupt (bad file or spec mismatch;
@@ -486,9 +482,11 @@ class PciQemuVmm(QemuVmm):
                 f"the spec asks for {spec.vcpus} vCPUs and {spec.memory_mb} MiB"
             )
         vm = self.create(spec)
-        await vm.restore_from(snapshot, info, timeout, probe_wait, staged)
+        await vm.restore_from(snapshot, info, timeout, probe_wait, staged, staging)
         return vm
 
-    async def stage_restore(self, spec: VmSpec, snapshot: Path) -> None:
-        """The snapshot's RAM image copied to spec's RAM file (in its cgroups), ahead."""
-        await self.create(spec).stage_ram(snapshot, read_info(snapshot))
+    async def stage_restore(self, spec: VmSpec, snapshot: Path,
+                            started: asyncio.Event | None = None) -> None:  # fmt: skip
+        """The snapshot's RAM image copied to spec's RAM file (in its cgroups), ahead;
+        `started` set once QEMU may start (`stage_ram`)."""
+        await self.create(spec).stage_ram(snapshot, read_info(snapshot), started)
