@@ -64,6 +64,9 @@ class FilesystemService(filesystem_pb2_grpc.FilesystemServicer):
     ) -> AsyncIterator[pb.ReadResponse | bytes]:
         src = open_for_read(request)
         try:
+            if self.transfers.address and 0 < request.info_only_from <= src.available:
+                yield pb.ReadResponse(info=src.info)  # the client takes OpenRead
+                return
             pos = request.offset
             left = request.length if request.length else -1
             first = True

@@ -43,6 +43,7 @@ import grpc
 from guestd.allocator import keep_bulk_buffers
 from guestd.errors import FailedPrecondition, status_of
 from guestd.fileio import DIRECT_ALIGN, ReadSource, Upload
+from guestd.idle_limit import block_with_idle_limit
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 if TYPE_CHECKING:
@@ -459,8 +460,7 @@ class Transfers:
                 await job.run_async(conn)
                 return
             # Blocking calls on the worker, each waiting at most IDLE_TIMEOUT.
-            # (Not SO_RCVTIMEO: Python's setsockopt takes only ints on AF_VSOCK.)
-            conn.settimeout(IDLE_TIMEOUT)
+            block_with_idle_limit(conn, IDLE_TIMEOUT)
             if conn.family == AF_VSOCK:
                 _widen_vsock_buffer(conn)
             await loop.run_in_executor(self._pool, job.run, conn)

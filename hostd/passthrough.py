@@ -51,6 +51,10 @@ DATA_METHODS = frozenset({
     "/moru.guest.v1.Filesystem/OpenWrite",
 })
 
+# Sent by a client on the same machine that takes the guest connection itself
+# (SCM_RIGHTS, hostd.data_relay): its file bytes are then not copied by hostd.
+HANDOVER_HEADER = "moru-data-handover"
+
 # Their start event may carry an output channel ticket for the data listener.
 OUTPUT_METHODS: dict[str, Callable[[bytes], Any]] = {
     "/moru.guest.v1.Process/Start": process_pb2.StartRequest.FromString,
@@ -187,7 +191,10 @@ class GuestPassthrough(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 w.watch(call)
                 try:
                     resp: bytes = await call
-                    return resp if data is None else data.issue(route.sandbox.id, resp)
+                    if data is None:
+                        return resp
+                    hand_over = _md(context).get(HANDOVER_HEADER) == "1"
+                    return data.issue(route.sandbox.id, resp, hand_over=hand_over)
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                     await w.fail(e)
                 finally:

@@ -158,6 +158,26 @@ def test_token_guards_open(tmpdir_short: str) -> None:
         g.close()
 
 
+def test_read_answers_info_only_for_big_files_with_a_listener(data_guestd: Guestd,
+                                                              guestd: Guestd,
+                                                              tmpdir_short: str) -> None:
+    """info_only_from: at least that many bytes from offset -> the info alone
+    (the client takes OpenRead); fewer, or no data listener -> the data."""
+    path = f"{tmpdir_short}/big.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * MB))
+
+    def read(g: Guestd, **kw: Any) -> list[pb.ReadResponse]:
+        return list(g.fs.Read(pb.ReadRequest(path=path, length=MB, **kw)))
+
+    only = read(data_guestd, info_only_from=4 * MB)
+    assert len(only) == 1 and only[0].info.size == 4 * MB and only[0].data == b""
+    for g, kw in ((data_guestd, {"info_only_from": 4 * MB, "offset": 1}),
+                  (data_guestd, {}), (guestd, {"info_only_from": 1})):
+        got = read(g, **kw)
+        assert got[0].info.size == 4 * MB and sum(len(m.data) for m in got) == MB, kw
+
+
 def test_without_a_data_listener_open_says_so(guestd: Guestd, tmpdir_short: str) -> None:
     with pytest.raises(grpc.RpcError) as e:
         guestd.fs.OpenWrite(pb.WriteHeader(path=f"{tmpdir_short}/a", size=1))
@@ -215,3 +235,21 @@ def test_a_file_truncated_during_a_read_ends_short(data_guestd: Guestd,
             got += len(more)
     assert MB <= got < 64 * MB
     assert g.fs.Stat(pb.StatRequest(path=path)).entry.size == 2 * MB  # guestd still answers
+
+
+def test_transfer_sockets_block_with_a_kernel_idle_limit() -> None:
+    """A Python timeout polls before every send (a vsock sender then wakes on
+    each credit update); the idle limit is the kernel's, on a blocking socket."""
+    from guestd.idle_limit import block_with_idle_limit
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(60)
+        block_with_idle_limit(a, 0.3)
+        assert a.gettimeout() is None  # blocking: no poll(2) before each call
+        t = time.monotonic()
+        with pytest.raises(OSError):
+            a.recv(1)  # nothing comes: fails after the limit, does not hang
+        assert 0.2 < time.monotonic() - t < 30
+        b.sendall(b"x")
+        assert a.recv(1) == b"x"

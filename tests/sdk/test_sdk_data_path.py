@@ -15,7 +15,7 @@ from hostd_framework import Hostd
 from guestd.transfer_client import TransferError, read_file, write_file
 from moru import Sandbox
 from moru._transfer import DATA_MIN
-from moru.exceptions import NotFoundException
+from moru.exceptions import NotFoundException, PermissionDeniedException
 from moru_proto.guest.v1 import filesystem_pb2 as fpb
 from moru_proto.guest.v1 import filesystem_pb2_grpc
 
@@ -52,6 +52,41 @@ def test_open_read_and_write_go_through_the_relay(hostd: Hostd,
         write_file(fs, fpb.WriteHeader(path="/tmp/relay.bin", size=10), [b"short"], metadata=md)
     read_file(fs, fpb.ReadRequest(path="/tmp/relay.bin"), lambda v: None, metadata=md)
     assert fs.Stat(fpb.StatRequest(path="/tmp/relay.bin"), metadata=md).entry.size == len(data)
+
+
+def test_open_asking_for_hand_over_gets_the_guest_connection(hostd: Hostd,
+                                                             shared_sandbox: Sandbox) -> None:
+    """With the hand-over header the relay passes the guest connection itself
+    (SCM_RIGHTS) instead of copying it: hostd moves none of the bytes."""
+    fs, md = _stub_and_md(hostd, shared_sandbox)
+    data = os.urandom(3 << 20)
+    shared_sandbox.files.write("/tmp/handover.bin", data)
+    t = fs.OpenRead(fpb.ReadRequest(path="/tmp/handover.bin", offset=5),
+                    metadata=(*md, ("moru-data-handover", "1")))
+    assert t.address == f"unix-fd:{hostd.sock}.data" and t.length == len(data) - 5
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(f"{hostd.sock}.data")
+        s.sendall(t.ticket)
+        _, fds, _, _ = socket.recv_fds(s, 1, 1)
+    assert len(fds) == 1
+    with socket.socket(fileno=fds[0]) as guest:
+        guest.setblocking(True)  # the flag came with the fd from hostd's event loop
+        got = bytearray()
+        while more := guest.recv(1 << 20):
+            got += more
+    assert got == data[5:]
+    shared_sandbox.commands.run("rm -f /tmp/handover.bin")
+
+
+def test_hand_over_refused_is_a_connection_error(hostd: Hostd) -> None:
+    """An unknown ticket on a hand-over address: the relay closes without
+    passing a connection, which the SDK reports as its own error."""
+    from moru import _loop, _transfer
+    from moru.exceptions import ConnectionException
+
+    t = fpb.Transfer(ticket=os.urandom(32), address=f"unix-fd:{hostd.sock}.data")
+    with pytest.raises(ConnectionException, match="without passing"):
+        _loop.run(_transfer._connect(t, "reading /x"))
 
 
 def test_unknown_ticket_is_closed_without_a_byte(hostd: Hostd) -> None:
@@ -94,10 +129,39 @@ def test_sdk_reads_in_parts_and_as_a_user(shared_sandbox: Sandbox) -> None:
     sbx.commands.run("rm -f /home/user/parts.bin")
 
 
-def test_sdk_read_of_a_file_replaced_between_the_parts(shared_sandbox: Sandbox,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdk_large_read_comes_whole_over_the_relay(shared_sandbox: Sandbox,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """guestd answers the first Read with the info alone (info_only_from): no
+    head through gRPC, the whole file from one OpenRead, which also makes a
+    file replaced after that first Read come back whole and new."""
     from moru import _transfer
 
+    sbx = shared_sandbox
+    old, new = os.urandom(DATA_MIN + 1), os.urandom(DATA_MIN + 4099)
+    sbx.files.write("/home/user/whole.bin", old, user="user")
+    real, calls = _transfer.read, []
+
+    async def replace_first(target: Any, request: Any) -> Any:
+        calls.append(request.offset)
+        await sbx._core.files.write("/home/user/whole.bin", new, user="user")
+        return await real(target, request)
+
+    monkeypatch.setattr(_transfer, "read", replace_first)
+    monkeypatch.setattr(_transfer, "read_after", None)  # the head path is not taken
+    assert sbx.files.read("/home/user/whole.bin", format="bytes", user="user") == new
+    assert calls == [0]
+    sbx.files.write("/root/whole.bin", old, mode=0o600)
+    with pytest.raises(PermissionDeniedException):  # checked as Read checks it
+        sbx.files.read("/root/whole.bin", format="bytes", user="user")
+    sbx.commands.run("rm -f /home/user/whole.bin /root/whole.bin")
+
+
+def test_sdk_read_of_a_file_replaced_between_the_parts(shared_sandbox: Sandbox,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head-then-rest path an older guestd (no info_only_from) takes."""
+    from moru import _files, _transfer
+
+    monkeypatch.setattr(_files, "INFO_ONLY_FROM", 0)
     sbx = shared_sandbox
     old, new = os.urandom(DATA_MIN + 1), os.urandom(DATA_MIN + 2)
     sbx.files.write("/tmp/replaced.bin", old)

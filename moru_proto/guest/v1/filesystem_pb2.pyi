@@ -121,6 +121,7 @@ class ReadRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    INFO_ONLY_FROM_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     offset: _builtins.int
     """Byte offset to start at; negative is INVALID_ARGUMENT."""
@@ -130,6 +131,12 @@ class ReadRequest(_message.Message):
     """Act as this user (name or uid): the call succeeds or fails as it would
     for them (PERMISSION_DENIED). Empty: root.
     """
+    info_only_from: _builtins.int
+    """When at least this many bytes are readable from `offset` (whatever
+    `length` says) and guestd has a data listener, the answer is the first
+    message with `info` and no data: the client moves the bytes through
+    OpenRead instead. 0: off.
+    """
     def __init__(
         self,
         *,
@@ -137,10 +144,11 @@ class ReadRequest(_message.Message):
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
         user: _builtins.str = ...,
+        info_only_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "path", b"path", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info_only_from", b"info_only_from", "length", b"length", "offset", b"offset", "path", b"path", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

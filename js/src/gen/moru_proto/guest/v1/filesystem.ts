@@ -169,6 +169,13 @@ export interface ReadRequest {
    * for them (PERMISSION_DENIED). Empty: root.
    */
   user: string;
+  /**
+   * When at least this many bytes are readable from `offset` (whatever
+   * `length` says) and guestd has a data listener, the answer is the first
+   * message with `info` and no data: the client moves the bytes through
+   * OpenRead instead. 0: off.
+   */
+  infoOnlyFrom: number;
 }
 
 export interface ReadResponse {
@@ -550,7 +557,7 @@ export const EntryInfo: MessageFns<EntryInfo> = {
 };
 
 function createBaseReadRequest(): ReadRequest {
-  return { path: "", offset: 0, length: 0, user: "" };
+  return { path: "", offset: 0, length: 0, user: "", infoOnlyFrom: 0 };
 }
 
 export const ReadRequest: MessageFns<ReadRequest> = {
@@ -566,6 +573,9 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     }
     if (message.user !== "") {
       writer.uint32(34).string(message.user);
+    }
+    if (message.infoOnlyFrom !== 0) {
+      writer.uint32(40).int64(message.infoOnlyFrom);
     }
     return writer;
   },
@@ -615,6 +625,14 @@ export const ReadRequest: MessageFns<ReadRequest> = {
             message.user = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.infoOnlyFrom = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -633,6 +651,11 @@ export const ReadRequest: MessageFns<ReadRequest> = {
       offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
       length: isSet(object.length) ? globalThis.Number(object.length) : 0,
       user: isSet(object.user) ? globalThis.String(object.user) : "",
+      infoOnlyFrom: isSet(object.infoOnlyFrom)
+        ? globalThis.Number(object.infoOnlyFrom)
+        : isSet(object.info_only_from)
+        ? globalThis.Number(object.info_only_from)
+        : 0,
     };
   },
 
@@ -650,6 +673,9 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     if (message.user !== "") {
       obj.user = message.user;
     }
+    if (message.infoOnlyFrom !== 0) {
+      obj.infoOnlyFrom = Math.round(message.infoOnlyFrom);
+    }
     return obj;
   },
 
@@ -662,6 +688,7 @@ export const ReadRequest: MessageFns<ReadRequest> = {
     message.offset = object.offset ?? 0;
     message.length = object.length ?? 0;
     message.user = object.user ?? "";
+    message.infoOnlyFrom = object.infoOnlyFrom ?? 0;
     return message;
   },
 };
