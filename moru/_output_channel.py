@@ -19,6 +19,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from moru import _data_relay as data_relay
 from moru._guest import GuestTarget
 from moru_proto.guest.v1 import process_pb2 as pb
 
@@ -30,7 +31,6 @@ DROPPED_BODY = struct.Struct(">QQQ")
 CHANNEL_AFTER = 64 * 1024  # output bytes on the event stream before the channel is connected
 FRAME_MAX = 64 * 1024 * 1024  # guestd sends at most its message size; more is corruption
 BODY_BUFFER = 4 * 1024 * 1024  # frames are read into one reused buffer (grown if one is larger)
-HANDOVER = "unix-fd"  # address scheme: the relay passes the guest connection itself (SCM_RIGHTS)
 
 
 def usable(target: GuestTarget) -> bool:
@@ -70,23 +70,10 @@ class OutputChannel:
     async def open(cls, info: pb.OutputChannel) -> OutputChannel | None:
         """Connects and sends the ticket; None when the relay cannot be reached
         (guestd then keeps sending the output as data events)."""
-        scheme, _, path = info.address.partition(":")
-        if scheme not in ("unix", HANDOVER):
-            return None
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.sock_connect(s, path)
-            await loop.sock_sendall(s, info.ticket)
-            if scheme == HANDOVER:
-                s = await _take_over(loop, s)
+            s = await data_relay.connect(info.address, info.ticket)
         except OSError:
-            s.close()
             return None
-        except BaseException:
-            s.close()
-            raise
         return cls(s)
 
     def close(self) -> None:
@@ -144,32 +131,3 @@ class OutputChannel:
             self.close()
             return None
         return Output(name, body)
-
-
-def _set_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _take_over(loop: asyncio.AbstractEventLoop, relay: socket.socket) -> socket.socket:
-    """The guest connection the relay passes back for our ticket (the relay
-    then steps out of the data path: no copy in hostd). Closes `relay`."""
-    try:
-        while True:
-            try:
-                _, fds, _, _ = socket.recv_fds(relay, 1, 1)
-                break
-            except BlockingIOError:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(relay.fileno(), _set_done, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(relay.fileno())
-    finally:
-        relay.close()
-    if not fds:
-        raise ConnectionError("the data relay closed without passing the connection")
-    guest = socket.socket(fileno=fds[0])
-    guest.setblocking(False)
-    return guest

@@ -22,15 +22,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from moru import _data_relay as data_relay
 from moru._errors import from_status
 from moru._guest import GuestTarget
 from moru_proto.guest.v1 import filesystem_pb2 as pb
 
 DATA_MIN = 4 * 1024 * 1024
 T = TypeVar("T")
-# Asked for with HANDOVER_HEADER (hostd.passthrough), hostd's relay passes the
-# guest connection itself (SCM_RIGHTS) to an address of scheme HANDOVER.
-HANDOVER = "unix-fd"
+# Asked for with this (hostd.passthrough), hostd's relay hands over the guest
+# connection itself (moru._data_relay).
 HANDOVER_HEADER = ("moru-data-handover", "1")
 _unavailable: set[str] = set()  # hostd addresses that answered UNIMPLEMENTED
 
@@ -64,29 +64,12 @@ async def _open(target: GuestTarget, method: str, request: Any, what: str) -> pb
 
 
 async def _connect(t: pb.Transfer, what: str) -> socket.socket:
-    """A connection to the data relay at t.address that has sent t.ticket; for
-    a hand-over address (`unix-fd:`), the guest connection the relay passes
-    back (SCM_RIGHTS), so hostd copies none of the bytes."""
-    scheme, _, path = t.address.partition(":")
-    if scheme not in ("unix", HANDOVER):
-        raise ConnectionError(f"data relay at {t.address!r}: only unix sockets are dialled")
-    loop = asyncio.get_running_loop()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setblocking(False)
+    """A blocking connection for t's bytes: the guest connection itself when
+    the relay hands it over (`unix-fd:`), else the relay's."""
     try:
-        await loop.sock_connect(s, path)
-        await loop.sock_sendall(s, t.ticket)
-        if scheme == HANDOVER:
-            s.setblocking(True)
-            _, fds, _, _ = await _blocking(s, lambda: socket.recv_fds(s, 1, 1))
-            if not fds:
-                raise from_status(grpc.StatusCode.UNAVAILABLE, "the data relay closed without"
-                                  " passing the guest connection", what=what)
-            s.close()
-            s = socket.socket(fileno=fds[0])
-    except BaseException:
-        s.close()
-        raise
+        s = await data_relay.connect(t.address, t.ticket)
+    except data_relay.HandOverRefused as e:
+        raise from_status(grpc.StatusCode.UNAVAILABLE, str(e), what=what) from None
     s.setblocking(True)
     return s
 
