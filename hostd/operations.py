@@ -32,6 +32,7 @@ T = TypeVar("T")
 class Operations:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancelled: set[asyncio.Task[Any]] = set()  # a cancel passed on already
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -40,6 +41,7 @@ class Operations:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._cancelled.discard)
         cancelled: asyncio.CancelledError | None = None
         while True:
             try:
@@ -48,7 +50,11 @@ class Operations:
             except asyncio.CancelledError as e:
                 if task.done():  # the operation itself ended cancelled
                     raise
-                if not task.cancelling():
+                # Passed on once, counted here: task.cancelling() also counts a
+                # cancel of the operation's own (an asyncio.timeout inside it
+                # expiring at this moment), which it takes back as a TimeoutError.
+                if task not in self._cancelled:
+                    self._cancelled.add(task)
                     task.cancel()
                 cancelled = e
         if cancelled is not None:
@@ -62,9 +68,9 @@ class Operations:
         t0 = time.monotonic()
         pending = set(self._tasks)
         log.info("waiting for %d operation(s) in flight to clean up", len(pending))
-        for t in pending:
-            if not t.cancelling():  # once only: a second cancel would cut its cleanup
-                t.cancel()
+        for t in pending - self._cancelled:  # once only: a second cancel would cut its cleanup
+            self._cancelled.add(t)
+            t.cancel()
         _, left = await asyncio.wait(pending, timeout=timeout)
         if left:
             log.warning("%d operation(s) still cleaning up after %.0f s", len(left), timeout)

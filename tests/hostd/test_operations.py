@@ -77,3 +77,39 @@ def test_drain_cancels_in_flight_operations_and_waits_for_their_cleanup() -> Non
                 await c
 
     asyncio.run(main())
+
+
+def test_a_cancel_reaches_an_operation_whose_own_timeout_fires_at_that_moment() -> None:
+    """The caller's cancel lands while a timeout inside the operation has a cancel
+    of its own pending (asyncio.timeout cancels the task, then uncancels it and
+    raises TimeoutError). Counting the task's pending cancels took that one for
+    the caller's and never passed the caller's on: the Create went on to the end
+    and its sandbox was left to nobody."""
+
+    async def main() -> None:
+        ops = Operations()
+        tasks: list[asyncio.Task[object]] = []
+
+        async def op() -> str:
+            me = asyncio.current_task()
+            assert me is not None
+            tasks.append(me)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                # What an expired asyncio.timeout does: its own cancel taken back
+                # (a TimeoutError instead), unless another cancel is pending too.
+                if me.uncancel() > 0:
+                    raise
+            await asyncio.sleep(5)
+            return "finished"
+
+        caller = asyncio.ensure_future(ops.run(op()))
+        await asyncio.sleep(0.05)
+        caller.cancel()  # the client cancels ...
+        tasks[0].cancel()  # ... as a timeout inside the operation expires
+        await asyncio.wait([caller], timeout=2)
+        assert caller.done() and caller.cancelled()
+        assert tasks[0].cancelled(), "the operation ran on after its caller was cancelled"
+
+    asyncio.run(main())
