@@ -154,14 +154,16 @@ class PortProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), self._head_timeout)
+            async with asyncio.timeout(self._head_timeout):
+                first = await reader.readexactly(1)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             return
         if first == b"\x16":
             await self._serve_tls(first, reader, writer)
             return
         try:
-            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._head_timeout)
+            async with asyncio.timeout(self._head_timeout):
+                head = first + await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             await self._reply(writer, _Reject(431, "Request Header Fields Too Large", "too big\n"))
             return
@@ -192,9 +194,11 @@ class PortProxy:
         self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            rest = await asyncio.wait_for(reader.readexactly(4), self._head_timeout)
+            async with asyncio.timeout(self._head_timeout):
+                rest = await reader.readexactly(4)
             size = int.from_bytes(rest[2:4], "big")
-            body = await asyncio.wait_for(reader.readexactly(size), self._head_timeout)
+            async with asyncio.timeout(self._head_timeout):
+                body = await reader.readexactly(size)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             return
         hello = first + rest + body
@@ -215,9 +219,8 @@ class PortProxy:
         self, target: ProxyTarget, port: int, sid: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.wait_for(
-                asyncio.open_connection(target.guest_ip, port), self._connect_timeout
-            )
+            async with asyncio.timeout(self._connect_timeout):
+                return await asyncio.open_connection(target.guest_ip, port)
         except (OSError, TimeoutError) as e:
             raise _Reject(
                 502,

@@ -30,17 +30,18 @@ class QmpClient:
     async def connect(cls, path: Path, timeout: float = 5.0) -> QmpClient:  # noqa: ASYNC109
         """Connects, reads the greeting and enters command mode."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(path), limit=1 << 20), timeout
-            )
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
         except (OSError, TimeoutError) as e:
             raise QmpError(f"cannot connect to QMP socket {path}: {e}") from e
         client = cls(reader, writer)
         try:
-            client.greeting = await asyncio.wait_for(client._read(), timeout)
+            async with asyncio.timeout(timeout):
+                client.greeting = await client._read()
             if "QMP" not in client.greeting:
                 raise QmpError(f"unexpected QMP greeting: {client.greeting}")
-            await asyncio.wait_for(client.execute("qmp_capabilities"), timeout)
+            async with asyncio.timeout(timeout):
+                await client.execute("qmp_capabilities")
         except (OSError, TimeoutError, ValueError) as e:
             await client.close()
             raise QmpError(f"QMP handshake on {path} failed: {e!r}") from e
@@ -102,4 +103,5 @@ async def qmp_command(
     """Connects, runs one command, disconnects."""
     client = await QmpClient.connect(path, timeout)
     async with client:
-        return await asyncio.wait_for(client.execute(command, arguments), timeout)
+        async with asyncio.timeout(timeout):
+            return await client.execute(command, arguments)

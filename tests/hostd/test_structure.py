@@ -94,3 +94,16 @@ def test_no_hand_written_module_is_over_the_size_mark(package: str) -> None:
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     ]
     assert not big, "\n".join(big)
+
+
+def test_hostd_uses_asyncio_timeout_not_wait_for() -> None:
+    """Python 3.11's asyncio.wait_for returns the inner result when the caller is
+    cancelled as that result arrives, dropping the cancel (fixed in 3.12): a
+    cancelled Create could run on past a QMP reply. asyncio.timeout keeps it."""
+    bad = [
+        f"{p.relative_to(HOSTD.parent)}:{n}"
+        for p in sorted(HOSTD.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "asyncio.wait_for(" in line
+    ]
+    assert not bad, "\n".join(bad)
