@@ -114,11 +114,7 @@ async def read(target: GuestTarget, request: pb.ReadRequest) -> bytes | None:
         out = await _blocking(s, lambda: _recv_bytes(s, t.length))
     finally:
         s.close()
-    if len(out) < t.length:
-        raise from_status(grpc.StatusCode.ABORTED,
-                          f"path: {request.path} changed during the read:"
-                          f" {len(out)} of {t.length} bytes arrived",
-                          what=what, address=target.config.address, guest=True)
+    _check_whole(target, request.path, len(out), t.length, what)
     return out
 
 
@@ -141,12 +137,16 @@ async def read_after(target: GuestTarget, request: pb.ReadRequest, head: bytes |
             got = await _blocking(s, lambda: _recv_all(s, rest))
     finally:
         s.close()
-    if got < t.length:
-        raise from_status(grpc.StatusCode.ABORTED,
-                          f"path: {request.path} changed during the read:"
-                          f" {got} of {t.length} bytes arrived",
-                          what=what, address=target.config.address, guest=True)
+    _check_whole(target, request.path, got, t.length, what)
     return out
+
+
+def _check_whole(target: GuestTarget, path: str, got: int, length: int, what: str) -> None:
+    """ABORTED when fewer bytes came than the ticket promised (the file shrank meanwhile)."""
+    if got < length:
+        raise from_status(grpc.StatusCode.ABORTED,
+                          f"path: {path} changed during the read: {got} of {length} bytes arrived",
+                          what=what, address=target.config.address, guest=True)
 
 
 async def _blocking(s: socket.socket, move: Callable[[], T]) -> T:
